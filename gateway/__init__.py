@@ -1,0 +1,3 @@
+"""Multi-protocol broadcast gateway."""
+
+__version__ = "0.1.0"

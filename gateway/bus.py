@@ -1,0 +1,137 @@
+"""The broadcast bus: channels of peers, and fan-out of batches to them.
+
+The bus knows peers only through ``IPeer``. A batch is framed once per framer
+(that is, once per kind of receiver) and each receiver gets one ``deliver``
+call per batch, which is what makes fan-out fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from twisted.logger import Logger
+
+from gateway.interfaces import IFramer, IPeer
+from gateway.message import Batch
+from gateway.metrics import Metrics
+
+
+class _Group:
+    """The peers of one channel that share a framer."""
+
+    __slots__ = ("framer", "members", "snapshot")
+
+    def __init__(self, framer: IFramer) -> None:
+        self.framer = framer
+        self.members: dict[IPeer, None] = {}
+        # Rebuilt lazily after a change, so a receiver that detaches while a
+        # batch is being delivered never disturbs the loop.
+        self.snapshot: tuple[IPeer, ...] | None = ()
+
+
+class Bus:
+    """Named channels; every batch goes to every other peer on its channel."""
+
+    log = Logger()
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._channels: dict[str, dict[IFramer, _Group]] = {}
+        self._ids: dict[str, itertools.count[int]] = {}
+        self._peer_count = 0
+
+    @property
+    def peer_count(self) -> int:
+        """Peers attached, over all channels and transports."""
+        return self._peer_count
+
+    def new_peer_id(self, prefix: str) -> str:
+        """A peer id unique in this process, e.g. ``tcp-7``."""
+        counter = self._ids.setdefault(prefix, itertools.count(1))
+        return f"{prefix}-{next(counter)}"
+
+    def peers(self, channel: str | None = None) -> list[IPeer]:
+        """The attached peers, of one channel or all."""
+        names = [channel] if channel is not None else list(self._channels)
+        return [
+            peer
+            for name in names
+            for group in self._channels.get(name, {}).values()
+            for peer in group.members
+        ]
+
+    def attach(self, peer: IPeer) -> int:
+        """Add ``peer`` to its channel; returns the number of peers attached."""
+        groups = self._channels.setdefault(peer.channel, {})
+        group = groups.get(peer.framer)
+        if group is None:
+            group = groups[peer.framer] = _Group(peer.framer)
+        if peer not in group.members:
+            group.members[peer] = None
+            group.snapshot = None
+            self._peer_count += 1
+        return self._peer_count
+
+    def detach(self, peer: IPeer) -> None:
+        """Remove ``peer``; harmless when it is not attached."""
+        groups = self._channels.get(peer.channel)
+        if groups is None:
+            return
+        group = groups.get(peer.framer)
+        if group is None or peer not in group.members:
+            return
+        del group.members[peer]
+        group.snapshot = None
+        self._peer_count -= 1
+        if not group.members:
+            del groups[peer.framer]
+            if not groups:
+                del self._channels[peer.channel]
+
+    def publish(self, sender: IPeer, batch: Batch) -> int:
+        """Deliver ``batch`` to the peers on its channel; returns receivers reached.
+
+        A receiver that fails is closed; its failure never reaches the sender.
+        """
+        origin = batch.origin
+        self.metrics.messages_received[origin.listener, origin.transport] += len(batch.payloads)
+        self.metrics.bytes_received[origin.listener, origin.transport] += batch.byte_count()
+        groups = self._channels.get(batch.channel)
+        if not groups:
+            return 0
+        skip = None if sender.echo else sender
+        reached = 0
+        for group in tuple(groups.values()):
+            receivers = group.snapshot
+            if receivers is None:
+                receivers = group.snapshot = tuple(group.members)
+            if len(receivers) == 1 and receivers[0] is skip:
+                continue
+            wire = group.framer.frame(batch)
+            if wire is None:
+                continue
+            for peer in receivers:
+                if peer is skip:
+                    continue
+                try:
+                    peer.deliver(wire)
+                except Exception:
+                    self._receiver_failed(peer)
+                else:
+                    reached += 1
+        self.metrics.messages_delivered += reached * len(batch.payloads)
+        return reached
+
+    def _receiver_failed(self, peer: IPeer) -> None:
+        self.log.failure("delivery to {peer} failed; closing it", peer=peer.origin.peer_id)
+        self.metrics.disconnect("delivery_error")
+        try:
+            peer.close("delivery failed")
+        except Exception:
+            self.log.failure("closing {peer} failed", peer=peer.origin.peer_id)
+            self.detach(peer)
+
+    def close_all(self, reason: str) -> None:
+        """Close every attached peer (used when the gateway stops)."""
+        for peer in self.peers():
+            peer.close(reason)

@@ -1,0 +1,79 @@
+"""What travels on the bus: a batch of messages from one sender."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Sequence
+
+
+class Kind(enum.Enum):
+    """Whether a message is text (valid UTF-8) or binary."""
+
+    TEXT = "text"
+    BINARY = "binary"
+
+    @classmethod
+    def of(cls, payload: bytes) -> Kind:
+        """The kind of untyped bytes: text when they are valid UTF-8."""
+        if payload.isascii():
+            return cls.TEXT
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            return cls.BINARY
+        return cls.TEXT
+
+
+class Origin:
+    """Who sent a message: made once per peer and shared by all its batches."""
+
+    __slots__ = ("listener", "peer_id", "transport")
+
+    def __init__(self, peer_id: str, listener: str, transport: str) -> None:
+        self.peer_id = peer_id
+        self.listener = listener
+        self.transport = transport
+
+    def __repr__(self) -> str:
+        return f"Origin({self.peer_id!r}, {self.listener!r}, {self.transport!r})"
+
+
+class Batch:
+    """Messages from one sender on one channel, in the order sent.
+
+    ``kinds`` is ``None`` for bytes from line and datagram transports, whose
+    kind is defined by their content (see ``Kind.of``) and only worked out by
+    the framers that need it. ``lines`` optionally holds the payloads already
+    joined as newline-terminated lines, which line framers send unchanged.
+    """
+
+    __slots__ = ("channel", "kinds", "lines", "origin", "payloads")
+
+    def __init__(
+        self,
+        origin: Origin,
+        channel: str,
+        payloads: Sequence[bytes],
+        kinds: Sequence[Kind] | None = None,
+        lines: bytes | None = None,
+    ) -> None:
+        self.origin = origin
+        self.channel = channel
+        self.payloads = payloads
+        self.kinds = kinds
+        self.lines = lines
+
+    def __len__(self) -> int:
+        return len(self.payloads)
+
+    def messages(self) -> Iterator[tuple[bytes, Kind]]:
+        """Each payload with its kind."""
+        if self.kinds is None:
+            for payload in self.payloads:
+                yield payload, Kind.of(payload)
+        else:
+            yield from zip(self.payloads, self.kinds, strict=True)
+
+    def byte_count(self) -> int:
+        """Total payload bytes in the batch."""
+        return sum(map(len, self.payloads))

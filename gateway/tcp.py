@@ -1,0 +1,277 @@
+"""Line-oriented stream peers (the ``tcp`` listener; ``tls`` reuses it).
+
+Wire rules: ``\\n`` ends a message, one trailing ``\\r`` is removed, empty
+lines are ignored, payloads are any bytes. Outbound messages are written
+followed by ``\\n``. All complete lines of one read go to the bus as one batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.address import describe
+from gateway.bus import Bus
+from gateway.config import Limits, StreamListenerConfig
+from gateway.interfaces import IFramer, IPeer
+from gateway.message import Batch, Origin
+
+
+@implementer(IFramer)
+class LineFramer:
+    """Each payload followed by ``\\n``, all of a batch in one bytes object."""
+
+    name = "line"
+
+    def frame(self, batch: Batch) -> bytes:
+        if batch.lines is not None:
+            return batch.lines
+        return b"\n".join(batch.payloads) + b"\n"
+
+
+LINE_FRAMER = LineFramer()
+
+
+@implementer(IPeer, IPushProducer)
+class LineProtocol(Protocol):
+    """One stream peer: splits its bytes into lines and relays them as batches."""
+
+    log = Logger()
+    framer = LINE_FRAMER
+
+    def __init__(
+        self,
+        bus: Bus,
+        listener: StreamListenerConfig,
+        limits: Limits,
+        gateway_name: str,
+        clock: IReactorTime,
+        transport_name: str = "tcp",
+        connections: set[LineProtocol] | None = None,
+    ) -> None:
+        self.bus = bus
+        self.listener = listener
+        self.connections = connections
+        self.channel = listener.channel
+        self.echo = listener.echo
+        self.gateway_name = gateway_name
+        self.clock = clock
+        self.transport_name = transport_name
+        self.max_message_bytes = limits.max_message_bytes
+        self.max_pending_bytes = limits.max_pending_bytes
+        self.quit_command = listener.quit_command.encode("utf-8") if listener.quit_command else None
+        self.origin = Origin("", listener.name, transport_name)
+        self.address = ""
+        self._buffer = b""
+        self._closing = False
+        self._close_reason: str | None = None
+        self._paused = False
+        self._pending = 0
+
+    # Connection lifecycle
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+            transport.setTcpKeepAlive(True)
+        self.address = describe(transport.getPeer())
+        self.origin = Origin(
+            self.bus.new_peer_id(self.listener.name), self.listener.name, self.transport_name
+        )
+        transport.registerProducer(self, True)
+        if self.connections is not None:
+            self.connections.add(self)
+        count = self.bus.attach(self)
+        self.log.info(
+            '{peer} connected from {address} (listener "{listener}", {count} peers)',
+            peer=self.origin.peer_id,
+            address=self.address,
+            listener=self.listener.name,
+            count=count,
+        )
+        if self.listener.welcome:
+            text = self.listener.welcome.format(
+                count=count, peer=self.origin.peer_id, name=self.gateway_name
+            )
+            transport.write(text.encode("utf-8") + b"\n")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        self.bus.detach(self)
+        if self.connections is not None:
+            self.connections.discard(self)
+        if self._close_reason is not None:
+            why = self._close_reason
+        elif reason.check(ConnectionDone):
+            why = "closed by the peer"
+        else:
+            why = f"connection lost: {reason.getErrorMessage()}"
+        self.log.info(
+            "{peer} disconnected ({reason})", peer=self.origin.peer_id or self.address, reason=why
+        )
+
+    # Inbound
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._buffer:
+            data = self._buffer + data
+        end = data.rfind(b"\n")
+        if end < 0:
+            self._keep_partial(data)
+            return
+        rest = data[end + 1 :]
+        chunk = data[: end + 1]
+        lines = chunk.split(b"\n")
+        lines.pop()  # the empty piece after the last newline
+        if (
+            max(map(len, lines)) <= self.max_message_bytes
+            and chunk.find(b"\r") < 0
+            and b"" not in lines
+            and (self.quit_command is None or self.quit_command not in lines)
+        ):
+            # The common case: every line is already a payload, and the bytes
+            # read are already the line framing of the batch.
+            self._publish(lines, chunk)
+        elif not self._publish_checked(lines):
+            return
+        self._keep_partial(rest)
+
+    def _publish_checked(self, lines: list[bytes]) -> bool:
+        """Publish lines one by one; False once the connection is being closed."""
+        payloads: list[bytes] = []
+        for raw in lines:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if not line:
+                continue
+            if len(line) > self.max_message_bytes:
+                self._publish(payloads, None)
+                self._too_long(len(line))
+                return False
+            if line == self.quit_command:
+                self._publish(payloads, None)
+                self.close("quit command")
+                return False
+            payloads.append(line)
+        self._publish(payloads, None)
+        return True
+
+    def _keep_partial(self, rest: bytes) -> None:
+        # One byte over the limit is allowed for the '\r' of a '\r\n' ending.
+        if len(rest) > self.max_message_bytes + 1:
+            self._buffer = b""
+            self._too_long(len(rest))
+        else:
+            self._buffer = rest
+
+    def _publish(self, payloads: list[bytes], lines: bytes | None) -> None:
+        if payloads:
+            self.bus.publish(self, Batch(self.origin, self.channel, payloads, None, lines))
+
+    def _too_long(self, size: int) -> None:
+        limit = self.max_message_bytes
+        self.log.warn(
+            "{peer} sent a line of at least {size} bytes (limit {limit}); closing",
+            peer=self.origin.peer_id,
+            size=size,
+            limit=limit,
+        )
+        self.bus.metrics.drop("oversize")
+        self.bus.metrics.disconnect("oversize")
+        assert self.transport is not None
+        self.transport.write(b"gateway: message too long (limit %d bytes), closing\n" % limit)
+        self.close(f"message too long: {size} bytes, limit {limit}")
+
+    # Outbound (IPeer)
+
+    def deliver(self, wire: bytes) -> None:
+        if self._paused:
+            # Beyond what the transport already buffers (its 64 KiB before it
+            # paused us), at most max_pending_bytes may wait for this peer.
+            self._pending += len(wire)
+            if self._pending > self.max_pending_bytes:
+                self._slow_consumer()
+                return
+        assert self.transport is not None
+        self.transport.write(wire)
+
+    def close(self, reason: str) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._close_reason = reason
+        self.bus.detach(self)
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, discarding anything not yet sent."""
+        self._closing = True
+        self._close_reason = reason
+        self.bus.detach(self)
+        transport: Any = self.transport
+        transport.abortConnection()
+
+    def _slow_consumer(self) -> None:
+        self.log.warn(
+            "{peer} is not reading: over {limit} bytes pending; disconnecting",
+            peer=self.origin.peer_id,
+            limit=self.max_pending_bytes,
+        )
+        self.bus.metrics.disconnect("slow_consumer")
+        self.abort("slow consumer")
+
+    # IPushProducer: the transport tells us when its buffer is full or drained.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self._pending = 0
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._pending = 0
+
+    def stopProducing(self) -> None:
+        self._closing = True
+
+
+class LineFactory(Factory):
+    """Builds a ``LineProtocol`` for each connection to one listener."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        bus: Bus,
+        listener: StreamListenerConfig,
+        limits: Limits,
+        gateway_name: str,
+        clock: IReactorTime,
+        transport_name: str = "tcp",
+    ) -> None:
+        self.bus = bus
+        self.listener = listener
+        self.limits = limits
+        self.gateway_name = gateway_name
+        self.clock = clock
+        self.transport_name = transport_name
+        # Open connections, attached or closing; the gateway waits for them on shutdown.
+        self.connections: set[LineProtocol] = set()
+
+    def buildProtocol(self, addr: Any) -> LineProtocol:
+        return LineProtocol(
+            self.bus,
+            self.listener,
+            self.limits,
+            self.gateway_name,
+            self.clock,
+            self.transport_name,
+            self.connections,
+        )
