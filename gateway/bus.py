@@ -8,6 +8,7 @@ call per batch, which is what makes fan-out fast.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 from twisted.logger import Logger
 
@@ -29,6 +30,10 @@ class _Group:
         self.snapshot: tuple[IPeer, ...] | None = ()
 
 
+PresenceWatcher = Callable[[str, IPeer, int], None]
+"""Called with ("join" or "leave", the peer, peers attached after the change)."""
+
+
 class Bus:
     """Named channels; every batch goes to every other peer on its channel."""
 
@@ -39,6 +44,26 @@ class Bus:
         self._channels: dict[str, dict[IFramer, _Group]] = {}
         self._ids: dict[str, itertools.count[int]] = {}
         self._peer_count = 0
+        self._watchers: dict[str, dict[PresenceWatcher, None]] = {}
+
+    def watch_presence(self, channel: str, watcher: PresenceWatcher) -> None:
+        """Call ``watcher`` whenever a peer joins or leaves ``channel``."""
+        self._watchers.setdefault(channel, {})[watcher] = None
+
+    def unwatch_presence(self, channel: str, watcher: PresenceWatcher) -> None:
+        """Stop calling ``watcher``; harmless when it is not watching."""
+        watchers = self._watchers.get(channel)
+        if watchers is not None:
+            watchers.pop(watcher, None)
+            if not watchers:
+                del self._watchers[channel]
+
+    def _announce(self, event: str, peer: IPeer) -> None:
+        for watcher in tuple(self._watchers.get(peer.channel, ())):
+            try:
+                watcher(event, peer, self._peer_count)
+            except Exception:
+                self.log.failure("presence watcher failed")
 
     @property
     def peer_count(self) -> int:
@@ -70,6 +95,7 @@ class Bus:
             group.members[peer] = None
             group.snapshot = None
             self._peer_count += 1
+            self._announce("join", peer)
         return self._peer_count
 
     def detach(self, peer: IPeer) -> None:
@@ -87,6 +113,7 @@ class Bus:
             del groups[peer.framer]
             if not groups:
                 del self._channels[peer.channel]
+        self._announce("leave", peer)
 
     def publish(self, sender: IPeer, batch: Batch) -> int:
         """Deliver ``batch`` to the peers on its channel; returns receivers reached.
