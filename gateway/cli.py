@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "client":
-        from gateway.client import run_client
-
-        sys.exit(run_client(args.url, keepalive=args.keepalive))
+        _run_client(args.url, args.keepalive)
     if args.config is None:
         parser.error("give --config PATH to run a gateway, or a command such as 'client'")
     try:
@@ -69,6 +67,19 @@ def _run(config: Config) -> NoReturn:
 
     globalLogBeginner.beginLoggingTo([observer(sys.stdout)], redirectStandardIO=False)
     react(lambda r: Deferred.fromCoroutine(_serve(r, config)), [])
+    raise AssertionError("react() returned")  # pragma: no cover
+
+
+def _run_client(url: str, keepalive: float) -> NoReturn:
+    from twisted.internet.task import react
+
+    from gateway import client
+
+    async def session(reactor: Any) -> None:
+        code = await client.run(reactor, url, keepalive=keepalive)
+        raise SystemExit(code)
+
+    react(lambda r: Deferred.fromCoroutine(session(r)), [])
     raise AssertionError("react() returned")  # pragma: no cover
 
 

@@ -149,7 +149,6 @@ class DatagramListener(DatagramProtocol):
         except (OSError, MessageLengthError):
             self.bus.metrics.drop("udp_send_error")
 
-    def doStop(self) -> None:
+    def stopProtocol(self) -> None:
         for peer in list(self.peers.values()):
             self.forget(peer, "gateway stopping")
-        super().doStop()  # type: ignore[no-untyped-call]

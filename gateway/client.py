@@ -1,0 +1,196 @@
+"""``gateway client URL``: a terminal client for any gateway listener.
+
+Prints every message received, sends each line of standard input, and exits
+on end of input or when the server closes.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, BinaryIO
+from urllib.parse import urlsplit
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
+from twisted.internet.stdio import StandardIO
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+SCHEMES = ("tcp", "udp")
+
+
+class UsageError(Exception):
+    """A bad client URL; ``str()`` is the message."""
+
+
+def parse_url(url: str) -> tuple[str, str, int]:
+    """``tcp://HOST:PORT`` -> ("tcp", HOST, PORT)."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES:
+        raise UsageError(
+            f"unsupported URL {url!r}: expected one of "
+            + ", ".join(f"{s}://HOST:PORT" for s in SCHEMES)
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if not parts.hostname or port is None:
+        raise UsageError(f"bad URL {url!r}: expected {parts.scheme}://HOST:PORT")
+    return parts.scheme, parts.hostname, port
+
+
+class _Stdin(Protocol):
+    """Standard input: hands data to ``on_data`` and end of input to ``on_end``."""
+
+    def __init__(self, on_data: Any, on_end: Any) -> None:
+        self.on_data = on_data
+        self.on_end = on_end
+
+    def dataReceived(self, data: bytes) -> None:
+        self.on_data(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.on_end()
+
+
+class _StreamClient(Protocol):
+    """The network side of a TCP session: bytes in both directions, unchanged."""
+
+    def __init__(self, reactor: Any, out: BinaryIO, done: Deferred[int]) -> None:
+        self.reactor = reactor
+        self.out = out
+        self.done = done
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        transport = self.transport
+        StandardIO(_Stdin(transport.write, transport.loseConnection), reactor=self.reactor)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if reason is not None and not reason.check(ConnectionDone):
+            print(f"gateway client: connection lost: {reason.getErrorMessage()}", file=sys.stderr)
+        if not self.done.called:
+            self.done.callback(0)
+
+
+class _StreamClientFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, reactor: Any, out: BinaryIO, done: Deferred[int], where: str) -> None:
+        self.reactor = reactor
+        self.out = out
+        self.done = done
+        self.where = where
+
+    def buildProtocol(self, addr: Any) -> _StreamClient:
+        return _StreamClient(self.reactor, self.out, self.done)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        print(
+            f"gateway client: cannot connect to {self.where}: {reason.getErrorMessage()}",
+            file=sys.stderr,
+        )
+        if not self.done.called:
+            self.done.callback(1)
+
+
+class _DatagramClient(DatagramProtocol):
+    """A UDP session: registers with an empty datagram, then one datagram per line."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        reactor: Any,
+        address: tuple[str, int],
+        out: BinaryIO,
+        done: Deferred[int],
+        keepalive: float,
+    ) -> None:
+        self.reactor = reactor
+        self.address = address
+        self.out = out
+        self.done = done
+        self.keepalive = LoopingCall(self._register)
+        self.keepalive.clock = reactor
+        self.keepalive_interval = keepalive
+        self._partial = b""
+
+    def startProtocol(self) -> None:
+        assert self.transport is not None
+        self.transport.connect(*self.address)
+        if self.keepalive_interval > 0:
+            self.keepalive.start(self.keepalive_interval, now=True)
+        else:
+            self._register()
+        StandardIO(_Stdin(self._stdin, self._end), reactor=self.reactor)
+
+    def _register(self) -> None:
+        # An empty datagram makes us a peer (or keeps us one) without relaying anything.
+        self._send(b"")
+
+    def _send(self, datagram: bytes) -> None:
+        assert self.transport is not None
+        try:
+            self.transport.write(datagram, self.address)
+        except OSError as e:
+            self._finish(1, f"cannot send: {e.strerror or e}")
+
+    def _stdin(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._send(line)
+
+    def _end(self) -> None:
+        if self._partial:
+            self._send(self._partial)
+        self._finish(0)
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.out.write(datagram)
+        self.out.flush()
+
+    def connectionRefused(self) -> None:
+        host, port = self.address
+        self._finish(1, f"nothing is listening at udp://{host}:{port}")
+
+    def _finish(self, code: int, problem: str | None = None) -> None:
+        if problem is not None:
+            print(f"gateway client: {problem}", file=sys.stderr)
+        if self.keepalive.running:
+            self.keepalive.stop()
+        if not self.done.called:
+            self.done.callback(code)
+
+
+async def run(reactor: Any, url: str, keepalive: float = 20.0, out: BinaryIO | None = None) -> int:
+    """Run a client session to ``url``; returns the exit status."""
+    try:
+        scheme, host, port = parse_url(url)
+    except UsageError as e:
+        print(f"gateway client: {e}", file=sys.stderr)
+        return 2
+    out = out if out is not None else sys.stdout.buffer
+    done: Deferred[int] = Deferred()
+    if scheme == "tcp":
+        reactor.connectTCP(host, port, _StreamClientFactory(reactor, out, done, url), timeout=10)
+    else:
+        try:
+            address = await reactor.resolve(host)
+        except Exception as e:
+            print(f"gateway client: cannot resolve {host}: {e}", file=sys.stderr)
+            return 1
+        reactor.listenUDP(
+            0,
+            _DatagramClient(reactor, (address, port), out, done, keepalive),
+            interface="::" if ":" in address else "",
+            maxPacketSize=65536,
+        )
+    return await done

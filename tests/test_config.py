@@ -1,0 +1,197 @@
+"""Config validation: every mistake is one line naming the file and the key, status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, DatagramListenerConfig, StreamListenerConfig, parse
+from tests.conftest import GATEWAY
+
+GOOD = """
+[gateway]
+name = "gw"
+
+[limits]
+max_message_bytes = 65536
+
+[[listeners]]
+name = "tcp"
+type = "tcp"
+host = "127.0.0.1"
+port = 8006
+channel = "main"
+welcome = "Welcome to the gateway, you are client number {count}!"
+quit_command = "close"
+echo = false
+
+[[listeners]]
+name = "udp"
+type = "udp"
+port = 8008
+peer_timeout = 60
+"""
+
+
+def test_the_documented_shape_parses_into_typed_frozen_objects():
+    config = parse(tomllib.loads(GOOD), "config.toml")
+    tcp, udp = config.listeners
+    assert isinstance(tcp, StreamListenerConfig)
+    assert (tcp.name, tcp.type, tcp.host, tcp.port, tcp.channel) == (
+        "tcp",
+        "tcp",
+        "127.0.0.1",
+        8006,
+        "main",
+    )
+    assert tcp.quit_command == "close" and tcp.echo is False
+    assert isinstance(udp, DatagramListenerConfig)
+    assert (udp.host, udp.channel, udp.peer_timeout, udp.max_peers) == (
+        "127.0.0.1",
+        "main",
+        60.0,
+        1024,
+    )
+    assert config.gateway.name == "gw"
+    assert config.limits.max_message_bytes == 65536
+    with pytest.raises(AttributeError):
+        tcp.port = 1  # type: ignore[misc]
+
+
+def test_defaults():
+    config = parse(tomllib.loads('[[listeners]]\nname = "t"\ntype = "tcp"\nport = 0\n'), "c.toml")
+    (tcp,) = config.listeners
+    assert isinstance(tcp, StreamListenerConfig)
+    assert (tcp.host, tcp.channel, tcp.welcome, tcp.quit_command, tcp.echo) == (
+        "127.0.0.1",
+        "main",
+        "",
+        "",
+        False,
+    )
+    assert config.gateway.name == "gateway"
+    assert config.limits.max_message_bytes == 65536
+
+
+@pytest.mark.parametrize("host", ["::", "0.0.0.0", "::1", "127.0.0.2"])
+def test_hosts(host):
+    config = parse(
+        tomllib.loads(f'[[listeners]]\nname = "t"\ntype = "tcp"\nhost = "{host}"\nport = 0\n'), "c"
+    )
+    assert config.listeners[0].host == host
+
+
+BASE_TCP = '[[listeners]]\nname = "tcp"\ntype = "tcp"\nport = 8006\n'
+BASE_UDP = '[[listeners]]\nname = "udp"\ntype = "udp"\nport = 8008\n'
+
+ERRORS = [
+    (
+        BASE_TCP + BASE_UDP.replace("8008", '"80a"'),
+        'c.toml: listeners[1].port: expected an integer 0-65535, got "80a"',
+    ),
+    (
+        BASE_TCP.replace("8006", "70000"),
+        "c.toml: listeners[0].port: expected an integer 0-65535, got 70000",
+    ),
+    (
+        BASE_TCP.replace("8006", "true"),
+        "c.toml: listeners[0].port: expected an integer 0-65535, got true",
+    ),
+    (BASE_TCP + "prot = 1\n", 'c.toml: listeners[0].prot: unknown key (did you mean "port"?)'),
+    (
+        BASE_TCP + BASE_TCP.replace("8006", "8007"),
+        'c.toml: listeners[1].name: duplicate listener name "tcp"',
+    ),
+    (
+        BASE_TCP + BASE_TCP.replace('"tcp"\ntype', '"tcp2"\ntype'),
+        "c.toml: listeners[1].port: another stream listener already uses 127.0.0.1 port 8006",
+    ),
+    (
+        BASE_TCP.replace('type = "tcp"', 'type = "sctp"'),
+        'c.toml: listeners[0].type: expected one of tcp, udp, got "sctp"',
+    ),
+    (BASE_TCP.replace('name = "tcp"\n', ""), "c.toml: listeners[0].name: missing (required)"),
+    (BASE_TCP.replace("port = 8006\n", ""), "c.toml: listeners[0].port: missing (required)"),
+    (BASE_TCP + 'host = "localhost:80"\n', "c.toml: listeners[0].host: expected an IP address"),
+    (BASE_TCP + "echo = 1\n", "c.toml: listeners[0].echo: expected true or false, got 1"),
+    (BASE_TCP + 'channel = "has space"\n', "c.toml: listeners[0].channel: expected a channel name"),
+    (
+        BASE_TCP + 'welcome = "hi {who}"\n',
+        "c.toml: listeners[0].welcome: unknown placeholder {who}",
+    ),
+    (BASE_TCP + 'welcome = "hi {count"\n', "c.toml: listeners[0].welcome: bad template"),
+    (BASE_TCP + "peer_timeout = 5\n", "c.toml: listeners[0].peer_timeout: unknown key"),
+    (
+        BASE_UDP + "peer_timeout = -1\n",
+        "c.toml: listeners[0].peer_timeout: expected a number of seconds",
+    ),
+    (BASE_UDP + 'quit_command = "x"\n', "c.toml: listeners[0].quit_command: unknown key"),
+    (
+        "[limits]\nmax_message_bytes = 0\n" + BASE_TCP,
+        "c.toml: limits.max_message_bytes: expected an integer 1-",
+    ),
+    (
+        "[limits]\nmax_mesage_bytes = 10\n" + BASE_TCP,
+        'c.toml: limits.max_mesage_bytes: unknown key (did you mean "max_message_bytes"?)',
+    ),
+    ("[gateway]\nname = 5\n" + BASE_TCP, "c.toml: gateway.name: expected a string, got 5"),
+    ("[gatway]\n" + BASE_TCP, 'c.toml: gatway: unknown key (did you mean "gateway"?)'),
+    ("", "c.toml: listeners: missing: add at least one [[listeners]] table"),
+    ("listeners = 3\n", "c.toml: listeners: expected [[listeners]] tables"),
+]
+
+
+@pytest.mark.parametrize(("toml", "message"), ERRORS)
+def test_errors_name_the_key(toml, message):
+    with pytest.raises(ConfigError) as caught:
+        parse(tomllib.loads(toml), "c.toml")
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def _run_check(
+    tmp_path: Path, text: str | None, name: str = "config.toml"
+) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / name
+    if text is not None:
+        path.write_text(text)
+    return subprocess.run(
+        [*GATEWAY, "--config", str(path)], capture_output=True, text=True, timeout=20, cwd=tmp_path
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            BASE_TCP + BASE_UDP.replace("8008", '"80a"'),
+            'listeners[1].port: expected an integer 0-65535, got "80a"',
+        ),
+        (BASE_TCP + "prot = 1\n", "listeners[0].prot: unknown key"),
+        (BASE_TCP + BASE_TCP, 'listeners[1].name: duplicate listener name "tcp"'),
+        ("[[listeners]\n", "invalid TOML"),
+        (None, "cannot read the file: No such file or directory"),
+        (b"\xff\xfe".decode("latin-1"), "invalid TOML"),
+    ],
+)
+def test_command_exits_2_with_one_line(tmp_path, text, expected):
+    result = _run_check(tmp_path, text)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(str(tmp_path / "config.toml") + ": ")
+    assert expected in lines[0]
+    assert result.stdout == ""
+
+
+def test_check_reports_errors_too(tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text(BASE_TCP + 'echo = "yes"\n')
+    result = subprocess.run(
+        [*GATEWAY, "--config", str(path), "--check"], capture_output=True, text=True, timeout=20
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f'{path}: listeners[0].echo: expected true or false, got "yes"'
