@@ -17,6 +17,7 @@ class Metrics:
         self.messages_delivered = 0
         self.dropped: Counter[str] = Counter()
         self.disconnects: Counter[str] = Counter()
+        self.tls_handshake_failures: Counter[str] = Counter()
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count messages not delivered (or not accepted) for ``reason``."""
@@ -25,3 +26,7 @@ class Metrics:
     def disconnect(self, reason: str) -> None:
         """Count a peer the gateway disconnected for ``reason``."""
         self.disconnects[reason] += 1
+
+    def handshake_failed(self, listener: str) -> None:
+        """Count a connection that went away before finishing its handshake."""
+        self.tls_handshake_failures[listener] += 1

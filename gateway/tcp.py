@@ -10,7 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IHandshakeListener,
+    IPushProducer,
+    IReactorTime,
+    ITCPTransport,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -21,6 +27,7 @@ from gateway.bus import Bus
 from gateway.config import Limits, StreamListenerConfig
 from gateway.interfaces import IFramer, IPeer
 from gateway.message import Batch, Origin
+from gateway.tls import peer_subject
 
 
 @implementer(IFramer)
@@ -38,41 +45,31 @@ class LineFramer:
 LINE_FRAMER = LineFramer()
 
 
-@implementer(IPeer, IPushProducer)
+@implementer(IPeer, IPushProducer, IHandshakeListener)
 class LineProtocol(Protocol):
     """One stream peer: splits its bytes into lines and relays them as batches."""
 
     log = Logger()
     framer = LINE_FRAMER
 
-    def __init__(
-        self,
-        bus: Bus,
-        listener: StreamListenerConfig,
-        limits: Limits,
-        gateway_name: str,
-        clock: IReactorTime,
-        transport_name: str = "tcp",
-        connections: set[LineProtocol] | None = None,
-    ) -> None:
-        self.bus = bus
+    def __init__(self, factory: LineFactory) -> None:
+        self.factory = factory
+        self.bus = factory.bus
+        listener = factory.listener
         self.listener = listener
-        self.connections = connections
         self.channel = listener.channel
         self.echo = listener.echo
-        self.gateway_name = gateway_name
-        self.clock = clock
-        self.transport_name = transport_name
-        self.max_message_bytes = limits.max_message_bytes
-        self.max_pending_bytes = limits.max_pending_bytes
+        self.max_message_bytes = factory.limits.max_message_bytes
+        self.max_pending_bytes = factory.limits.max_pending_bytes
         self.quit_command = listener.quit_command.encode("utf-8") if listener.quit_command else None
-        self.origin = Origin("", listener.name, transport_name)
+        self.origin = Origin("", listener.name, factory.transport_name)
         self.address = ""
         self._buffer = b""
         self._closing = False
         self._close_reason: str | None = None
         self._paused = False
         self._pending = 0
+        self._deadline: IDelayedCall | None = None
 
     # Connection lifecycle
 
@@ -82,39 +79,69 @@ class LineProtocol(Protocol):
             transport.setTcpNoDelay(True)
             transport.setTcpKeepAlive(True)
         self.address = describe(transport.getPeer())
-        self.origin = Origin(
-            self.bus.new_peer_id(self.listener.name), self.listener.name, self.transport_name
-        )
+        self.factory.connections.add(self)
+        timeout = self.factory.handshake_timeout
+        if timeout is None:
+            self._join(None)
+        else:
+            # A deadline from connect, not an idle timer: a client trickling
+            # handshake bytes is closed all the same.
+            self._deadline = self.factory.clock.callLater(timeout, self._handshake_expired)
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done; now the peer joins."""
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        if not self._closing:
+            self._join(peer_subject(self.transport))
+
+    def _join(self, subject: str | None) -> None:
+        peer_id = self.bus.new_peer_id(self.listener.name)
+        if subject:
+            peer_id = f"{peer_id}:{subject}"
+        self.origin = Origin(peer_id, self.listener.name, self.factory.transport_name)
+        transport: Any = self.transport
         transport.registerProducer(self, True)
-        if self.connections is not None:
-            self.connections.add(self)
         count = self.bus.attach(self)
         self.log.info(
             '{peer} connected from {address} (listener "{listener}", {count} peers)',
-            peer=self.origin.peer_id,
+            peer=peer_id,
             address=self.address,
             listener=self.listener.name,
             count=count,
         )
-        if self.listener.welcome:
-            text = self.listener.welcome.format(
-                count=count, peer=self.origin.peer_id, name=self.gateway_name
-            )
+        welcome = self.listener.welcome
+        if welcome:
+            text = welcome.format(count=count, peer=peer_id, name=self.factory.gateway_name)
             transport.write(text.encode("utf-8") + b"\n")
 
+    def _handshake_expired(self) -> None:
+        self._deadline = None
+        self.bus.metrics.disconnect("handshake_timeout")
+        self.abort(f"handshake not finished within {self.factory.handshake_timeout:g} s")
+
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
         self.bus.detach(self)
-        if self.connections is not None:
-            self.connections.discard(self)
+        self.factory.connections.discard(self)
         if self._close_reason is not None:
             why = self._close_reason
         elif reason.check(ConnectionDone):
             why = "closed by the peer"
         else:
             why = f"connection lost: {reason.getErrorMessage()}"
-        self.log.info(
-            "{peer} disconnected ({reason})", peer=self.origin.peer_id or self.address, reason=why
-        )
+        if self.origin.peer_id:
+            self.log.info("{peer} disconnected ({reason})", peer=self.origin.peer_id, reason=why)
+        else:
+            self.bus.metrics.handshake_failed(self.listener.name)
+            self.log.info(
+                '{address} failed the handshake on listener "{listener}" ({reason})',
+                address=self.address,
+                listener=self.listener.name,
+                reason=why,
+            )
 
     # Inbound
 
@@ -243,7 +270,7 @@ class LineProtocol(Protocol):
 
 
 class LineFactory(Factory):
-    """Builds a ``LineProtocol`` for each connection to one listener."""
+    """Shared settings of one stream listener; builds a ``LineProtocol`` per connection."""
 
     noisy = False
 
@@ -255,6 +282,7 @@ class LineFactory(Factory):
         gateway_name: str,
         clock: IReactorTime,
         transport_name: str = "tcp",
+        handshake_timeout: float | None = None,
     ) -> None:
         self.bus = bus
         self.listener = listener
@@ -262,16 +290,10 @@ class LineFactory(Factory):
         self.gateway_name = gateway_name
         self.clock = clock
         self.transport_name = transport_name
+        # None for plain TCP; for TLS, seconds from connect to a finished handshake.
+        self.handshake_timeout = handshake_timeout
         # Open connections, attached or closing; the gateway waits for them on shutdown.
         self.connections: set[LineProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> LineProtocol:
-        return LineProtocol(
-            self.bus,
-            self.listener,
-            self.limits,
-            self.gateway_name,
-            self.clock,
-            self.transport_name,
-            self.connections,
-        )
+        return LineProtocol(self)
