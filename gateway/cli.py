@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,7 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Connect to a gateway listener; print every message received, send each "
         "line of standard input; exit on end of input or when the server closes.",
     )
-    client.add_argument("url", help="tcp://HOST:PORT or udp://HOST:PORT")
+    client.add_argument("url", help="tcp://HOST:PORT, tls://HOST:PORT or udp://HOST:PORT")
+    client.add_argument("--ca", metavar="PEM", help="tls: trust this CA (default: the system's)")
+    client.add_argument("--cert", metavar="PEM", help="tls: client certificate (mutual TLS)")
+    client.add_argument("--key", metavar="PEM", help="tls: private key of --cert")
     client.add_argument(
         "--keepalive",
         type=float,
@@ -39,6 +43,23 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="udp: send an empty datagram this often so the gateway keeps us (default 20)",
     )
+    certs = commands.add_parser(
+        "certs",
+        help="make a development CA and certificates for tls/wss listeners",
+        description="Write a dev CA (ca.pem, ca.key), a server certificate (server.pem, "
+        "server.key) and optionally a client certificate (NAME.pem, NAME.key). Key files are "
+        "mode 0600. Existing files are never replaced without --force.",
+    )
+    certs.add_argument("--dir", default="certs", help="folder to write to (default: certs)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        metavar="NAME_OR_IP",
+        help="a host the server certificate is for; repeat for several "
+        "(default: localhost, 127.0.0.1, ::1)",
+    )
+    certs.add_argument("--client", metavar="NAME", help="also make a client certificate NAME")
+    certs.add_argument("--force", action="store_true", help="replace existing files")
     return parser
 
 
@@ -46,7 +67,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "client":
-        _run_client(args.url, args.keepalive)
+        _run_client(args)
+    if args.command == "certs":
+        sys.exit(_make_certs(args))
     if args.config is None:
         parser.error("give --config PATH to run a gateway, or a command such as 'client'")
     try:
@@ -70,13 +93,38 @@ def _run(config: Config) -> NoReturn:
     raise AssertionError("react() returned")  # pragma: no cover
 
 
-def _run_client(url: str, keepalive: float) -> NoReturn:
+def _make_certs(args: argparse.Namespace) -> int:
+    from gateway.pki import DEFAULT_HOSTS, PkiError, make_dev_pki
+
+    try:
+        made = make_dev_pki(
+            Path(args.dir), tuple(args.host or DEFAULT_HOSTS), client=args.client, force=args.force
+        )
+    except PkiError as e:
+        print(f"gateway certs: {e}", file=sys.stderr)
+        return 1
+    for path in made.written:
+        print(f"wrote {path}")
+    for path in made.kept:
+        print(f"kept {path}")
+    print(f"dev CA SHA-256 fingerprint: {made.ca_fingerprint}")
+    return 0
+
+
+def _run_client(args: argparse.Namespace) -> NoReturn:
     from twisted.internet.task import react
 
     from gateway import client
 
     async def session(reactor: Any) -> None:
-        code = await client.run(reactor, url, keepalive=keepalive)
+        code = await client.run(
+            reactor,
+            args.url,
+            keepalive=args.keepalive,
+            ca=args.ca,
+            cert=args.cert,
+            key=args.key,
+        )
         raise SystemExit(code)
 
     react(lambda r: Deferred.fromCoroutine(session(r)), [])
@@ -94,6 +142,7 @@ async def _serve(reactor: Any, config: Config) -> None:
         raise SystemExit(1) from None
     service.startService()  # type: ignore[no-untyped-call]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload_tls))
     log.info(
         "gateway {name!r} {version} running ({count} listeners); Ctrl-C or SIGTERM stops it",
         name=config.gateway.name,

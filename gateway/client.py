@@ -7,17 +7,24 @@ on end of input or when the server closes.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+from OpenSSL import SSL
+from service_identity import VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
-SCHEMES = ("tcp", "udp")
+from gateway.tls import TlsFileError, client_options
+
+SCHEMES = ("tcp", "tls", "udp")
 
 
 class UsageError(Exception):
@@ -55,15 +62,28 @@ class _Stdin(Protocol):
         self.on_end()
 
 
+@implementer(IHandshakeListener)
 class _StreamClient(Protocol):
-    """The network side of a TCP session: bytes in both directions, unchanged."""
+    """The network side of a TCP or TLS session: bytes in both directions, unchanged."""
 
-    def __init__(self, reactor: Any, out: BinaryIO, done: Deferred[int]) -> None:
+    def __init__(
+        self, reactor: Any, out: BinaryIO, done: Deferred[int], secure: bool, hostname: str
+    ) -> None:
         self.reactor = reactor
+        self.secure = secure
+        self.hostname = hostname
         self.out = out
         self.done = done
 
     def connectionMade(self) -> None:
+        if not self.secure:
+            self._start_input()
+
+    def handshakeCompleted(self) -> None:
+        """TLS: read standard input only once the server is verified."""
+        self._start_input()
+
+    def _start_input(self) -> None:
         assert self.transport is not None
         transport = self.transport
         StandardIO(_Stdin(transport.write, transport.loseConnection), reactor=self.reactor)
@@ -73,23 +93,50 @@ class _StreamClient(Protocol):
         self.out.flush()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        code = 0
         if reason is not None and not reason.check(ConnectionDone):
-            print(f"gateway client: connection lost: {reason.getErrorMessage()}", file=sys.stderr)
+            code = 1
+            print(
+                f"gateway client: connection lost: {_describe(reason, self.hostname)}",
+                file=sys.stderr,
+            )
         if not self.done.called:
-            self.done.callback(0)
+            self.done.callback(code)
+
+
+def _describe(reason: Failure, hostname: str) -> str:
+    """A connection failure in words; TLS failures say so."""
+    if reason.check(VerificationError):
+        return (
+            f"TLS handshake failed: the server's certificate is not valid for {hostname!r} "
+            "(hostname mismatch)"
+        )
+    if reason.check(SSL.Error):
+        return f"TLS handshake failed: {reason.value}"
+    return str(reason.getErrorMessage())
 
 
 class _StreamClientFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, reactor: Any, out: BinaryIO, done: Deferred[int], where: str) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        out: BinaryIO,
+        done: Deferred[int],
+        where: str,
+        hostname: str,
+        secure: bool = False,
+    ) -> None:
+        self.hostname = hostname
         self.reactor = reactor
         self.out = out
         self.done = done
         self.where = where
+        self.secure = secure
 
     def buildProtocol(self, addr: Any) -> _StreamClient:
-        return _StreamClient(self.reactor, self.out, self.done)
+        return _StreamClient(self.reactor, self.out, self.done, self.secure, self.hostname)
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         print(
@@ -170,7 +217,15 @@ class _DatagramClient(DatagramProtocol):
             self.done.callback(code)
 
 
-async def run(reactor: Any, url: str, keepalive: float = 20.0, out: BinaryIO | None = None) -> int:
+async def run(
+    reactor: Any,
+    url: str,
+    keepalive: float = 20.0,
+    out: BinaryIO | None = None,
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+) -> int:
     """Run a client session to ``url``; returns the exit status."""
     try:
         scheme, host, port = parse_url(url)
@@ -180,7 +235,22 @@ async def run(reactor: Any, url: str, keepalive: float = 20.0, out: BinaryIO | N
     out = out if out is not None else sys.stdout.buffer
     done: Deferred[int] = Deferred()
     if scheme == "tcp":
-        reactor.connectTCP(host, port, _StreamClientFactory(reactor, out, done, url), timeout=10)
+        reactor.connectTCP(
+            host, port, _StreamClientFactory(reactor, out, done, url, host), timeout=10
+        )
+    elif scheme == "tls":
+        try:
+            options = client_options(
+                host,
+                Path(ca) if ca else None,
+                Path(cert) if cert else None,
+                Path(key) if key else None,
+            )
+        except TlsFileError as e:
+            print(f"gateway client: --{e.key}: {e.problem}", file=sys.stderr)
+            return 2
+        factory = _StreamClientFactory(reactor, out, done, url, host, secure=True)
+        reactor.connectSSL(host, port, factory, options, timeout=10)
     else:
         try:
             address = await reactor.resolve(host)

@@ -22,7 +22,7 @@ DATAGRAM_TYPES = ("udp",)
 TLS_TYPES = ("tls", "wss")
 WEBSOCKET_TYPES = ("ws", "wss")
 # The listener types this build serves (others are parsed but refused).
-LISTENER_TYPES = ("tcp", "udp")
+LISTENER_TYPES = ("tcp", "tls", "udp")
 TLS_VERSIONS = ("1.2", "1.3")
 
 WELCOME_FIELDS = ("count", "peer", "name")
@@ -314,6 +314,15 @@ def _listener(table: _Table, base: Path) -> ListenerConfig:
     )
 
 
+def _check_tls_files(table: _Table, settings: TlsSettings) -> None:
+    from gateway.tls import TlsFileError, check_tls_files  # tls needs this module's types
+
+    try:
+        check_tls_files(settings)
+    except TlsFileError as e:
+        raise table.error(e.key, e.problem) from None
+
+
 def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Config:
     """Validate parsed TOML ``data``; ``file`` names it in errors."""
     root = _Table(file, "", data)
@@ -353,6 +362,8 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
                 f"another {listener.family} listener already uses {listener.host} port {listener.port}",
             )
         bound.add(address)
+        if isinstance(listener, StreamListenerConfig) and listener.tls is not None:
+            _check_tls_files(table, listener.tls)
         listeners.append(listener)
     return Config(
         path=path if path is not None else Path(file),

@@ -12,6 +12,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway.address import host_port
 from gateway.bus import Bus
@@ -22,7 +23,9 @@ from gateway.config import (
     StreamListenerConfig,
 )
 from gateway.metrics import Metrics
+from gateway.pki import PkiError, ensure_dev_server_cert
 from gateway.tcp import LineFactory
+from gateway.tls import ServerTls, TlsFileError
 from gateway.udp import DatagramListener
 
 
@@ -60,6 +63,7 @@ class GatewayService(MultiService):
         self.bus = Bus(self.metrics)
         self.bound: list[Bound] = []
         self.factories: list[LineFactory] = []
+        self.tls: dict[str, ServerTls] = {}
 
     async def listen(self) -> list[Bound]:
         """Bind every listener, or none: on the first failure the others are closed."""
@@ -76,6 +80,8 @@ class GatewayService(MultiService):
     async def _listen_one(self, listener: ListenerConfig) -> Bound:
         try:
             port = await self._open(listener)
+        except ListenError:
+            raise
         except Exception as e:
             where = host_port(listener.host, listener.port)
             reason = getattr(e, "socketError", None) or e
@@ -95,10 +101,22 @@ class GatewayService(MultiService):
                 else TCP4ServerEndpoint
             )
             endpoint = endpoint_type(self.reactor, listener.port, interface=listener.host)
-            factory = LineFactory(
-                self.bus, listener, limits, self.config.gateway.name, self.reactor
+            secure = listener.tls is not None
+            line_factory = LineFactory(
+                self.bus,
+                listener,
+                limits,
+                self.config.gateway.name,
+                self.reactor,
+                transport_name=listener.type,
+                handshake_timeout=limits.handshake_timeout if secure else None,
             )
-            self.factories.append(factory)
+            self.factories.append(line_factory)
+            factory: Any = line_factory
+            if listener.tls is not None:
+                server_tls = self._server_tls(listener)
+                factory = TLSMemoryBIOFactory(server_tls, False, line_factory, self.reactor)
+                factory.noisy = False
             port: IListeningPort = await endpoint.listen(factory)  # type: ignore[no-untyped-call]
             return port
         assert isinstance(listener, DatagramListenerConfig)
@@ -110,6 +128,56 @@ class GatewayService(MultiService):
             maxPacketSize=protocol.read_size,
         )
         return udp_port
+
+    def _server_tls(self, listener: StreamListenerConfig) -> ServerTls:
+        settings = listener.tls
+        assert settings is not None
+        if settings.generate_dev_cert:
+            try:
+                made = ensure_dev_server_cert(settings.cert, settings.key)
+            except PkiError as e:
+                raise ListenError(f'listener "{listener.name}": generate_dev_cert: {e}') from e
+            if made is not None:
+                self.log.info(
+                    'listener "{listener}": created a dev certificate {cert} and key {key}, '
+                    "signed by the dev CA {ca} (SHA-256 fingerprint {fingerprint}); "
+                    "clients trust it with that ca.pem",
+                    listener=listener.name,
+                    cert=str(made.cert),
+                    key=str(made.key),
+                    ca=str(made.ca_cert),
+                    fingerprint=made.ca_fingerprint,
+                )
+        try:
+            server_tls = ServerTls(settings)
+        except TlsFileError as e:
+            raise ListenError(f'listener "{listener.name}": {e.key}: {e.problem}') from e
+        self.tls[listener.name] = server_tls
+        return server_tls
+
+    def reload_tls(self) -> None:
+        """Re-read every TLS listener's certificate, key and CA (SIGHUP).
+
+        New connections get the new material; open ones keep theirs. A bad
+        file is logged and the listener keeps what it had.
+        """
+        for name, server_tls in self.tls.items():
+            try:
+                server_tls.reload()
+            except TlsFileError as e:
+                self.log.error(
+                    'listener "{listener}": reload failed, keeping the current certificate: '
+                    "{key}: {problem}",
+                    listener=name,
+                    key=e.key,
+                    problem=e.problem,
+                )
+            else:
+                self.log.info(
+                    'listener "{listener}": reloaded TLS material (certificate SHA-256 {fingerprint})',
+                    listener=name,
+                    fingerprint=server_tls.fingerprint,
+                )
 
     async def _stop_listening(self) -> None:
         stopping = [Deferred.fromCoroutine(_stop(bound.port)) for bound in self.bound]

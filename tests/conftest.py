@@ -66,6 +66,17 @@ class GatewayProcess:
             if m := regex.search(line):
                 return m
 
+    def wait_count(self, pattern: str, count: int, timeout: float = TIMEOUT) -> None:
+        """Wait until ``count`` log lines match ``pattern``."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while sum(1 for line in list(self.log) if regex.search(line)) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"fewer than {count} lines matching {pattern!r}; log:\n" + "\n".join(self.log)
+                )
+            time.sleep(0.02)
+
     def wait_listening(self, count: int) -> None:
         deadline = time.monotonic() + TIMEOUT
         while len(self.ports) < count:
@@ -192,3 +203,15 @@ def run_gateway(tmp_path: Path) -> Iterator[object]:
     yield start
     for gw in started:
         gw.stop(signal.SIGKILL if os.environ.get("GATEWAY_TEST_KILL") else signal.SIGTERM)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI a skipped test is a missing test: fail the run."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter is not None else []
+    if os.environ.get("CI") and skipped:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        if reporter is not None:
+            reporter.write_line(
+                f"CI: {len(skipped)} skipped test(s); skipping is not allowed in CI", red=True
+            )
