@@ -21,8 +21,7 @@ STREAM_TYPES = ("tcp", "tls", "ws", "wss")
 DATAGRAM_TYPES = ("udp",)
 TLS_TYPES = ("tls", "wss")
 WEBSOCKET_TYPES = ("ws", "wss")
-# The listener types this build serves (others are parsed but refused).
-LISTENER_TYPES = ("tcp", "tls", "udp")
+LISTENER_TYPES = ("tcp", "tls", "ws", "wss", "udp")
 TLS_VERSIONS = ("1.2", "1.3")
 
 WELCOME_FIELDS = ("count", "peer", "name")

@@ -17,6 +17,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from gateway.address import host_port
 from gateway.bus import Bus
 from gateway.config import (
+    WEBSOCKET_TYPES,
     Config,
     DatagramListenerConfig,
     ListenerConfig,
@@ -27,6 +28,7 @@ from gateway.pki import PkiError, ensure_dev_server_cert
 from gateway.tcp import LineFactory
 from gateway.tls import ServerTls, TlsFileError
 from gateway.udp import DatagramListener
+from gateway.websocket import make_site
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,9 @@ class GatewayService(MultiService):
         self.metrics = Metrics()
         self.bus = Bus(self.metrics)
         self.bound: list[Bound] = []
-        self.factories: list[LineFactory] = []
+        # Each stream listener's open connections (attached or still handshaking);
+        # shutdown waits for them, then aborts what is left.
+        self.connection_sets: list[set[Any]] = []
         self.tls: dict[str, ServerTls] = {}
 
     async def listen(self) -> list[Bound]:
@@ -102,20 +106,27 @@ class GatewayService(MultiService):
             )
             endpoint = endpoint_type(self.reactor, listener.port, interface=listener.host)
             secure = listener.tls is not None
-            line_factory = LineFactory(
-                self.bus,
-                listener,
-                limits,
-                self.config.gateway.name,
-                self.reactor,
-                transport_name=listener.type,
-                handshake_timeout=limits.handshake_timeout if secure else None,
-            )
-            self.factories.append(line_factory)
-            factory: Any = line_factory
+            factory: Any
+            if listener.type in WEBSOCKET_TYPES:
+                site = make_site(self.bus, listener, limits, self.config.gateway.name, self.reactor)
+                self.connection_sets.append(site.connections)
+                factory = site
+            else:
+                line_factory = LineFactory(
+                    self.bus,
+                    listener,
+                    limits,
+                    self.config.gateway.name,
+                    self.reactor,
+                    transport_name=listener.type,
+                    handshake_timeout=limits.handshake_timeout if secure else None,
+                )
+                self.connection_sets.append(line_factory.connections)
+                factory = line_factory
             if listener.tls is not None:
+                # Outside the site, never between TLS and the site (Autobahn needs that).
                 server_tls = self._server_tls(listener)
-                factory = TLSMemoryBIOFactory(server_tls, False, line_factory, self.reactor)
+                factory = TLSMemoryBIOFactory(server_tls, False, factory, self.reactor)
                 factory.noisy = False
             port: IListeningPort = await endpoint.listen(factory)  # type: ignore[no-untyped-call]
             return port
@@ -196,13 +207,13 @@ class GatewayService(MultiService):
         deadline = self.reactor.seconds() + self.shutdown_grace
         while self._open_connections() and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, 0.05, lambda: None)
-        for factory in self.factories:
-            for connection in list(factory.connections):
+        for connections in self.connection_sets:
+            for connection in list(connections):
                 connection.abort("gateway shutting down")
         self.log.info("stopped")
 
     def _open_connections(self) -> int:
-        return sum(len(factory.connections) for factory in self.factories)
+        return sum(len(connections) for connections in self.connection_sets)
 
 
 async def _stop(port: IListeningPort) -> None:

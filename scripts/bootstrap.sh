@@ -16,6 +16,7 @@ need() { apt_packages="$apt_packages $1"; }
 python3 -c 'import ensurepip, venv' 2>/dev/null || need python3-venv
 if [ "$want_test" = test ]; then
     command -v openssl >/dev/null 2>&1 || need openssl
+    command -v chromium >/dev/null 2>&1 || need chromium
 fi
 if [ -n "$apt_packages" ]; then
     echo "bootstrap: installing$apt_packages with apt-get"

@@ -1,0 +1,254 @@
+// The gateway's browser client: one WebSocket with the gateway.v1.json
+// subprotocol, reconnecting with backoff. No build step, no dependencies.
+"use strict";
+
+(function () {
+  const SUBPROTOCOL = "gateway.v1.json";
+  const MAX_LOG_ENTRIES = 500;
+  const RETRY_FIRST_MS = 500;
+  const RETRY_MAX_MS = 30000;
+
+  const $ = (id) => document.getElementById(id);
+  const statusEl = $("status");
+  const meEl = $("me");
+  const countEl = $("count");
+  const onlineEl = $("online");
+  const noteEl = $("online-note");
+  const logEl = $("log");
+  const form = $("composer");
+  const input = $("message");
+  const sendButton = $("send");
+
+  let socket = null;
+  let myId = null;
+  let retryMs = RETRY_FIRST_MS;
+  let retryTimer = null;
+  // Peers on our channel (id -> transport), from the welcome list and join/leave events.
+  const peers = new Map();
+
+  function socketUrl() {
+    const url = new URL("ws", location.href);
+    url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
+    url.hash = "";
+    url.search = "";
+    return url.href;
+  }
+
+  function setStatus(state, text) {
+    statusEl.dataset.state = state;
+    statusEl.textContent = text;
+  }
+
+  function setConnected(connected) {
+    input.disabled = !connected;
+    sendButton.disabled = !connected;
+    if (connected && document.activeElement === document.body) {
+      input.focus();
+    }
+  }
+
+  function timeNow() {
+    const d = new Date();
+    return [d.getHours(), d.getMinutes(), d.getSeconds()]
+      .map((n) => String(n).padStart(2, "0"))
+      .join(":");
+  }
+
+  function append(item) {
+    const atBottom = logEl.scrollHeight - logEl.scrollTop - logEl.clientHeight < 40;
+    logEl.appendChild(item);
+    while (logEl.childElementCount > MAX_LOG_ENTRIES) {
+      logEl.firstElementChild.remove();
+    }
+    if (atBottom) {
+      logEl.scrollTop = logEl.scrollHeight;
+    }
+  }
+
+  function span(className, text) {
+    const el = document.createElement("span");
+    el.className = className;
+    el.textContent = text;
+    return el;
+  }
+
+  function addMessage(from, transport, body, options) {
+    const item = document.createElement("li");
+    item.className = "message" + (options.mine ? " mine" : "");
+    item.appendChild(span("when", timeNow()));
+    item.appendChild(span("who", from));
+    item.appendChild(span("via", transport));
+    item.appendChild(span(options.binary ? "text binary" : "text", body));
+    append(item);
+  }
+
+  function addEvent(text) {
+    const item = document.createElement("li");
+    item.appendChild(span("when", timeNow()));
+    item.appendChild(span("event", text));
+    append(item);
+  }
+
+  function binaryLabel(encoded) {
+    const padding = encoded.endsWith("==") ? 2 : encoded.endsWith("=") ? 1 : 0;
+    const size = Math.floor((encoded.length * 3) / 4) - padding;
+    return "[binary, " + size + " bytes] " + encoded.slice(0, 64) + (encoded.length > 64 ? "…" : "");
+  }
+
+  function renderOnline(channelCount) {
+    const tally = new Map();
+    for (const transport of peers.values()) {
+      tally.set(transport, (tally.get(transport) || 0) + 1);
+    }
+    onlineEl.replaceChildren();
+    for (const [transport, n] of [...tally.entries()].sort()) {
+      const item = document.createElement("li");
+      item.appendChild(span("transport", transport));
+      item.appendChild(span("n", String(n)));
+      onlineEl.appendChild(item);
+    }
+    if (channelCount !== undefined && channelCount > peers.size) {
+      noteEl.hidden = false;
+      noteEl.textContent = "Showing " + peers.size + " of " + channelCount + " peers on this channel.";
+    } else if (channelCount !== undefined) {
+      noteEl.hidden = true;
+    }
+  }
+
+  function setCount(count) {
+    countEl.textContent = String(count);
+  }
+
+  function handle(event) {
+    switch (event.type) {
+      case "welcome":
+        myId = event.peer;
+        retryMs = RETRY_FIRST_MS;
+        peers.clear();
+        for (const p of event.peers || []) {
+          peers.set(p.peer, p.transport);
+        }
+        setCount(event.count);
+        renderOnline(event.channel_count);
+        meEl.textContent = "as " + myId;
+        setStatus("open", "Connected");
+        setConnected(true);
+        addEvent("Connected as " + myId + (event.channel ? " on channel " + event.channel : ""));
+        break;
+      case "join":
+        peers.set(event.peer, event.transport);
+        setCount(event.count);
+        renderOnline();
+        addEvent(event.peer + " joined via " + event.transport);
+        break;
+      case "leave":
+        peers.delete(event.peer);
+        setCount(event.count);
+        renderOnline();
+        addEvent(event.peer + " left");
+        break;
+      case "message":
+        if (event.from === myId) {
+          return; // already shown when sent
+        }
+        if (typeof event.text === "string") {
+          addMessage(event.from, event.transport, event.text, {});
+        } else if (typeof event.base64 === "string") {
+          addMessage(event.from, event.transport, binaryLabel(event.base64), { binary: true });
+        }
+        break;
+      default:
+        break;
+    }
+  }
+
+  function connect() {
+    retryTimer = null;
+    setStatus("connecting", "Connecting…");
+    let ws;
+    try {
+      ws = new WebSocket(socketUrl(), SUBPROTOCOL);
+    } catch (err) {
+      scheduleReconnect("cannot connect: " + err.message);
+      return;
+    }
+    ws.binaryType = "arraybuffer";
+    socket = ws;
+    ws.addEventListener("message", (msg) => {
+      if (typeof msg.data !== "string") {
+        return; // JSON clients only get text frames
+      }
+      let event;
+      try {
+        event = JSON.parse(msg.data);
+      } catch (err) {
+        return;
+      }
+      if (event && typeof event === "object") {
+        handle(event);
+      }
+    });
+    ws.addEventListener("close", (ev) => {
+      if (socket !== ws) {
+        return;
+      }
+      socket = null;
+      if (myId !== null) {
+        addEvent("Disconnected" + (ev.reason ? ": " + ev.reason : ""));
+      }
+      myId = null;
+      peers.clear();
+      renderOnline(0);
+      setConnected(false);
+      meEl.textContent = "";
+      const why = ev.code && ev.code !== 1006 ? " (" + ev.code + (ev.reason ? ": " + ev.reason : "") + ")" : "";
+      scheduleReconnect("Disconnected" + why);
+    });
+  }
+
+  function scheduleReconnect(text) {
+    if (retryTimer !== null) {
+      return;
+    }
+    // Exponential backoff with jitter, so many pages do not reconnect at once.
+    const delay = Math.round(retryMs * (0.75 + Math.random() * 0.5));
+    retryMs = Math.min(retryMs * 2, RETRY_MAX_MS);
+    setStatus("closed", text + " — reconnecting in " + Math.ceil(delay / 1000) + " s");
+    retryTimer = setTimeout(connect, delay);
+  }
+
+  function reconnectNow() {
+    if (socket === null && retryTimer !== null) {
+      clearTimeout(retryTimer);
+      retryMs = RETRY_FIRST_MS;
+      connect();
+    }
+  }
+
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const text = input.value;
+    if (!text || socket === null || socket.readyState !== WebSocket.OPEN || myId === null) {
+      return;
+    }
+    socket.send(JSON.stringify({ type: "message", text: text }));
+    addMessage("you (" + myId + ")", peers.get(myId) || (location.protocol === "https:" ? "wss" : "ws"), text, { mine: true });
+    input.value = "";
+    input.focus();
+  });
+
+  input.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") {
+      input.value = "";
+    }
+  });
+
+  window.addEventListener("online", reconnectNow);
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") {
+      reconnectNow();
+    }
+  });
+
+  connect();
+})();
