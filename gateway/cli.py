@@ -32,8 +32,13 @@ def _parser() -> argparse.ArgumentParser:
         description="Connect to a gateway listener; print every message received, send each "
         "line of standard input; exit on end of input or when the server closes.",
     )
-    client.add_argument("url", help="tcp://HOST:PORT, tls://HOST:PORT or udp://HOST:PORT")
-    client.add_argument("--ca", metavar="PEM", help="tls: trust this CA (default: the system's)")
+    client.add_argument(
+        "url",
+        help="tcp://HOST:PORT, tls://HOST:PORT, udp://HOST:PORT, ws://HOST:PORT/ws or wss://HOST:PORT/ws",
+    )
+    client.add_argument(
+        "--ca", metavar="PEM", help="tls, wss: trust this CA (default: the system's)"
+    )
     client.add_argument("--cert", metavar="PEM", help="tls: client certificate (mutual TLS)")
     client.add_argument("--key", metavar="PEM", help="tls: private key of --cert")
     client.add_argument(

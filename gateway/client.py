@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit
 
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred
@@ -24,7 +25,7 @@ from zope.interface import implementer
 
 from gateway.tls import TlsFileError, client_options
 
-SCHEMES = ("tcp", "tls", "udp")
+SCHEMES = ("tcp", "tls", "udp", "ws", "wss")
 
 
 class UsageError(Exception):
@@ -32,8 +33,10 @@ class UsageError(Exception):
 
 
 def parse_url(url: str) -> tuple[str, str, int]:
-    """``tcp://HOST:PORT`` -> ("tcp", HOST, PORT)."""
+    """``tcp://HOST:PORT`` -> ("tcp", HOST, PORT); ws/wss ports default to 80/443."""
     parts = urlsplit(url)
+    if parts.scheme in ("ws", "wss") and parts.hostname and parts.port is None:
+        return parts.scheme, parts.hostname, 443 if parts.scheme == "wss" else 80
     if parts.scheme not in SCHEMES:
         raise UsageError(
             f"unsupported URL {url!r}: expected one of "
@@ -217,6 +220,82 @@ class _DatagramClient(DatagramProtocol):
             self.done.callback(code)
 
 
+class _WebSocketClient(WebSocketClientProtocol):
+    """A WebSocket session: each stdin line one message, each message one output line."""
+
+    def __init__(self, session: _WebSocketSession) -> None:
+        super().__init__()
+        self.session = session
+        self._partial = b""
+
+    def onOpen(self) -> None:
+        StandardIO(_Stdin(self._stdin, self._end), reactor=self.session.reactor)
+
+    def _send_line(self, line: bytes) -> None:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if not line:
+            return
+        try:
+            line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.sendMessage(line, isBinary=True)  # type: ignore[no-untyped-call]
+        else:
+            self.sendMessage(line, isBinary=False)  # type: ignore[no-untyped-call]
+
+    def _stdin(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self._send_line(line)
+
+    def _end(self) -> None:
+        if self._partial:
+            self._send_line(self._partial)
+        self.sendClose(code=1000)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.session.out.write(payload + b"\n")
+        self.session.out.flush()
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        session = self.session
+        if code in (1000, 1001) or (wasClean and code is None):
+            session.finish(0)
+        elif code is None or code == 1006:
+            session.finish(1, f"connection to {session.url} lost: {reason or 'no close frame'}")
+        else:
+            session.finish(
+                1, f"closed by {session.url} with code {code}: {reason or ''}".rstrip(": ")
+            )
+
+
+class _WebSocketSession(WebSocketClientFactory):
+    noisy = False
+
+    def __init__(self, reactor: Any, url: str, out: BinaryIO, done: Deferred[int]) -> None:
+        super().__init__(url)  # type: ignore[no-untyped-call]
+        self.reactor = reactor
+        self.url = url
+        self.out = out
+        self.done = done
+        self.setProtocolOptions(perMessageCompressionOffers=[], autoPingInterval=0)  # type: ignore[no-untyped-call]
+
+    def buildProtocol(self, addr: Any) -> _WebSocketClient:
+        protocol = _WebSocketClient(self)
+        protocol.factory = self
+        return protocol
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        self.finish(1, f"cannot connect to {self.url}: {reason.getErrorMessage()}")
+
+    def finish(self, code: int, problem: str | None = None) -> None:
+        if problem is not None:
+            print(f"gateway client: {problem}", file=sys.stderr)
+        if not self.done.called:
+            self.done.callback(code)
+
+
 async def run(
     reactor: Any,
     url: str,
@@ -251,6 +330,17 @@ async def run(
             return 2
         factory = _StreamClientFactory(reactor, out, done, url, host, secure=True)
         reactor.connectSSL(host, port, factory, options, timeout=10)
+    elif scheme in ("ws", "wss"):
+        session = _WebSocketSession(reactor, url, out, done)
+        if scheme == "wss":
+            try:
+                options = client_options(host, Path(ca) if ca else None, None, None)
+            except TlsFileError as e:
+                print(f"gateway client: --{e.key}: {e.problem}", file=sys.stderr)
+                return 2
+            reactor.connectSSL(host, port, session, options, timeout=10)
+        else:
+            reactor.connectTCP(host, port, session, timeout=10)
     else:
         try:
             address = await reactor.resolve(host)

@@ -361,9 +361,18 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
                 f"another {listener.family} listener already uses {listener.host} port {listener.port}",
             )
         bound.add(address)
-        if isinstance(listener, StreamListenerConfig) and listener.tls is not None:
-            _check_tls_files(table, listener.tls)
         listeners.append(listener)
+    # Certificates another listener generates on start need not exist yet.
+    generated = {
+        (lc.tls.cert, lc.tls.key)
+        for lc in listeners
+        if isinstance(lc, StreamListenerConfig) and lc.tls is not None and lc.tls.generate_dev_cert
+    }
+    for index, lc in enumerate(listeners):
+        if isinstance(lc, StreamListenerConfig) and lc.tls is not None:
+            if (lc.tls.cert, lc.tls.key) in generated and not lc.tls.cert.exists():
+                continue
+            _check_tls_files(_Table(file, f"listeners[{index}]", raw_listeners[index]), lc.tls)
     return Config(
         path=path if path is not None else Path(file),
         gateway=gateway,

@@ -72,6 +72,7 @@ class GatewayService(MultiService):
     async def listen(self) -> list[Bound]:
         """Bind every listener, or none: on the first failure the others are closed."""
         try:
+            self._generate_dev_certs()
             for listener in self.config.listeners:
                 self.bound.append(await self._listen_one(listener))
         except ListenError:
@@ -140,10 +141,14 @@ class GatewayService(MultiService):
         )
         return udp_port
 
-    def _server_tls(self, listener: StreamListenerConfig) -> ServerTls:
-        settings = listener.tls
-        assert settings is not None
-        if settings.generate_dev_cert:
+    def _generate_dev_certs(self) -> None:
+        """Make missing dev certificates first: listeners may share them."""
+        for listener in self.config.listeners:
+            if not isinstance(listener, StreamListenerConfig) or listener.tls is None:
+                continue
+            settings = listener.tls
+            if not settings.generate_dev_cert:
+                continue
             try:
                 made = ensure_dev_server_cert(settings.cert, settings.key)
             except PkiError as e:
@@ -159,6 +164,10 @@ class GatewayService(MultiService):
                     ca=str(made.ca_cert),
                     fingerprint=made.ca_fingerprint,
                 )
+
+    def _server_tls(self, listener: StreamListenerConfig) -> ServerTls:
+        settings = listener.tls
+        assert settings is not None
         try:
             server_tls = ServerTls(settings)
         except TlsFileError as e:

@@ -245,7 +245,7 @@ class ServerTls:
 
     def serverConnectionForTLS(
         self,
-        tlsProtocol: TLSMemoryBIOProtocol,  # noqa: N803 (the interface's name)
+        tlsProtocol: TLSMemoryBIOProtocol,
     ) -> SSL.Connection:
         return SSL.Connection(self._context, None)
 

@@ -80,12 +80,12 @@ class GatewayProcess:
     def wait_listening(self, count: int) -> None:
         deadline = time.monotonic() + TIMEOUT
         while len(self.ports) < count:
-            if self.proc.poll() is not None:
-                time.sleep(0.1)
-                raise AssertionError("gateway exited early:\n" + "\n".join(self.log))
             try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+                line = self.lines.get(timeout=0.1)
             except queue.Empty:
+                if self.proc.poll() is not None:
+                    self._reader.join(timeout=2)
+                    raise AssertionError("gateway exited early:\n" + "\n".join(self.log)) from None
                 if time.monotonic() > deadline:
                     raise AssertionError(
                         "gateway did not listen:\n" + "\n".join(self.log)
