@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=20.0,
         metavar="SECONDS",
-        help="udp: send an empty datagram this often so the gateway keeps us (default 20)",
+        help="udp: send a hello datagram this often so the gateway keeps us (default 20, 0 = once)",
     )
     certs = commands.add_parser(
         "certs",

@@ -16,13 +16,14 @@ from OpenSSL import SSL
 from service_identity import VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHandshakeListener
+from twisted.internet.interfaces import IDelayedCall, IHandshakeListener
 from twisted.internet.protocol import ClientFactory, DatagramProtocol, Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway import udp
 from gateway.tls import TlsFileError, client_options
 
 SCHEMES = ("tcp", "tls", "udp", "ws", "wss")
@@ -151,9 +152,18 @@ class _StreamClientFactory(ClientFactory):
 
 
 class _DatagramClient(DatagramProtocol):
-    """A UDP session: registers with an empty datagram, then one datagram per line."""
+    """A UDP session: one datagram per line, after the gateway's address check.
+
+    It sends a padded hello at start and as its keepalive. A gateway with
+    ``challenge = true`` answers a hello from an unverified address with a
+    challenge, which is answered at once; one with ``challenge = false`` takes
+    the hello as registration and answers nothing. Lines read before either is
+    known are held (at most ``HANDSHAKE_GRACE`` seconds), since a challenging
+    gateway drops messages from addresses it has not verified yet.
+    """
 
     noisy = False
+    HANDSHAKE_GRACE = 0.5
 
     def __init__(
         self,
@@ -171,10 +181,14 @@ class _DatagramClient(DatagramProtocol):
         self.keepalive.clock = reactor
         self.keepalive_interval = keepalive
         self._partial = b""
+        self._held: list[bytes] | None = []
+        self._ending = False
+        self._grace: IDelayedCall | None = None
 
     def startProtocol(self) -> None:
         assert self.transport is not None
         self.transport.connect(*self.address)
+        self._grace = self.reactor.callLater(self.HANDSHAKE_GRACE, self._ready)
         if self.keepalive_interval > 0:
             self.keepalive.start(self.keepalive_interval, now=True)
         else:
@@ -182,8 +196,20 @@ class _DatagramClient(DatagramProtocol):
         StandardIO(_Stdin(self._stdin, self._end), reactor=self.reactor)
 
     def _register(self) -> None:
-        # An empty datagram makes us a peer (or keeps us one) without relaying anything.
-        self._send(b"")
+        # Registers us (or keeps us registered) and is never relayed; padded so a
+        # challenging gateway may answer it (it never sends more than it got).
+        self._send(udp.hello())
+
+    def _ready(self) -> None:
+        """The gateway takes our messages now (or, with no challenge, we assume so)."""
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
+        held, self._held = self._held, None
+        for line in held or ():
+            self._send(line)
+        if self._ending:
+            self._ending = False
+            self._finish(0)
 
     def _send(self, datagram: bytes) -> None:
         assert self.transport is not None
@@ -192,20 +218,38 @@ class _DatagramClient(DatagramProtocol):
         except OSError as e:
             self._finish(1, f"cannot send: {e.strerror or e}")
 
+    def _send_line(self, line: bytes) -> None:
+        if self._held is not None:
+            self._held.append(line)
+        else:
+            self._send(line)
+
     def _stdin(self, data: bytes) -> None:
         lines = (self._partial + data).split(b"\n")
         self._partial = lines.pop()
         for line in lines:
-            self._send(line)
+            self._send_line(line)
 
     def _end(self) -> None:
         if self._partial:
-            self._send(self._partial)
-        self._finish(0)
+            self._send_line(self._partial)
+            self._partial = b""
+        if self._held is not None:
+            self._ending = True
+        else:
+            self._finish(0)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
-        self.out.write(datagram)
-        self.out.flush()
+        control = udp.parse_control(datagram)
+        if control is None:
+            self._ready()  # bus traffic: we are a peer
+            self.out.write(datagram)
+            self.out.flush()
+            return
+        verb, cookie = control
+        if verb == b"challenge" and 0 < len(cookie) <= 128:
+            self._send(udp.response(cookie))
+            self._ready()
 
     def connectionRefused(self) -> None:
         host, port = self.address
@@ -216,6 +260,8 @@ class _DatagramClient(DatagramProtocol):
             print(f"gateway client: {problem}", file=sys.stderr)
         if self.keepalive.running:
             self.keepalive.stop()
+        if self._grace is not None and self._grace.active():
+            self._grace.cancel()
         if not self.done.called:
             self.done.callback(code)
 

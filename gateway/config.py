@@ -9,11 +9,14 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import os
 import re
+import socket
 import string
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,11 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class GatewaySettings:
     name: str = "gateway"
+    workers: int = 1
+
+
+SLOW_CONSUMER_POLICIES = ("disconnect", "drop")
+LOOPBACK_ONLY = ("127.0.0.0/8", "::1/128")
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,21 @@ class Limits:
     max_message_bytes: int = 65536
     max_pending_bytes: int = 1024 * 1024
     handshake_timeout: float = 10.0
+    slow_consumer: str = "disconnect"
+    max_messages_per_second: float = 0.0  # 0 = no limit
+    max_total_pending_bytes: int = 256 * 1024 * 1024
+    idle_timeout: float = 0.0  # 0 = off
+    max_connections: int = 10000
+    max_connections_per_ip: int = 0  # 0 = off
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The Redis backplane shared by several gateway nodes."""
+
+    redis: str
+    node: str
+    prefix: str = "gateway"
 
 
 @dataclass(frozen=True)
@@ -95,6 +118,8 @@ class StreamListenerConfig(ListenerConfig):
 class DatagramListenerConfig(ListenerConfig):
     peer_timeout: float
     max_peers: int
+    allow: tuple[IPv4Network | IPv6Network, ...] = tuple(ip_network(n) for n in LOOPBACK_ONLY)
+    challenge: bool = False
 
 
 @dataclass(frozen=True)
@@ -103,6 +128,7 @@ class Config:
     gateway: GatewaySettings
     limits: Limits
     listeners: tuple[ListenerConfig, ...]
+    cluster: ClusterSettings | None = None
 
 
 def _show(value: object) -> str:
@@ -231,7 +257,7 @@ _KEYS = {
     "tls": (*_COMMON_KEYS, "welcome", "quit_command", *_TLS_KEYS),
     "ws": (*_COMMON_KEYS, "welcome", *_WEBSOCKET_KEYS),
     "wss": (*_COMMON_KEYS, "welcome", *_WEBSOCKET_KEYS, *_TLS_KEYS),
-    "udp": (*_COMMON_KEYS, "peer_timeout", "max_peers"),
+    "udp": (*_COMMON_KEYS, "peer_timeout", "max_peers", "allow", "challenge"),
 }
 
 
@@ -310,6 +336,50 @@ def _listener(table: _Table, base: Path) -> ListenerConfig:
         **common,
         peer_timeout=table.number("peer_timeout", 60.0, 0.1, 86400.0),
         max_peers=table.integer("max_peers", 1024, 1, 1_000_000),
+        allow=_networks(table, "allow", LOOPBACK_ONLY),
+        challenge=table.boolean("challenge", False),
+    )
+
+
+def _networks(
+    table: _Table, name: str, default: tuple[str, ...]
+) -> tuple[IPv4Network | IPv6Network, ...]:
+    value = table.data.get(name, list(default))
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise table.error(
+            name, f'expected a list of networks such as ["127.0.0.0/8"], got {_show(value)}'
+        )
+    networks = []
+    for text in value:
+        try:
+            networks.append(ip_network(text, strict=False))
+        except ValueError:
+            raise table.error(
+                name,
+                f'expected networks in CIDR form such as "10.0.0.0/8" or "::1/128", got {_show(text)}',
+            ) from None
+    return tuple(networks)
+
+
+def _cluster(root: _Table) -> ClusterSettings | None:
+    if "cluster" not in root.data:
+        return None
+    table = root.table("cluster")
+    table.check_keys(("redis", "node", "prefix"))
+    redis = table.string("redis", what="a redis:// or rediss:// URL")
+    if not re.match(r"^rediss?://[^\s]+$", redis):
+        raise table.error("redis", f"expected a redis:// or rediss:// URL, got {_show(redis)}")
+    return ClusterSettings(
+        redis=redis,
+        node=table.string(
+            "node",
+            f"{socket.gethostname()}-{os.getpid()}",
+            pattern=_NAME_RE,
+            what="a node name of letters, digits, . _ : -",
+        ),
+        prefix=table.string(
+            "prefix", "gateway", pattern=_NAME_RE, what="a prefix of letters, digits, . _ : -"
+        ),
     )
 
 
@@ -325,18 +395,51 @@ def _check_tls_files(table: _Table, settings: TlsSettings) -> None:
 def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Config:
     """Validate parsed TOML ``data``; ``file`` names it in errors."""
     root = _Table(file, "", data)
-    root.check_keys(("gateway", "limits", "listeners"))
+    root.check_keys(("gateway", "limits", "listeners", "cluster"))
 
     gateway_table = root.table("gateway")
-    gateway_table.check_keys(("name",))
-    gateway = GatewaySettings(name=gateway_table.string("name", "gateway"))
+    gateway_table.check_keys(("name", "workers"))
+    gateway = GatewaySettings(
+        name=gateway_table.string("name", "gateway"),
+        workers=gateway_table.integer("workers", 1, 1, 64),
+    )
+    cluster = _cluster(root)
+    if gateway.workers > 1 and cluster is None:
+        raise gateway_table.error(
+            "workers", "more than 1 worker needs a [cluster] table (the workers share it)"
+        )
 
     limits_table = root.table("limits")
-    limits_table.check_keys(("max_message_bytes", "max_pending_bytes", "handshake_timeout"))
+    limits_table.check_keys(
+        (
+            "max_message_bytes",
+            "max_pending_bytes",
+            "handshake_timeout",
+            "slow_consumer",
+            "max_messages_per_second",
+            "max_total_pending_bytes",
+            "idle_timeout",
+            "max_connections",
+            "max_connections_per_ip",
+        )
+    )
+    slow_consumer = limits_table.string("slow_consumer", "disconnect")
+    if slow_consumer not in SLOW_CONSUMER_POLICIES:
+        raise limits_table.error(
+            "slow_consumer", f'expected "disconnect" or "drop", got {_show(slow_consumer)}'
+        )
     limits = Limits(
         max_message_bytes=limits_table.integer("max_message_bytes", 65536, 1, 16 * 1024 * 1024),
         max_pending_bytes=limits_table.integer("max_pending_bytes", 1024 * 1024, 1024),
         handshake_timeout=limits_table.number("handshake_timeout", 10.0, 0.1, 3600.0),
+        slow_consumer=slow_consumer,
+        max_messages_per_second=limits_table.number("max_messages_per_second", 0.0, 0.0, 1e9),
+        max_total_pending_bytes=limits_table.integer(
+            "max_total_pending_bytes", 256 * 1024 * 1024, 65536
+        ),
+        idle_timeout=limits_table.number("idle_timeout", 0.0, 0.0, 86400.0),
+        max_connections=limits_table.integer("max_connections", 10000, 1, 1_000_000),
+        max_connections_per_ip=limits_table.integer("max_connections_per_ip", 0, 0, 1_000_000),
     )
 
     raw_listeners = data.get("listeners")
@@ -378,6 +481,7 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
         gateway=gateway,
         limits=limits,
         listeners=tuple(listeners),
+        cluster=cluster,
     )
 
 

@@ -17,6 +17,8 @@ class Metrics:
         self.messages_delivered = 0
         self.dropped: Counter[str] = Counter()
         self.disconnects: Counter[str] = Counter()
+        # Times a stream sender's reading was paused for going over its message rate.
+        self.throttled = 0
         self.tls_handshake_failures: Counter[str] = Counter()
 
     def drop(self, reason: str, count: int = 1) -> None:

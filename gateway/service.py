@@ -23,6 +23,7 @@ from gateway.config import (
     ListenerConfig,
     StreamListenerConfig,
 )
+from gateway.flow import FlowContext
 from gateway.metrics import Metrics
 from gateway.pki import PkiError, ensure_dev_server_cert
 from gateway.tcp import LineFactory
@@ -63,6 +64,7 @@ class GatewayService(MultiService):
         self.shutdown_grace = shutdown_grace
         self.metrics = Metrics()
         self.bus = Bus(self.metrics)
+        self.flow = FlowContext(config.limits, self.metrics, reactor)
         self.bound: list[Bound] = []
         # Each stream listener's open connections (attached or still handshaking);
         # shutdown waits for them, then aborts what is left.
@@ -121,6 +123,7 @@ class GatewayService(MultiService):
                     self.reactor,
                     transport_name=listener.type,
                     handshake_timeout=limits.handshake_timeout if secure else None,
+                    flow=self.flow,
                 )
                 self.connection_sets.append(line_factory.connections)
                 factory = line_factory

@@ -13,7 +13,6 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
-    IPushProducer,
     IReactorTime,
     ITCPTransport,
 )
@@ -25,6 +24,7 @@ from zope.interface import implementer
 from gateway.address import describe
 from gateway.bus import Bus
 from gateway.config import Limits, StreamListenerConfig
+from gateway.flow import Backlog, FlowContext, StreamFlow
 from gateway.interfaces import IFramer, IPeer
 from gateway.message import Batch, Origin
 from gateway.tls import peer_subject
@@ -45,7 +45,7 @@ class LineFramer:
 LINE_FRAMER = LineFramer()
 
 
-@implementer(IPeer, IPushProducer, IHandshakeListener)
+@implementer(IPeer, IHandshakeListener)
 class LineProtocol(Protocol):
     """One stream peer: splits its bytes into lines and relays them as batches."""
 
@@ -60,16 +60,15 @@ class LineProtocol(Protocol):
         self.channel = listener.channel
         self.echo = listener.echo
         self.max_message_bytes = factory.limits.max_message_bytes
-        self.max_pending_bytes = factory.limits.max_pending_bytes
         self.quit_command = listener.quit_command.encode("utf-8") if listener.quit_command else None
         self.origin = Origin("", listener.name, factory.transport_name)
         self.address = ""
         self._buffer = b""
         self._closing = False
         self._close_reason: str | None = None
-        self._paused = False
-        self._pending = 0
         self._deadline: IDelayedCall | None = None
+        self.flow: StreamFlow | None = None
+        self.backlog: Backlog | None = None
 
     # Connection lifecycle
 
@@ -78,7 +77,16 @@ class LineProtocol(Protocol):
         if ITCPTransport.providedBy(transport):
             transport.setTcpNoDelay(True)
             transport.setTcpKeepAlive(True)
-        self.address = describe(transport.getPeer())
+        remote = transport.getPeer()
+        self.address = describe(remote)
+        self.flow = StreamFlow(
+            self.factory.flow, transport, self._slow_consumer, self._idle, self._log_drop
+        )
+        if not self.flow.admit(getattr(remote, "host", self.address), self.listener.name):
+            self._closing = True
+            self._close_reason = "connection limit"
+            transport.abortConnection()
+            return
         self.factory.connections.add(self)
         timeout = self.factory.handshake_timeout
         if timeout is None:
@@ -102,7 +110,9 @@ class LineProtocol(Protocol):
             peer_id = f"{peer_id}:{subject}"
         self.origin = Origin(peer_id, self.listener.name, self.factory.transport_name)
         transport: Any = self.transport
-        transport.registerProducer(self, True)
+        assert self.flow is not None
+        self.flow.start()
+        self.backlog = self.flow.backlog
         count = self.bus.attach(self)
         self.log.info(
             '{peer} connected from {address} (listener "{listener}", {count} peers)',
@@ -125,6 +135,10 @@ class LineProtocol(Protocol):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self.bus.detach(self)
+        if self.flow is not None:
+            self.flow.stop()
+        if self._close_reason == "connection limit":
+            return
         self.factory.connections.discard(self)
         if self._close_reason is not None:
             why = self._close_reason
@@ -151,13 +165,17 @@ class LineProtocol(Protocol):
         if self._buffer:
             data = self._buffer + data
         end = data.rfind(b"\n")
+        flow = self.flow
+        assert flow is not None
         if end < 0:
+            flow.received(0)
             self._keep_partial(data)
             return
         rest = data[end + 1 :]
         chunk = data[: end + 1]
         lines = chunk.split(b"\n")
         lines.pop()  # the empty piece after the last newline
+        flow.received(len(lines))
         if (
             max(map(len, lines)) <= self.max_message_bytes
             and chunk.find(b"\r") < 0
@@ -219,13 +237,14 @@ class LineProtocol(Protocol):
     # Outbound (IPeer)
 
     def deliver(self, wire: bytes) -> None:
-        if self._paused:
-            # Beyond what the transport already buffers (its 64 KiB before it
-            # paused us), at most max_pending_bytes may wait for this peer.
-            self._pending += len(wire)
-            if self._pending > self.max_pending_bytes:
-                self._slow_consumer()
-                return
+        backlog = self.backlog
+        # Past the transport's own 64 KiB, what may wait is bounded by the backlog.
+        if (
+            backlog is not None
+            and backlog.paused
+            and not backlog.admit(len(wire), wire.count(b"\n"))
+        ):
+            return
         assert self.transport is not None
         self.transport.write(wire)
 
@@ -250,23 +269,29 @@ class LineProtocol(Protocol):
         self.log.warn(
             "{peer} is not reading: over {limit} bytes pending; disconnecting",
             peer=self.origin.peer_id,
-            limit=self.max_pending_bytes,
+            limit=self.factory.limits.max_pending_bytes,
         )
         self.bus.metrics.disconnect("slow_consumer")
         self.abort("slow consumer")
 
-    # IPushProducer: the transport tells us when its buffer is full or drained.
+    def _log_drop(self, started: bool, count: int) -> None:
+        if started:
+            self.log.warn(
+                "{peer} is not reading: over {limit} bytes pending; dropping its messages "
+                "until it catches up",
+                peer=self.origin.peer_id,
+                limit=self.factory.limits.max_pending_bytes,
+            )
+        else:
+            self.log.info(
+                "{peer} caught up; {count} messages were dropped for it",
+                peer=self.origin.peer_id,
+                count=count,
+            )
 
-    def pauseProducing(self) -> None:
-        self._paused = True
-        self._pending = 0
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pending = 0
-
-    def stopProducing(self) -> None:
-        self._closing = True
+    def _idle(self) -> None:
+        self.bus.metrics.disconnect("idle_timeout")
+        self.abort(f"idle for {self.factory.limits.idle_timeout:g} s")
 
 
 class LineFactory(Factory):
@@ -283,8 +308,10 @@ class LineFactory(Factory):
         clock: IReactorTime,
         transport_name: str = "tcp",
         handshake_timeout: float | None = None,
+        flow: FlowContext | None = None,
     ) -> None:
         self.bus = bus
+        self.flow = flow if flow is not None else FlowContext(limits, bus.metrics, clock)
         self.listener = listener
         self.limits = limits
         self.gateway_name = gateway_name

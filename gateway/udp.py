@@ -5,10 +5,28 @@ source address becomes a peer on its first datagram and stays one until
 ``peer_timeout`` seconds pass without a datagram from it. Messages go out one
 datagram each, payload followed by ``\\n``; a message too large for one
 datagram is dropped for UDP receivers and counted, never truncated.
+
+UDP source addresses can be forged, so learning peers from datagrams would make
+the listener a reflector. Two defences, per listener:
+
+- ``allow``: datagrams from sources outside these networks are ignored.
+- ``challenge``: a new source becomes a peer only once it echoes a cookie the
+  gateway sent it (a return-routability check, like SYN cookies: the cookie is
+  a keyed hash of the source address and a time window, so unverified sources
+  cost no memory). Until then the gateway never sends a source more bytes than
+  it received from it.
+
+Control datagrams start with ``CONTROL_PREFIX``; they are never relayed. See
+docs/protocol.md for the exact format.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from operator import methodcaller
 from typing import Any
 
 from twisted.internet.error import MessageLengthError
@@ -20,25 +38,84 @@ from zope.interface import implementer
 from gateway.address import host_port
 from gateway.bus import Bus
 from gateway.config import MAX_UDP_PAYLOAD, DatagramListenerConfig, Limits
+from gateway.flow import RateLimitedLog, TokenBucket
 from gateway.interfaces import IFramer, IPeer
 from gateway.message import Batch, Origin
 
 Address = tuple[str, int]
-Datagrams = tuple[list[bytes], int]
+Datagrams = tuple[list[bytes], int, int]
+"""The datagrams to send, and how many messages were too large or reserved to send."""
+IPAddress = IPv4Address | IPv6Address
+
+CONTROL_PREFIX = b"\x00GW1"
+"""Datagrams starting with these 4 bytes are control datagrams, never messages."""
+HELLO = CONTROL_PREFIX + b" hello"
+CHALLENGE = CONTROL_PREFIX + b" challenge "
+RESPONSE = CONTROL_PREFIX + b" response "
+COOKIE_BYTES = 16
+COOKIE_WINDOW = 30.0
+"""Seconds per cookie window; a cookie is accepted in its window and the next."""
+CHALLENGE_SIZE = len(CHALLENGE) + 2 * COOKIE_BYTES
+"""47: a datagram shorter than this from an unverified source gets no answer."""
+HELLO_SIZE = 64
+"""What ``gateway client`` pads its hello to: the challenge's size, with room to spare."""
+_READ_AT_LEAST = 128
+"""Datagrams are read at least this far, so control datagrams are seen whole."""
+
+_LOOPBACK_V4 = IPv4Network("127.0.0.0/8")
+_LOOPBACK_V6 = (IPv6Network("::1/128"), IPv6Network("::ffff:127.0.0.0/104"))
+_is_control = methodcaller("startswith", CONTROL_PREFIX)
+
+
+def hello(size: int = HELLO_SIZE) -> bytes:
+    """A hello padded with spaces to ``size`` bytes (never shorter than the bare verb)."""
+    return HELLO + b" " * max(0, size - len(HELLO))
+
+
+def challenge(cookie: bytes) -> bytes:
+    """The challenge datagram carrying ``cookie``."""
+    return CHALLENGE + cookie.hex().encode("ascii")
+
+
+def response(cookie_hex: bytes) -> bytes:
+    """The response to a challenge whose cookie is ``cookie_hex``."""
+    return RESPONSE + cookie_hex
+
+
+def parse_control(datagram: bytes) -> tuple[bytes, bytes] | None:
+    """``(verb, argument)`` of a control datagram, or None for any other datagram.
+
+    The verb follows the prefix and one space; the argument is the next
+    space-separated word (empty when there is none); anything after it is padding.
+    """
+    if not datagram.startswith(CONTROL_PREFIX):
+        return None
+    verb, _, rest = datagram[len(CONTROL_PREFIX) + 1 :].partition(b" ")
+    return verb, rest.partition(b" ")[0]
+
+
+def is_loopback(network: IPv4Network | IPv6Network) -> bool:
+    """Whether every address of ``network`` is a loopback address."""
+    if isinstance(network, IPv4Network):
+        return network.subnet_of(_LOOPBACK_V4)
+    return any(network.subnet_of(loopback) for loopback in _LOOPBACK_V6)
 
 
 @implementer(IFramer)
 class DatagramFramer:
-    """One datagram per payload, plus the number dropped for being too large."""
+    """One datagram per payload, minus those too large or reserved (counted)."""
 
     name = "datagram"
 
     def frame(self, batch: Batch) -> Datagrams | None:
         datagrams = [payload + b"\n" for payload in batch.payloads]
-        if max(map(len, datagrams)) <= MAX_UDP_PAYLOAD:
-            return datagrams, 0
+        if max(map(len, datagrams)) <= MAX_UDP_PAYLOAD and not any(map(_is_control, datagrams)):
+            return datagrams, 0, 0
+        # A message that looked like a control datagram would confuse UDP clients.
         fitting = [d for d in datagrams if len(d) <= MAX_UDP_PAYLOAD]
-        return fitting, len(datagrams) - len(fitting)
+        too_large = len(datagrams) - len(fitting)
+        allowed = [d for d in fitting if not _is_control(d)]
+        return allowed, too_large, len(fitting) - len(allowed)
 
 
 DATAGRAM_FRAMER = DatagramFramer()
@@ -58,11 +135,15 @@ class DatagramPeer:
         self.channel = listener.config.channel
         self.echo = listener.config.echo
         self.expiry: IDelayedCall | None = None
+        rate = listener.max_messages_per_second
+        self.bucket = TokenBucket(rate, listener.clock) if rate > 0 else None
 
     def deliver(self, wire: Datagrams) -> None:
-        datagrams, too_large = wire
+        datagrams, too_large, reserved = wire
         if too_large:
             self.listener.bus.metrics.drop("udp_too_large", too_large)
+        if reserved:
+            self.listener.bus.metrics.drop("udp_reserved", reserved)
         write = self.listener.write
         for datagram in datagrams:
             write(datagram, self.remote)
@@ -84,39 +165,141 @@ class DatagramListener(DatagramProtocol):
         self.config = config
         self.clock = clock
         self.max_message_bytes = min(limits.max_message_bytes, MAX_UDP_PAYLOAD)
+        self.max_messages_per_second = limits.max_messages_per_second
         self.peers: dict[Address, DatagramPeer] = {}
+        self.warnings = RateLimitedLog(self.log, clock)
+        # Per listener and per run: cookies from before a restart are worthless.
+        self.secret = os.urandom(32)
 
     @property
     def read_size(self) -> int:
         """Bytes to read per datagram: enough to see that one is too large."""
-        return self.max_message_bytes + 3
+        return max(self.max_message_bytes + 3, _READ_AT_LEAST)
+
+    def startProtocol(self) -> None:
+        wide = [str(n) for n in self.config.allow if not is_loopback(n)]
+        if wide and not self.config.challenge:
+            self.log.warn(
+                'UDP listener "{listener}" accepts sources beyond loopback ({networks}) '
+                "with challenge = false: anyone who can forge a source address there can "
+                "make it a reflector that sends bus traffic to a victim; set challenge = true",
+                listener=self.config.name,
+                networks=", ".join(wide),
+            )
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         address: Address = (addr[0], addr[1])
+        received = len(datagram)
         if datagram.endswith(b"\n"):
             datagram = datagram[:-2] if datagram.endswith(b"\r\n") else datagram[:-1]
-        if len(datagram) > self.max_message_bytes:
-            self.bus.metrics.drop("oversize")
-            self.log.debug(
-                "dropped a datagram of over {limit} bytes from {address}",
-                limit=self.max_message_bytes,
-                address=host_port(*address),
-            )
-            return
         peer = self.peers.get(address)
         if peer is None:
-            peer = self._new_peer(address)
-            if peer is None:
-                return
-        else:
-            assert peer.expiry is not None
+            self._from_stranger(datagram, received, address)
+            return
+        assert peer.expiry is not None
+        if not datagram or datagram.startswith(CONTROL_PREFIX):
             peer.expiry.reset(self.config.peer_timeout)
-        if datagram:
-            self.bus.publish(peer, Batch(peer.origin, peer.channel, [datagram]))
+            return
+        if len(datagram) > self.max_message_bytes:
+            self._oversize(address)
+            return
+        peer.expiry.reset(self.config.peer_timeout)
+        self._relay(peer, datagram)
+
+    def _relay(self, peer: DatagramPeer, datagram: bytes) -> None:
+        if peer.bucket is not None and not peer.bucket.has(1):
+            self.bus.metrics.drop("rate_limit")
+            self.warnings.emit(
+                "rate_limit",
+                '{peer} on UDP listener "{listener}" sends over {rate:g} messages/s: dropping',
+                peer=peer.origin.peer_id,
+                listener=self.config.name,
+                rate=self.max_messages_per_second,
+            )
+            return
+        self.bus.publish(peer, Batch(peer.origin, peer.channel, [datagram]))
+
+    def _from_stranger(self, datagram: bytes, received: int, address: Address) -> None:
+        """A datagram from a source that is not a peer (yet)."""
+        ip = self._allowed_ip(address[0])
+        if ip is None:
+            self._ignore("udp_not_allowed", address, "its source is not in the allow list")
+            return
+        control = parse_control(datagram)
+        if control is None and len(datagram) > self.max_message_bytes:
+            self._oversize(address)
+            return
+        if not self.config.challenge:
+            peer = self._new_peer(address)
+            if peer is not None and datagram and control is None:
+                self._relay(peer, datagram)
+            return
+        if control is not None and control[0] == b"response":
+            if self._cookie_valid(control[1], ip, address[1]):
+                self._new_peer(address)
+                return
+            self._ignore("udp_bad_cookie", address, "a wrong or expired cookie")
+        elif control is None and datagram:
+            self._ignore("udp_unverified", address, "a message from an unverified source")
+        elif received < CHALLENGE_SIZE:
+            self._ignore(
+                "udp_challenge_short",
+                address,
+                f"shorter than a challenge ({CHALLENGE_SIZE} bytes), so not answered",
+            )
+        if received >= CHALLENGE_SIZE:
+            window = int(self.clock.seconds() // COOKIE_WINDOW)
+            self.write(challenge(self._cookie(ip, address[1], window)), address)
+
+    def _allowed_ip(self, host: str) -> IPAddress | None:
+        """The source's IP (IPv4-mapped IPv6 as IPv4) when ``allow`` admits it."""
+        try:
+            ip = ip_address(host)
+        except ValueError:
+            return None
+        if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return ip if any(ip in network for network in self.config.allow) else None
+
+    def _cookie(self, ip: IPAddress, port: int, window: int) -> bytes:
+        text = ip.packed + port.to_bytes(2, "big") + window.to_bytes(8, "big", signed=True)
+        return hmac.new(self.secret, text, hashlib.sha256).digest()[:COOKIE_BYTES]
+
+    def _cookie_valid(self, cookie_hex: bytes, ip: IPAddress, port: int) -> bool:
+        if len(cookie_hex) != 2 * COOKIE_BYTES:
+            return False
+        try:
+            cookie = bytes.fromhex(cookie_hex.decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return False
+        window = int(self.clock.seconds() // COOKIE_WINDOW)
+        return any(
+            hmac.compare_digest(cookie, self._cookie(ip, port, w)) for w in (window, window - 1)
+        )
+
+    def _ignore(self, cause: str, address: Address, why: str) -> None:
+        self.bus.metrics.drop(cause)
+        self.warnings.emit(
+            cause,
+            'UDP listener "{listener}" ignored a datagram from {address}: {why}',
+            listener=self.config.name,
+            address=host_port(*address),
+            why=why,
+        )
+
+    def _oversize(self, address: Address) -> None:
+        self.bus.metrics.drop("oversize")
+        self.warnings.emit(
+            "oversize",
+            'UDP listener "{listener}" dropped a datagram of over {limit} bytes from {address}',
+            listener=self.config.name,
+            limit=self.max_message_bytes,
+            address=host_port(*address),
+        )
 
     def _new_peer(self, address: Address) -> DatagramPeer | None:
         if len(self.peers) >= self.config.max_peers:
-            self.bus.metrics.drop("udp_max_peers")
+            self._ignore("udp_max_peers", address, f"max_peers ({self.config.max_peers}) reached")
             return None
         peer = DatagramPeer(self, address, self.bus.new_peer_id(self.config.name))
         peer.expiry = self.clock.callLater(self.config.peer_timeout, self.forget, peer, "timed out")

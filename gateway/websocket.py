@@ -25,7 +25,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http
@@ -38,6 +38,7 @@ from zope.interface import implementer
 from gateway.address import describe
 from gateway.bus import Bus
 from gateway.config import Limits, StreamListenerConfig
+from gateway.flow import Backlog, FlowContext, StreamFlow
 from gateway.interfaces import IFramer, IPeer
 from gateway.message import Batch, Kind, Origin
 
@@ -319,7 +320,7 @@ class _Closeable(Protocol):
     def abort(self, reason: str) -> None: ...
 
 
-@implementer(IPeer, IPushProducer)
+@implementer(IPeer)
 class WebSocketPeer(WebSocketServerProtocol):
     """One WebSocket client: relays its messages and receives the channel's."""
 
@@ -332,26 +333,39 @@ class WebSocketPeer(WebSocketServerProtocol):
         self.listener = factory.listener
         self.channel = factory.listener.channel
         self.echo = factory.listener.echo
-        self.max_pending_bytes = factory.limits.max_pending_bytes
         self.origin = Origin("", factory.listener.name, factory.listener.type)
         self.framer: IFramer = RAW_FRAMER
         self.address = ""
         self._json = False
         self._closing = False
         self._close_reason: str | None = None
-        self._paused = False
-        self._pending = 0
+        self.flow: StreamFlow | None = None
+        self.backlog: Backlog | None = None
 
     # Connection lifecycle
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.address = describe(self.transport.getPeer())  # type: ignore[union-attr]
+        transport: Any = self.transport
+        remote = transport.getPeer()
+        self.address = describe(remote)
+        self.flow = StreamFlow(
+            self.factory.flow, transport, self._slow_consumer, self._idle, self._log_drop
+        )
+        # The HTTP channel counted this connection against the caps; it is ours now.
+        self.flow.adopt(getattr(remote, "host", self.address))
         self.factory.connections.add(self)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         super().connectionLost(reason)
+        if self.flow is not None:
+            self.flow.stop()
         self.factory.connections.discard(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.flow is not None:
+            self.flow.received(0)  # any traffic, pongs included, keeps the peer from idling out
+        super().dataReceived(data)
 
     def onConnect(self, request: ConnectionRequest) -> str | None:
         origin = request.origin  # "" when the client sent none
@@ -377,7 +391,9 @@ class WebSocketPeer(WebSocketServerProtocol):
         # The HTTP channel that read the upgrade request is still the
         # transport's producer; the slow-consumer signal must come to us.
         transport.unregisterProducer()
-        transport.registerProducer(self, True)
+        assert self.flow is not None
+        self.flow.start()
+        self.backlog = self.flow.backlog
         listener = self.listener
         self.origin = Origin(self.bus.new_peer_id(listener.name), listener.name, listener.type)
         count = self.bus.attach(self)
@@ -452,6 +468,8 @@ class WebSocketPeer(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, is_binary: bool) -> None:
         if self._closing:
             return
+        if self.flow is not None:
+            self.flow.received(1)
         kinds: tuple[Kind, ...] = _BINARY_ONLY if is_binary else _TEXT_ONLY
         if self._json and not is_binary:
             envelope = parse_envelope(payload)
@@ -467,13 +485,10 @@ class WebSocketPeer(WebSocketServerProtocol):
         # closing handshake, and must never raise into the sender.
         if self.state != self.STATE_OPEN:
             return
-        if self._paused:
-            # Beyond what the transport already buffers (its 64 KiB before it
-            # paused us), at most max_pending_bytes may wait for this peer.
-            self._pending += len(wire)
-            if self._pending > self.max_pending_bytes:
-                self._slow_consumer()
-                return
+        backlog = self.backlog
+        # Past the transport's own 64 KiB, what may wait is bounded by the backlog.
+        if backlog is not None and backlog.paused and not backlog.admit(len(wire), 1):
+            return
         self.transport.write(wire)  # type: ignore[union-attr]
 
     def close(self, reason: str, code: int = CLOSE_GOING_AWAY) -> None:
@@ -507,7 +522,7 @@ class WebSocketPeer(WebSocketServerProtocol):
         self.logger.warn(
             "{peer} is not reading: over {limit} bytes pending; disconnecting",
             peer=self.origin.peer_id,
-            limit=self.max_pending_bytes,
+            limit=self.factory.limits.max_pending_bytes,
         )
         self.bus.metrics.disconnect("slow_consumer")
         self._closing = True
@@ -517,18 +532,24 @@ class WebSocketPeer(WebSocketServerProtocol):
         self.sendCloseFrame(code=CLOSE_POLICY_VIOLATION, reasonUtf8=b"slow consumer", isReply=False)
         self.dropConnection(abort=True)
 
-    # IPushProducer: the transport tells us when its buffer is full or drained.
+    def _log_drop(self, started: bool, count: int) -> None:
+        if started:
+            self.logger.warn(
+                "{peer} is not reading: over {limit} bytes pending; dropping its messages "
+                "until it catches up",
+                peer=self.origin.peer_id,
+                limit=self.factory.limits.max_pending_bytes,
+            )
+        else:
+            self.logger.info(
+                "{peer} caught up; {count} frames were dropped for it",
+                peer=self.origin.peer_id,
+                count=count,
+            )
 
-    def pauseProducing(self) -> None:
-        self._paused = True
-        self._pending = 0
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._pending = 0
-
-    def stopProducing(self) -> None:
-        self._closing = True
+    def _idle(self) -> None:
+        self.bus.metrics.disconnect("idle_timeout")
+        self.abort(f"idle for {self.factory.limits.idle_timeout:g} s")
 
 
 def _close_reason(reason: str) -> bytes:
@@ -547,8 +568,10 @@ class WebSocketPeerFactory(WebSocketServerFactory):
         gateway_name: str,
         clock: IReactorTime,
         connections: set[_Closeable],
+        flow: FlowContext,
     ) -> None:
         super().__init__(server=None, reactor=clock)  # type: ignore[no-untyped-call]
+        self.flow = flow
         self.bus = bus
         self.listener = listener
         self.limits = limits
@@ -594,16 +617,32 @@ class HandshakeDeadlineChannel(HTTPChannel):
 
     logger = Logger()
 
-    def __init__(self, clock: IReactorTime, timeout: float, connections: set[_Closeable]) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        timeout: float,
+        connections: set[_Closeable],
+        flow: FlowContext,
+        listener: str,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.clock = clock
         self.deadline_seconds = timeout
         self.connections = connections
+        self.flow = flow
+        self.listener = listener
         self._deadline: IDelayedCall | None = None
+        self._admitted: str | None = None
 
     def connectionMade(self) -> None:
-        super().connectionMade()  # type: ignore[no-untyped-call]
         transport: Any = self.transport
+        remote = transport.getPeer()
+        host = getattr(remote, "host", describe(remote))
+        if not self.flow.gate.admit(host, self.listener):
+            transport.abortConnection()
+            return
+        self._admitted = host
+        super().connectionMade()  # type: ignore[no-untyped-call]
         if ITCPTransport.providedBy(transport):
             transport.setTcpKeepAlive(True)
         self.connections.add(self)
@@ -613,8 +652,9 @@ class HandshakeDeadlineChannel(HTTPChannel):
         self._disarm()
         super().allContentReceived()  # type: ignore[no-untyped-call]
         if self.transport is None:
-            # A WebSocket took the connection over; it tracks itself now.
+            # A WebSocket took the connection over; it tracks (and releases) it now.
             self.connections.discard(self)
+            self._admitted = None
 
     def requestDone(self, request: Request) -> None:
         super().requestDone(request)  # type: ignore[no-untyped-call]
@@ -624,6 +664,9 @@ class HandshakeDeadlineChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         self._disarm()
         self.connections.discard(self)
+        if self._admitted is not None:
+            self.flow.gate.release(self._admitted)
+            self._admitted = None
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def abort(self, reason: str) -> None:
@@ -713,8 +756,12 @@ class WebSocketSite(Site):
         clock: IReactorTime,
         handshake_timeout: float,
         connections: set[_Closeable],
+        flow: FlowContext,
+        listener: str,
     ) -> None:
         super().__init__(root, reactor=clock)  # type: ignore[no-untyped-call]
+        self.flow = flow
+        self.listener = listener
         # The channels' own deadline replaces Twisted's idle timeout.
         self.timeOut = None
         self.clock = clock
@@ -723,7 +770,9 @@ class WebSocketSite(Site):
         self.protocol = self._new_channel  # type: ignore[method-assign, assignment]
 
     def _new_channel(self) -> HandshakeDeadlineChannel:
-        return HandshakeDeadlineChannel(self.clock, self.handshake_timeout, self.connections)
+        return HandshakeDeadlineChannel(
+            self.clock, self.handshake_timeout, self.connections, self.flow, self.listener
+        )
 
     def log(self, request: http.Request) -> None:
         # Page loads are routine; keep them out of the info log.
@@ -746,12 +795,15 @@ def make_site(
     limits: Limits,
     gateway_name: str,
     clock: IReactorTime,
+    flow: FlowContext | None = None,
 ) -> WebSocketSite:
     """The web site of a ``ws`` or ``wss`` listener (wrap it in TLS for ``wss``)."""
     connections: set[_Closeable] = set()
-    factory = WebSocketPeerFactory(bus, listener, limits, gateway_name, clock, connections)
+    if flow is None:
+        flow = FlowContext(limits, bus.metrics, clock)
+    factory = WebSocketPeerFactory(bus, listener, limits, gateway_name, clock, connections, flow)
     root = _Root()  # type: ignore[no-untyped-call]
     for path, (name, content_type) in STATIC_FILES.items():
         root.putChild(path, StaticFile(_static(name), content_type))
     root.putChild(WEBSOCKET_PATH.strip("/").encode("ascii"), WebSocketResource(factory))
-    return WebSocketSite(root, clock, limits.handshake_timeout, connections)
+    return WebSocketSite(root, clock, limits.handshake_timeout, connections, flow, listener.name)

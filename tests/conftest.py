@@ -144,14 +144,16 @@ class Line:
         return False
 
     def closed(self) -> bool:
-        """Read until the server closes; True when it does within the timeout."""
+        """Read until the server closes (or resets); True when it does within the timeout."""
         try:
             while True:
                 data = self.sock.recv(65536)
                 if not data:
                     return True
                 self.buffer += data
-        except (TimeoutError, ConnectionResetError):
+        except ConnectionResetError:
+            return True
+        except TimeoutError:
             return False
 
     def close(self) -> None:

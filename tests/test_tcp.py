@@ -11,6 +11,7 @@ from twisted.test import iosim
 
 from gateway.bus import Bus
 from gateway.config import Limits, StreamListenerConfig
+from gateway.flow import Backlog
 from gateway.tcp import LineFactory, LineProtocol
 
 
@@ -44,6 +45,11 @@ class Gateway:
         transport = StringTransport()
         protocol.makeConnection(transport)
         return protocol, transport
+
+
+def backlog_of(protocol: LineProtocol) -> Backlog:
+    assert protocol.backlog is not None
+    return protocol.backlog
 
 
 def take(transport: StringTransport) -> bytes:
@@ -137,7 +143,7 @@ def test_a_partial_line_over_the_limit_closes_before_its_newline():
 def test_slow_consumer_is_disconnected_past_max_pending_bytes():
     gw = Gateway(Limits(max_pending_bytes=1024))
     (a, _), (b, tb) = gw.connect(), gw.connect()
-    b.pauseProducing()  # the transport says its buffer is full
+    backlog_of(b).pauseProducing()  # the transport says its buffer is full
     a.dataReceived(b"x" * 500 + b"\n")
     a.dataReceived(b"x" * 500 + b"\n")
     assert not tb.disconnecting
@@ -151,9 +157,9 @@ def test_a_consumer_that_drains_in_time_loses_nothing():
     gw = Gateway(Limits(max_pending_bytes=1024))
     (a, _), (b, tb) = gw.connect(), gw.connect()
     for _ in range(10):
-        b.pauseProducing()
+        backlog_of(b).pauseProducing()
         a.dataReceived(b"y" * 900 + b"\n")
-        b.resumeProducing()
+        backlog_of(b).resumeProducing()
     assert not tb.disconnecting
     assert take(tb) == (b"y" * 900 + b"\n") * 10
 

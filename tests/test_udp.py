@@ -95,7 +95,7 @@ def test_a_message_too_large_for_a_datagram_is_dropped_for_udp_receivers_only():
     sender = listener.peers[A]
     huge = b"h" * 70_000
     framed = DATAGRAM_FRAMER.frame(Batch(origin, "main", [b"small", huge, b"after"]))
-    assert framed == ([b"small\n", b"after\n"], 1)
+    assert framed == ([b"small\n", b"after\n"], 1, 0)
     listener.bus.publish(sender, Batch(sender.origin, "main", [b"small", huge, b"after"]))
     assert [d for d, _ in transport.sent] == [b"small\n", b"after\n"]
     assert listener.bus.metrics.dropped["udp_too_large"] == 1

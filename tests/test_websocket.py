@@ -25,6 +25,7 @@ from zope.interface.verify import verifyObject
 
 from gateway.bus import Bus
 from gateway.config import Limits, StreamListenerConfig
+from gateway.flow import Backlog
 from gateway.interfaces import IFramer, IPeer
 from gateway.message import Batch, Kind, Origin
 from gateway.websocket import (
@@ -561,9 +562,10 @@ def test_slow_consumer_is_closed_with_1008_and_dropped():
     gw = Gateway(Limits(max_pending_bytes=2048))
     tcp = LinePeer(gw.bus)
     ws = gw.connect()
-    peer = ws.peer
-    assert ws.server_io.producer is peer
-    peer.pauseProducing()
+    backlog = ws.peer.backlog
+    assert backlog is not None
+    backlog.pauseProducing()
+    assert ws.server_io.producer is ws.peer.backlog
     for _ in range(30):
         tcp.send(b"y" * 100)
     assert gw.bus.peer_count == 1
@@ -577,11 +579,13 @@ def test_resumed_consumer_is_not_counted():
     gw = Gateway(Limits(max_pending_bytes=2048))
     tcp = LinePeer(gw.bus)
     ws = gw.connect()
+    backlog = ws.peer.backlog
+    assert backlog is not None
     for _ in range(5):
-        ws.peer.pauseProducing()
+        backlog.pauseProducing()
         for _ in range(15):
             tcp.send(b"y" * 100)
-        ws.peer.resumeProducing()
+        backlog.resumeProducing()
     ws.pump.flush()
     assert len(ws.client.messages) == 75
     assert gw.bus.peer_count == 2
@@ -699,7 +703,7 @@ def test_peer_and_framers_provide_their_interfaces():
     gw = Gateway()
     ws = gw.connect()
     assert verifyObject(IPeer, ws.peer)
-    assert verifyObject(IPushProducer, ws.peer)
+    assert verifyObject(IPushProducer, ws.peer.backlog)
     assert verifyObject(IFramer, RAW_FRAMER)
     assert verifyObject(IFramer, JSON_FRAMER)
 
@@ -707,7 +711,7 @@ def test_peer_and_framers_provide_their_interfaces():
 def test_upgrade_hands_the_producer_slot_to_the_peer():
     gw = Gateway()
     transport = gw.http(upgrade_request())
-    assert isinstance(transport.producer, WebSocketPeer)
+    assert isinstance(transport.producer, Backlog)
 
 
 # The page

@@ -1,0 +1,371 @@
+"""Flow control: what keeps one peer from costing the others memory or time.
+
+- ``Backlog``: per receiver, how much may wait beyond its transport's buffer
+  (Twisted pauses a registered producer once that buffer holds 64 KiB).
+- ``FlowControl``: gateway-wide, the total waiting; over its limit every stream
+  sender's reading is paused until it drains.
+- ``ReadGate``: pauses a stream peer's reading for one or more reasons (rate
+  limit, global backpressure) and resumes it when none is left.
+- ``TokenBucket``: the inbound message rate limit.
+- ``ConnectionGate``: connection caps, total and per IP.
+- ``RateLimitedLog``: at most one line per second per cause, with a count of
+  what was suppressed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from gateway.config import Limits
+from gateway.metrics import Metrics
+
+
+class RateLimitedLog:
+    """Log a recurring event at most once per ``interval`` seconds per cause."""
+
+    def __init__(self, log: Logger, clock: IReactorTime, interval: float = 1.0) -> None:
+        self.log = log
+        self.clock = clock
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def emit(self, key: str, text: str, **fields: Any) -> None:
+        cause = key
+        now = self.clock.seconds()
+        last = self._last.get(cause)
+        if last is not None and now - last < self.interval:
+            self._suppressed[cause] = self._suppressed.get(cause, 0) + 1
+            return
+        self._last[cause] = now
+        suppressed = self._suppressed.pop(cause, 0)
+        if suppressed:
+            text += " ({suppressed} more like this suppressed)"
+        self.log.warn(text, suppressed=suppressed, **fields)
+
+
+class TokenBucket:
+    """``rate`` messages per second with a burst of one second's worth (at least one)."""
+
+    __slots__ = ("capacity", "clock", "rate", "tokens", "updated")
+
+    def __init__(self, rate: float, clock: IReactorTime) -> None:
+        self.rate = rate
+        self.capacity = max(rate, 1.0)
+        self.clock = clock
+        self.tokens = self.capacity
+        self.updated = clock.seconds()
+
+    def take(self, count: int) -> float:
+        """Spend ``count`` tokens; returns the deficit (0.0 when within the limit)."""
+        now = self.clock.seconds()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        self.tokens -= count
+        return -self.tokens if self.tokens < 0 else 0.0
+
+    def has(self, count: int) -> bool:
+        """Spend ``count`` tokens only if they are all there (datagrams: drop, never owe)."""
+        now = self.clock.seconds()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < count:
+            return False
+        self.tokens -= count
+        return True
+
+
+class ReadGate:
+    """Pauses a transport's reading while at least one reason holds."""
+
+    __slots__ = ("reasons", "transport")
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.reasons: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason not in self.reasons:
+            return
+        self.reasons.discard(reason)
+        if not self.reasons:
+            self.transport.resumeProducing()
+
+
+class FlowControl:
+    """Gateway-wide accounting of bytes waiting for slow receivers."""
+
+    log = Logger()
+
+    def __init__(self, limits: Limits, metrics: Metrics) -> None:
+        self.limit = limits.max_total_pending_bytes
+        self.metrics = metrics
+        self.total_pending = 0
+        self.readers: set[ReadGate] = set()
+        self.backpressure = False
+
+    def add(self, size: int) -> None:
+        self.total_pending += size
+        if not self.backpressure and self.total_pending > self.limit:
+            self.backpressure = True
+            self.log.warn(
+                "{pending} bytes wait for slow receivers (limit {limit}): pausing every sender",
+                pending=self.total_pending,
+                limit=self.limit,
+            )
+            for gate in list(self.readers):
+                gate.pause("backpressure")
+
+    def remove(self, size: int) -> None:
+        self.total_pending -= size
+        # Resume at half the limit, so senders are not flipped on and off.
+        if self.backpressure and self.total_pending <= self.limit // 2:
+            self.backpressure = False
+            self.log.info("slow receivers drained: senders resume")
+            for gate in list(self.readers):
+                gate.resume("backpressure")
+
+    def register(self, gate: ReadGate) -> None:
+        self.readers.add(gate)
+        if self.backpressure:
+            gate.pause("backpressure")
+
+    def unregister(self, gate: ReadGate) -> None:
+        self.readers.discard(gate)
+
+
+@implementer(IPushProducer)
+class Backlog:
+    """What waits for one receiver beyond its transport's own buffer.
+
+    Registered as the push producer of the receiver's transport: Twisted calls
+    ``pauseProducing`` once the transport buffers 64 KiB and ``resumeProducing``
+    when it has drained. While paused, ``admit`` lets at most ``limit`` more
+    bytes through; past that the ``policy`` decides: "disconnect" calls
+    ``on_overflow`` once, "drop" discards (and counts) until the receiver drains.
+    """
+
+    __slots__ = (
+        "dropped",
+        "dropping",
+        "flow",
+        "limit",
+        "log_drop",
+        "on_overflow",
+        "paused",
+        "pending",
+        "policy",
+    )
+
+    def __init__(
+        self,
+        flow: FlowControl,
+        limits: Limits,
+        on_overflow: Callable[[], None],
+        log_drop: Callable[[bool, int], None],
+    ) -> None:
+        self.flow = flow
+        self.limit = limits.max_pending_bytes
+        self.policy = limits.slow_consumer
+        self.on_overflow = on_overflow
+        self.log_drop = log_drop
+        self.paused = False
+        self.pending = 0
+        self.dropping = False
+        self.dropped = 0
+
+    def admit(self, size: int, messages: int) -> bool:
+        """May ``size`` more bytes (``messages`` messages) be written now? Call when paused."""
+        if self.dropping:
+            self.dropped += messages
+            self.flow.metrics.drop("slow_consumer", messages)
+            return False
+        if self.pending + size <= self.limit:
+            self.pending += size
+            self.flow.add(size)
+            return True
+        if self.policy == "drop":
+            self.dropping = True
+            self.dropped = messages
+            self.flow.metrics.drop("slow_consumer", messages)
+            self.log_drop(True, messages)
+            return False
+        self.on_overflow()
+        return False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.release()
+        if self.dropping:
+            self.dropping = False
+            self.log_drop(False, self.dropped)
+            self.dropped = 0
+
+    def stopProducing(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Forget what was counted as waiting (drained, or the connection is gone)."""
+        if self.pending:
+            self.flow.remove(self.pending)
+            self.pending = 0
+
+
+class ConnectionGate:
+    """Connection caps over all stream listeners: in total and per source IP."""
+
+    def __init__(self, limits: Limits, metrics: Metrics, log: RateLimitedLog) -> None:
+        self.max_connections = limits.max_connections
+        self.max_per_ip = limits.max_connections_per_ip
+        self.metrics = metrics
+        self.log = log
+        self.total = 0
+        self.per_ip: dict[str, int] = {}
+
+    def admit(self, host: str, listener: str) -> bool:
+        """Count a new connection from ``host``; False (counted and logged) when over a cap."""
+        if self.total >= self.max_connections:
+            self._refuse("max_connections", host, listener, self.max_connections)
+            return False
+        count = self.per_ip.get(host, 0)
+        if self.max_per_ip and count >= self.max_per_ip:
+            self._refuse("max_connections_per_ip", host, listener, self.max_per_ip)
+            return False
+        self.total += 1
+        self.per_ip[host] = count + 1
+        return True
+
+    def release(self, host: str) -> None:
+        """A connection counted by ``admit`` has gone."""
+        self.total -= 1
+        count = self.per_ip.get(host, 0) - 1
+        if count > 0:
+            self.per_ip[host] = count
+        else:
+            self.per_ip.pop(host, None)
+
+    def _refuse(self, cause: str, host: str, listener: str, limit: int) -> None:
+        self.metrics.disconnect(cause)
+        self.log.emit(
+            cause,
+            'refused a connection from {host} on listener "{listener}": {cause} ({limit}) reached',
+            host=host,
+            listener=listener,
+            cause=cause,
+            limit=limit,
+        )
+
+
+class FlowContext:
+    """Everything flow control shares across one gateway's stream peers."""
+
+    log = Logger()
+
+    def __init__(self, limits: Limits, metrics: Metrics, clock: IReactorTime) -> None:
+        self.limits = limits
+        self.metrics = metrics
+        self.clock = clock
+        self.flow = FlowControl(limits, metrics)
+        self.warnings = RateLimitedLog(self.log, clock)
+        self.gate = ConnectionGate(limits, metrics, self.warnings)
+
+
+class StreamFlow:
+    """Flow control of one stream connection (TCP, TLS or WebSocket).
+
+    ``admit`` applies the connection caps; ``start`` (once the peer joins)
+    registers the backlog as the transport's producer, the read gate with the
+    gateway's backpressure, and the idle timer; ``received`` is called per
+    batch read; ``stop`` undoes it all when the connection goes.
+    """
+
+    def __init__(
+        self,
+        context: FlowContext,
+        transport: Any,
+        on_slow: Callable[[], None],
+        on_idle: Callable[[], None],
+        log_drop: Callable[[bool, int], None],
+    ) -> None:
+        self.context = context
+        self.transport = transport
+        self.on_idle = on_idle
+        self.backlog = Backlog(context.flow, context.limits, on_slow, log_drop)
+        self.gate = ReadGate(transport)
+        limits = context.limits
+        self.bucket = (
+            TokenBucket(limits.max_messages_per_second, context.clock)
+            if limits.max_messages_per_second > 0
+            else None
+        )
+        self._host: str | None = None
+        self._idle: IDelayedCall | None = None
+        self._resume: IDelayedCall | None = None
+        self._started = False
+
+    def admit(self, host: str, listener: str) -> bool:
+        """Apply the connection caps; False means close the connection now."""
+        if not self.context.gate.admit(host, listener):
+            return False
+        self._host = host
+        return True
+
+    def adopt(self, host: str) -> None:
+        """Take over a connection already counted against the caps (a WebSocket upgrade)."""
+        self._host = host
+
+    def start(self) -> None:
+        self._started = True
+        self.transport.registerProducer(self.backlog, True)
+        self.context.flow.register(self.gate)
+        if self.context.limits.idle_timeout > 0:
+            self._idle = self.context.clock.callLater(
+                self.context.limits.idle_timeout, self._idle_expired
+            )
+
+    def received(self, messages: int) -> None:
+        """The peer sent ``messages`` messages (0 for other traffic): idle and rate accounting."""
+        if self._idle is not None:
+            self._idle.reset(self.context.limits.idle_timeout)
+        if self.bucket is not None and messages:
+            deficit = self.bucket.take(messages)
+            if deficit and self._resume is None:
+                self.gate.pause("rate_limit")
+                self.context.metrics.throttled += 1
+                self._resume = self.context.clock.callLater(
+                    deficit / self.bucket.rate, self._unthrottle
+                )
+
+    def _unthrottle(self) -> None:
+        self._resume = None
+        self.gate.resume("rate_limit")
+
+    def _idle_expired(self) -> None:
+        self._idle = None
+        self.on_idle()
+
+    def stop(self) -> None:
+        """The connection is gone: release everything it held."""
+        for call in (self._idle, self._resume):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle = self._resume = None
+        self.backlog.release()
+        if self._started:
+            self.context.flow.unregister(self.gate)
+        if self._host is not None:
+            self.context.gate.release(self._host)
+            self._host = None

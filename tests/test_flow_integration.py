@@ -1,0 +1,197 @@
+"""Flow control against the real gateway: stalled readers, bounded memory, caps, timeouts."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.conftest import TIMEOUT, GatewayProcess, Line
+
+MiB = 1024 * 1024
+LINE = 1000  # bytes per message, newline included
+TOTAL = 100 * MiB
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def stalled_reader(port: int) -> socket.socket:
+    """A reader with a 4 KiB receive buffer that never reads."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+class FastReader(threading.Thread):
+    """Reads everything, checks per-sender order, and tells how far it got."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.line = Line(port)
+        self.received = 0
+        self.error: str | None = None
+        self.progress = threading.Condition()
+
+    def run(self) -> None:
+        expected = 0
+        sock = self.line.sock
+        rest = b""
+        try:
+            while expected < TOTAL // LINE:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    self.error = f"closed after {expected} messages"
+                    return
+                lines = (rest + chunk).split(b"\n")
+                rest = lines.pop()
+                for line in lines:
+                    if int(line[:12]) != expected or len(line) != LINE - 1:
+                        self.error = f"message {expected} arrived as {line[:20]!r}"
+                        return
+                    expected += 1
+                with self.progress:
+                    self.received = expected
+                    self.progress.notify_all()
+        except OSError as e:
+            self.error = f"{e} after {expected} messages"
+        finally:
+            with self.progress:
+                self.received = expected
+                self.progress.notify_all()
+
+    def wait_until(self, count: int) -> None:
+        with self.progress:
+            ok = self.progress.wait_for(
+                lambda: self.received >= count or self.error is not None, TIMEOUT
+            )
+        assert ok and self.error is None, self.error or f"stuck at {self.received}"
+
+
+def flood(
+    gw: GatewayProcess, publisher: socket.socket, reader: FastReader, stalled_pid: int
+) -> int:
+    """Send 100 MiB in order, paced by the honest reader; returns the peak RSS seen (KiB)."""
+    peak = rss_kib(stalled_pid)
+    count = TOTAL // LINE
+    step = 512  # messages per send (about 0.5 MiB)
+    for start in range(0, count, step):
+        publisher.sendall(
+            b"".join(
+                b"%012d" % i + b"m" * (LINE - 13) + b"\n"
+                for i in range(start, min(start + step, count))
+            )
+        )
+        reader.wait_until(start)  # stay at most one step ahead of the honest reader
+        if start % (step * 16) == 0:
+            peak = max(peak, rss_kib(stalled_pid))
+    reader.wait_until(count)
+    return max(peak, rss_kib(stalled_pid))
+
+
+@pytest.mark.parametrize("policy", ["disconnect", "drop"])
+def test_stalled_reader_costs_bounded_memory_and_honest_readers_lose_nothing(run_gateway, policy):
+    gw = run_gateway(
+        f"""
+[limits]
+max_message_bytes = 4096
+max_pending_bytes = {MiB}
+slow_consumer = "{policy}"
+
+[[listeners]]
+name = "tcp"
+type = "tcp"
+port = 0
+"""
+    )
+    port = gw.ports["tcp"]
+    publisher = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    reader = FastReader(port)
+    stalled = stalled_reader(port)
+    gw.wait_for("tcp-3 connected")
+    baseline = rss_kib(gw.proc.pid)
+    reader.start()
+    peak = flood(gw, publisher, reader, gw.proc.pid)
+    reader.join(TIMEOUT)
+    assert reader.error is None
+    growth_mib = (peak - baseline) / 1024
+    # 100 MiB went through; the stalled reader may cost its socket buffer, the
+    # transport's 64 KiB and max_pending_bytes, nothing more (allocator slack aside).
+    assert growth_mib < 4, (
+        f"RSS grew {growth_mib:.1f} MiB over a {baseline / 1024:.1f} MiB baseline"
+    )
+    if policy == "disconnect":
+        gw.wait_for("tcp-3 is not reading: over 1048576 bytes pending; disconnecting")
+        stalled.settimeout(TIMEOUT)
+        data = b""
+        with pytest.raises(ConnectionResetError):
+            while chunk := stalled.recv(1 << 20):
+                data += chunk
+    else:
+        gw.wait_for("tcp-3 is not reading: over 1048576 bytes pending; dropping its messages")
+        # Once it reads again it gets only whole messages, in order, then everything new.
+        stalled.settimeout(0.5)
+        data = b""
+        try:
+            while chunk := stalled.recv(1 << 20):
+                data += chunk
+        except TimeoutError:
+            pass
+        lines = data.split(b"\n")
+        assert lines.pop() == b""
+        numbers = [int(line[:12]) for line in lines]
+        assert all(len(line) == LINE - 1 for line in lines)
+        assert numbers == sorted(numbers) and len(numbers) < TOTAL // LINE
+        publisher.sendall(b"%012d" % 10**9 + b"z" * (LINE - 13) + b"\n")
+        gw.wait_for("tcp-3 caught up")
+        stalled.settimeout(TIMEOUT)
+        tail = b""
+        while not tail.endswith(b"\n"):
+            tail += stalled.recv(LINE)
+        assert tail.startswith(b"%012d" % 10**9)
+    stalled.close()
+    publisher.close()
+
+
+def test_idle_timeout_and_connection_caps(run_gateway):
+    gw = run_gateway(
+        """
+[limits]
+idle_timeout = 1
+max_connections = 4
+max_connections_per_ip = 2
+
+[[listeners]]
+name = "tcp"
+type = "tcp"
+port = 0
+"""
+    )
+    port = gw.ports["tcp"]
+    first, second = Line(port), Line(port)
+    third = Line(port)  # over the per-IP cap: closed at once
+    assert third.closed()
+    gw.wait_for(
+        'refused a connection from 127.0.0.1 on listener "tcp": max_connections_per_ip \\(2\\) reached'
+    )
+    started = time.monotonic()
+    for _ in range(6):
+        first.send(b"x")  # a client typing slowly: traffic keeps it alive
+        time.sleep(0.3)
+    first.send(b"\n")
+    fresh = Line(port)  # once the silent one is gone there is room again
+    assert second.closed()  # silent for over idle_timeout: dropped
+    assert time.monotonic() - started < 5
+    gw.wait_for("tcp-3 connected")
+    first.send(b"still here\n")
+    assert fresh.line() == b"still here"
+    gw.wait_for("tcp-2 disconnected \\(idle for 1 s\\)")
