@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from typing import Protocol
 
 from twisted.logger import Logger
 
 from gateway.interfaces import IFramer, IPeer
-from gateway.message import Batch
+from gateway.message import Batch, Origin
 from gateway.metrics import Metrics
 
 
@@ -30,8 +31,28 @@ class _Group:
         self.snapshot: tuple[IPeer, ...] | None = ()
 
 
-PresenceWatcher = Callable[[str, IPeer, int], None]
-"""Called with ("join" or "leave", the peer, peers attached after the change)."""
+class RemotePeer:
+    """A peer attached to another node, as presence watchers see it."""
+
+    __slots__ = ("channel", "origin")
+
+    def __init__(self, origin: Origin, channel: str) -> None:
+        self.origin = origin
+        self.channel = channel
+
+
+class Backplane(Protocol):
+    """What the bus needs from a cluster backplane (see ``gateway.cluster``)."""
+
+    def forward(self, batch: Batch) -> None:
+        """Send a locally published batch to the other nodes (never blocks)."""
+
+    def presence(self, event: str, origin: Origin, channel: str) -> None:
+        """Tell the other nodes a local peer joined or left ``channel``."""
+
+
+PresenceWatcher = Callable[[str, "IPeer | RemotePeer", int], None]
+"""Called with ("join" or "leave", the peer, peers attached to this node after the change)."""
 
 
 class Bus:
@@ -45,6 +66,7 @@ class Bus:
         self._ids: dict[str, itertools.count[int]] = {}
         self._peer_count = 0
         self._watchers: dict[str, dict[PresenceWatcher, None]] = {}
+        self.backplane: Backplane | None = None
 
     def watch_presence(self, channel: str, watcher: PresenceWatcher) -> None:
         """Call ``watcher`` whenever a peer joins or leaves ``channel``."""
@@ -59,7 +81,16 @@ class Bus:
                 del self._watchers[channel]
 
     def _announce(self, event: str, peer: IPeer) -> None:
-        for watcher in tuple(self._watchers.get(peer.channel, ())):
+        self._tell_watchers(event, peer, peer.channel)
+        if self.backplane is not None:
+            self.backplane.presence(event, peer.origin, peer.channel)
+
+    def announce_remote(self, event: str, origin: Origin, channel: str) -> None:
+        """A peer of another node joined ("join") or left ("leave") ``channel``."""
+        self._tell_watchers(event, RemotePeer(origin, channel), channel)
+
+    def _tell_watchers(self, event: str, peer: IPeer | RemotePeer, channel: str) -> None:
+        for watcher in tuple(self._watchers.get(channel, ())):
             try:
                 watcher(event, peer, self._peer_count)
             except Exception:
@@ -116,17 +147,28 @@ class Bus:
         self._announce("leave", peer)
 
     def publish(self, sender: IPeer, batch: Batch) -> int:
-        """Deliver ``batch`` to the peers on its channel; returns receivers reached.
+        """Deliver ``batch`` from a local peer; returns local receivers reached.
 
         A receiver that fails is closed; its failure never reaches the sender.
+        With a backplane, the batch then goes to the other nodes too.
         """
         origin = batch.origin
         self.metrics.messages_received[origin.listener, origin.transport] += len(batch.payloads)
         self.metrics.bytes_received[origin.listener, origin.transport] += batch.byte_count()
+        reached = self._fan_out(batch, None if sender.echo else sender)
+        if self.backplane is not None:
+            self.backplane.forward(batch)
+        return reached
+
+    def publish_remote(self, batch: Batch) -> int:
+        """Deliver ``batch`` that a peer of another node sent; returns receivers reached."""
+        self.metrics.remote_messages_received += len(batch.payloads)
+        return self._fan_out(batch, None)
+
+    def _fan_out(self, batch: Batch, skip: IPeer | None) -> int:
         groups = self._channels.get(batch.channel)
         if not groups:
             return 0
-        skip = None if sender.echo else sender
         reached = 0
         for group in tuple(groups.values()):
             receivers = group.snapshot

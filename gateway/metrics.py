@@ -15,6 +15,8 @@ class Metrics:
         self.messages_received: Counter[tuple[str, str]] = Counter()
         self.bytes_received: Counter[tuple[str, str]] = Counter()
         self.messages_delivered = 0
+        # Messages other nodes of a cluster relayed to this one.
+        self.remote_messages_received = 0
         self.dropped: Counter[str] = Counter()
         self.disconnects: Counter[str] = Counter()
         # Times a stream sender's reading was paused for going over its message rate.

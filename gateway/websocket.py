@@ -36,7 +36,7 @@ from twisted.web.server import Request, Site
 from zope.interface import implementer
 
 from gateway.address import describe
-from gateway.bus import Bus
+from gateway.bus import Bus, RemotePeer
 from gateway.config import Limits, StreamListenerConfig
 from gateway.flow import Backlog, FlowContext, StreamFlow
 from gateway.interfaces import IFramer, IPeer
@@ -264,7 +264,7 @@ class _PresenceRelay:
             if not self.clients:
                 self.bus.unwatch_presence(self.channel, self.announce)
 
-    def announce(self, event: str, peer: IPeer, count: int) -> None:
+    def announce(self, event: str, peer: IPeer | RemotePeer, count: int) -> None:
         wire = json_event(
             {
                 "type": event,
