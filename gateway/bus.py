@@ -8,27 +8,59 @@ call per batch, which is what makes fan-out fast.
 from __future__ import annotations
 
 import itertools
+import time
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Protocol
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gateway.interfaces import IFramer, IPeer
-from gateway.message import Batch, Origin
+from gateway.message import Batch, Kind, Origin
 from gateway.metrics import Metrics
 
 
 class _Group:
     """The peers of one channel that share a framer."""
 
-    __slots__ = ("framer", "members", "snapshot")
+    __slots__ = ("bytes", "framer", "members", "messages", "snapshot")
 
     def __init__(self, framer: IFramer) -> None:
         self.framer = framer
         self.members: dict[IPeer, None] = {}
+        # Messages and payload bytes framed for this group so far: a member's
+        # "out" counts are these minus what they were when it joined.
+        self.messages = 0
+        self.bytes = 0
         # Rebuilt lazily after a change, so a receiver that detaches while a
         # batch is being delivered never disturbs the loop.
         self.snapshot: tuple[IPeer, ...] | None = ()
+
+
+class _Entry:
+    """What the bus remembers about one attached peer, for ``peer_info``."""
+
+    __slots__ = (
+        "base_bytes",
+        "base_messages",
+        "bytes_in",
+        "group",
+        "messages_in",
+        "since",
+        "skipped_bytes",
+        "skipped_messages",
+    )
+
+    def __init__(self, group: _Group, since: float) -> None:
+        self.group = group
+        self.since = since
+        self.base_messages = group.messages
+        self.base_bytes = group.bytes
+        self.messages_in = 0
+        self.bytes_in = 0
+        self.skipped_messages = 0
+        self.skipped_bytes = 0
 
 
 class RemotePeer:
@@ -60,8 +92,17 @@ class Bus:
 
     log = Logger()
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        metrics: Metrics | None = None,
+        clock: IReactorTime | None = None,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self.metrics = metrics if metrics is not None else Metrics()
+        self.clock = clock
+        self.timer = timer
+        self._entries: dict[IPeer, _Entry] = {}
+        self._history: dict[str, deque[tuple[Origin, bytes, Kind | None]]] = {}
         self._channels: dict[str, dict[IFramer, _Group]] = {}
         self._ids: dict[str, itertools.count[int]] = {}
         self._peer_count = 0
@@ -126,6 +167,7 @@ class Bus:
             group.members[peer] = None
             group.snapshot = None
             self._peer_count += 1
+            self._entries[peer] = _Entry(group, self.clock.seconds() if self.clock else 0.0)
             self._announce("join", peer)
         return self._peer_count
 
@@ -140,6 +182,7 @@ class Bus:
         del group.members[peer]
         group.snapshot = None
         self._peer_count -= 1
+        self._retire(peer)
         if not group.members:
             del groups[peer.framer]
             if not groups:
@@ -153,9 +196,17 @@ class Bus:
         With a backplane, the batch then goes to the other nodes too.
         """
         origin = batch.origin
-        self.metrics.messages_received[origin.listener, origin.transport] += len(batch.payloads)
-        self.metrics.bytes_received[origin.listener, origin.transport] += batch.byte_count()
+        count = len(batch.payloads)
+        size = batch.byte_count()
+        self.metrics.messages_received[origin.listener, origin.transport] += count
+        self.metrics.bytes_received[origin.listener, origin.transport] += size
+        entry = self._entries.get(sender)
+        if entry is not None:
+            entry.messages_in += count
+            entry.bytes_in += size
+        started = self.timer()
         reached = self._fan_out(batch, None if sender.echo else sender)
+        self.metrics.fan_out_seconds.observe(self.timer() - started)
         if self.backplane is not None:
             self.backplane.forward(batch)
         return reached
@@ -166,10 +217,16 @@ class Bus:
         return self._fan_out(batch, None)
 
     def _fan_out(self, batch: Batch, skip: IPeer | None) -> int:
+        history = self._history.get(batch.channel)
+        if history is not None:
+            kinds = batch.kinds or (None,) * len(batch.payloads)
+            history.extend(zip((batch.origin,) * len(kinds), batch.payloads, kinds, strict=True))
         groups = self._channels.get(batch.channel)
         if not groups:
             return 0
         reached = 0
+        count = len(batch.payloads)
+        size = -1
         for group in tuple(groups.values()):
             receivers = group.snapshot
             if receivers is None:
@@ -179,8 +236,16 @@ class Bus:
             wire = group.framer.frame(batch)
             if wire is None:
                 continue
+            if size < 0:
+                size = batch.byte_count()
+            group.messages += count
+            group.bytes += size
             for peer in receivers:
                 if peer is skip:
+                    entry = self._entries.get(peer)
+                    if entry is not None:
+                        entry.skipped_messages += count
+                        entry.skipped_bytes += size
                     continue
                 try:
                     peer.deliver(wire)
@@ -190,6 +255,89 @@ class Bus:
                     reached += 1
         self.metrics.messages_delivered += reached * len(batch.payloads)
         return reached
+
+    def keep_history(self, channel: str, size: int) -> None:
+        """Remember the last ``size`` messages of ``channel`` for peers that join later."""
+        if size > 0:
+            self._history[channel] = deque(self._history.get(channel, ()), maxlen=size)
+        else:
+            self._history.pop(channel, None)
+
+    def replay_history(self, peer: IPeer) -> int:
+        """Send ``peer`` its channel's remembered messages, oldest first; returns how many."""
+        history = self._history.get(peer.channel)
+        if not history:
+            return 0
+        framer = peer.framer
+        replayed = 0
+        for origin, payload, kind in tuple(history):
+            batch = Batch(
+                origin, peer.channel, (payload,), None if kind is None else (kind,), history=True
+            )
+            wire = framer.frame(batch)
+            if wire is not None:
+                peer.deliver(wire)
+                replayed += 1
+        return replayed
+
+    def _retire(self, peer: IPeer) -> None:
+        """Fold a leaving peer's counts into the per-listener totals."""
+        entry = self._entries.pop(peer, None)
+        if entry is None:
+            return
+        messages, size = self._out(peer, entry)
+        key = (peer.origin.listener, peer.origin.transport)
+        self.metrics.retired_messages_out[key] += messages
+        self.metrics.retired_bytes_out[key] += size
+
+    def delivered_totals(self) -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str]]]:
+        """Messages and payload bytes delivered so far, by receiving (listener, transport)."""
+        messages = Counter(self.metrics.retired_messages_out)
+        size = Counter(self.metrics.retired_bytes_out)
+        for peer, entry in self._entries.items():
+            out_messages, out_bytes = self._out(peer, entry)
+            key = (peer.origin.listener, peer.origin.transport)
+            messages[key] += out_messages
+            size[key] += out_bytes
+        return messages, size
+
+    @staticmethod
+    def _out(peer: IPeer, entry: _Entry) -> tuple[int, int]:
+        """Messages and payload bytes handed to ``peer`` since it joined."""
+        backlog = getattr(peer, "backlog", None)
+        dropped = backlog.dropped_total if backlog is not None else 0
+        return (
+            entry.group.messages - entry.base_messages - entry.skipped_messages - dropped,
+            entry.group.bytes - entry.base_bytes - entry.skipped_bytes,
+        )
+
+    def attached(self, offset: int = 0, limit: int | None = None) -> list[IPeer]:
+        """Attached peers in the order they joined (a page of them)."""
+        peers = list(self._entries)
+        return peers[offset : None if limit is None else offset + limit]
+
+    def peer_info(self, peer: IPeer) -> dict[str, object] | None:
+        """What ``/peers`` shows about ``peer`` (None when it is not attached)."""
+        entry = self._entries.get(peer)
+        if entry is None:
+            return None
+        backlog = getattr(peer, "backlog", None)
+        messages_out, bytes_out = self._out(peer, entry)
+        origin = peer.origin
+        return {
+            "id": origin.peer_id,
+            "listener": origin.listener,
+            "transport": origin.transport,
+            "channel": peer.channel,
+            "address": peer.address,
+            "connected_since": entry.since,
+            "messages_in": entry.messages_in,
+            "bytes_in": entry.bytes_in,
+            "messages_out": messages_out,
+            "bytes_out": bytes_out,
+            "pending_bytes": backlog.pending if backlog is not None else 0,
+            "tls_subject": getattr(peer, "subject", None),
+        }
 
     def _receiver_failed(self, peer: IPeer) -> None:
         self.log.failure("delivery to {peer} failed; closing it", peer=peer.origin.peer_id)

@@ -93,7 +93,10 @@ def _run(config: Config) -> NoReturn:
 
     from gateway.logs import observer
 
-    globalLogBeginner.beginLoggingTo([observer(sys.stdout)], redirectStandardIO=False)
+    settings = config.gateway
+    globalLogBeginner.beginLoggingTo(
+        [observer(sys.stdout, settings.log_level, settings.log_format)], redirectStandardIO=False
+    )
     react(lambda r: Deferred.fromCoroutine(_serve(r, config)), [])
     raise AssertionError("react() returned")  # pragma: no cover
 
@@ -147,7 +150,7 @@ async def _serve(reactor: Any, config: Config) -> None:
         raise SystemExit(1) from None
     service.startService()  # type: ignore[no-untyped-call]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload_tls))
+    signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload))
     log.info(
         "gateway {name!r} {version} running ({count} listeners); Ctrl-C or SIGTERM stops it",
         name=config.gateway.name,

@@ -15,7 +15,7 @@ import socket
 import string
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,26 @@ class ConfigError(Exception):
 class GatewaySettings:
     name: str = "gateway"
     workers: int = 1
+    log_level: str = "info"
+    log_format: str = "text"
+    shutdown_timeout: float = 5.0
+
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The operator's HTTP listener: /healthz, /metrics, /peers."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    history: int = 0
 
 
 SLOW_CONSUMER_POLICIES = ("disconnect", "drop")
@@ -108,6 +128,7 @@ class ListenerConfig:
 class StreamListenerConfig(ListenerConfig):
     welcome: str
     quit_command: str
+    endpoint: str | None = None  # a Twisted server endpoint string instead of host/port
     tls: TlsSettings | None = None
     # WebSocket listeners only.
     ping_interval: float = 30.0
@@ -129,6 +150,15 @@ class Config:
     limits: Limits
     listeners: tuple[ListenerConfig, ...]
     cluster: ClusterSettings | None = None
+    admin: AdminSettings | None = None
+    channels: Mapping[str, ChannelSettings] = field(default_factory=dict)
+
+    def channel(self, name: str) -> ChannelSettings:
+        """Settings of channel ``name`` (defaults when it has no table)."""
+        return self.channels.get(name, _DEFAULT_CHANNEL)
+
+
+_DEFAULT_CHANNEL = ChannelSettings()
 
 
 def _show(value: object) -> str:
@@ -242,21 +272,22 @@ def _welcome(table: _Table) -> str:
         raise table.error(
             "welcome", f"bad template ({e}); write {{{{ and }}}} for literal braces"
         ) from None
-    for field in fields:
-        if field not in WELCOME_FIELDS:
+    for placeholder in fields:
+        if placeholder not in WELCOME_FIELDS:
             known = ", ".join("{" + f + "}" for f in WELCOME_FIELDS)
-            raise table.error("welcome", f"unknown placeholder {{{field}}}; known: {known}")
+            raise table.error("welcome", f"unknown placeholder {{{placeholder}}}; known: {known}")
     return text
 
 
 _COMMON_KEYS = ("name", "type", "host", "port", "channel", "echo")
+_ENDPOINT = ("endpoint",)
 _TLS_KEYS = ("cert", "key", "client_ca", "min_tls", "generate_dev_cert")
 _WEBSOCKET_KEYS = ("ping_interval", "allowed_origins")
 _KEYS = {
-    "tcp": (*_COMMON_KEYS, "welcome", "quit_command"),
-    "tls": (*_COMMON_KEYS, "welcome", "quit_command", *_TLS_KEYS),
-    "ws": (*_COMMON_KEYS, "welcome", *_WEBSOCKET_KEYS),
-    "wss": (*_COMMON_KEYS, "welcome", *_WEBSOCKET_KEYS, *_TLS_KEYS),
+    "tcp": (*_COMMON_KEYS, *_ENDPOINT, "welcome", "quit_command"),
+    "tls": (*_COMMON_KEYS, *_ENDPOINT, "welcome", "quit_command", *_TLS_KEYS),
+    "ws": (*_COMMON_KEYS, *_ENDPOINT, "welcome", *_WEBSOCKET_KEYS),
+    "wss": (*_COMMON_KEYS, *_ENDPOINT, "welcome", *_WEBSOCKET_KEYS, *_TLS_KEYS),
     "udp": (*_COMMON_KEYS, "peer_timeout", "max_peers", "allow", "challenge"),
 }
 
@@ -310,11 +341,12 @@ def _listener(table: _Table, base: Path) -> ListenerConfig:
     if kind not in LISTENER_TYPES:
         raise table.error("type", f"expected one of {', '.join(LISTENER_TYPES)}, got {_show(kind)}")
     table.check_keys(_KEYS[kind])
+    endpoint = _endpoint(table)
     common: dict[str, Any] = {
         "name": table.string("name", pattern=_NAME_RE, what="a name of letters, digits, . _ : -"),
         "type": kind,
-        "host": _host(table),
-        "port": table.integer("port", None, 0, 65535),
+        "host": _host(table) if endpoint is None else "",
+        "port": table.integer("port", None, 0, 65535) if endpoint is None else 0,
         "channel": table.string(
             "channel",
             "main",
@@ -328,6 +360,7 @@ def _listener(table: _Table, base: Path) -> ListenerConfig:
             **common,
             welcome=_welcome(table),
             quit_command=table.string("quit_command", ""),
+            endpoint=endpoint,
             tls=_tls(table, base) if kind in TLS_TYPES else None,
             ping_interval=table.number("ping_interval", 30.0, 0.0, 3600.0),
             allowed_origins=_origins(table),
@@ -339,6 +372,33 @@ def _listener(table: _Table, base: Path) -> ListenerConfig:
         allow=_networks(table, "allow", LOOPBACK_ONLY),
         challenge=table.boolean("challenge", False),
     )
+
+
+def _endpoint(table: _Table) -> str | None:
+    if "endpoint" not in table.data:
+        return None
+    for clash in ("host", "port"):
+        if clash in table.data:
+            raise table.error(clash, "give either endpoint or host/port, not both")
+    text = table.string("endpoint", what="a Twisted server endpoint string")
+    kind = text.split(":", 1)[0]
+    if kind not in _endpoint_types():
+        raise table.error(
+            "endpoint",
+            f'expected a server endpoint string such as "tcp:8006:interface=127.0.0.1", '
+            f'"unix:/run/gateway.sock", "systemd:domain=INET:index=0" or "haproxy:tcp:8006", '
+            f"got {_show(text)} (unknown type {_show(kind)})",
+        )
+    return text
+
+
+def _endpoint_types() -> set[str]:
+    """Server endpoint types Twisted knows: its built-in ones and installed plugins."""
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    builtin = {"tcp", "tcp6", "unix", "ssl", "systemd", "haproxy"}
+    return builtin | {p.prefix for p in getPlugins(IStreamServerEndpointStringParser)}
 
 
 def _networks(
@@ -359,6 +419,26 @@ def _networks(
                 f'expected networks in CIDR form such as "10.0.0.0/8" or "::1/128", got {_show(text)}',
             ) from None
     return tuple(networks)
+
+
+def _admin(root: _Table) -> AdminSettings | None:
+    if "admin" not in root.data:
+        return None
+    table = root.table("admin")
+    table.check_keys(("host", "port"))
+    return AdminSettings(host=_host(table), port=table.integer("port", None, 0, 65535))
+
+
+def _channels(root: _Table) -> dict[str, ChannelSettings]:
+    table = root.table("channels")
+    channels = {}
+    for name in table.data:
+        if not _CHANNEL_RE.match(name):
+            raise table.error(name, "expected a channel name of letters, digits, . _ : -")
+        channel = table.table(name)
+        channel.check_keys(("history",))
+        channels[name] = ChannelSettings(history=channel.integer("history", 0, 0, 100_000))
+    return channels
 
 
 def _cluster(root: _Table) -> ClusterSettings | None:
@@ -395,13 +475,26 @@ def _check_tls_files(table: _Table, settings: TlsSettings) -> None:
 def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Config:
     """Validate parsed TOML ``data``; ``file`` names it in errors."""
     root = _Table(file, "", data)
-    root.check_keys(("gateway", "limits", "listeners", "cluster"))
+    root.check_keys(("gateway", "limits", "listeners", "cluster", "admin", "channels"))
 
     gateway_table = root.table("gateway")
-    gateway_table.check_keys(("name", "workers"))
+    gateway_table.check_keys(("name", "workers", "log_level", "log_format", "shutdown_timeout"))
+    log_level = gateway_table.string("log_level", "info")
+    if log_level not in LOG_LEVELS:
+        raise gateway_table.error(
+            "log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {_show(log_level)}"
+        )
+    log_format = gateway_table.string("log_format", "text")
+    if log_format not in LOG_FORMATS:
+        raise gateway_table.error(
+            "log_format", f'expected "text" or "json", got {_show(log_format)}'
+        )
     gateway = GatewaySettings(
         name=gateway_table.string("name", "gateway"),
         workers=gateway_table.integer("workers", 1, 1, 64),
+        log_level=log_level,
+        log_format=log_format,
+        shutdown_timeout=gateway_table.number("shutdown_timeout", 5.0, 0.0, 3600.0),
     )
     cluster = _cluster(root)
     if gateway.workers > 1 and cluster is None:
@@ -458,7 +551,7 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
             raise table.error("name", f"duplicate listener name {_show(listener.name)}")
         names.add(listener.name)
         address = (listener.family, listener.host, listener.port)
-        if listener.port != 0 and address in bound:
+        if listener.port != 0 and listener.host and address in bound:
             raise table.error(
                 "port",
                 f"another {listener.family} listener already uses {listener.host} port {listener.port}",
@@ -482,6 +575,8 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
         limits=limits,
         listeners=tuple(listeners),
         cluster=cluster,
+        admin=_admin(root),
+        channels=_channels(root),
     )
 
 

@@ -157,6 +157,7 @@ class Backlog:
 
     __slots__ = (
         "dropped",
+        "dropped_total",
         "dropping",
         "flow",
         "limit",
@@ -183,11 +184,13 @@ class Backlog:
         self.pending = 0
         self.dropping = False
         self.dropped = 0
+        self.dropped_total = 0
 
     def admit(self, size: int, messages: int) -> bool:
         """May ``size`` more bytes (``messages`` messages) be written now? Call when paused."""
         if self.dropping:
             self.dropped += messages
+            self.dropped_total += messages
             self.flow.metrics.drop("slow_consumer", messages)
             return False
         if self.pending + size <= self.limit:
@@ -197,6 +200,7 @@ class Backlog:
         if self.policy == "drop":
             self.dropping = True
             self.dropped = messages
+            self.dropped_total += messages
             self.flow.metrics.drop("slow_consumer", messages)
             self.log_drop(True, messages)
             return False
@@ -281,6 +285,13 @@ class FlowContext:
         self.flow = FlowControl(limits, metrics)
         self.warnings = RateLimitedLog(self.log, clock)
         self.gate = ConnectionGate(limits, metrics, self.warnings)
+
+    def reconfigure(self, limits: Limits) -> None:
+        """New limits (a config reload): caps and the total apply at once, the rest to new peers."""
+        self.limits = limits
+        self.flow.limit = limits.max_total_pending_bytes
+        self.gate.max_connections = limits.max_connections
+        self.gate.max_per_ip = limits.max_connections_per_ip
 
 
 class StreamFlow:

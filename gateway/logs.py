@@ -1,7 +1,8 @@
-"""Log output: one line per event, with time and level."""
+"""Log output: one line per event, as text or as JSON, filtered by level."""
 
 from __future__ import annotations
 
+import json
 from typing import Any, TextIO
 
 from twisted.logger import (
@@ -53,9 +54,45 @@ class QuietTwistedChatter:
         return _MAYBE
 
 
-def observer(stream: TextIO, level: LogLevel = LogLevel.info) -> ILogObserver:
+@implementer(ILogObserver)
+class JsonLogObserver:
+    """One JSON object per line: time, level, namespace, the message, and its fields."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level", LogLevel.info)
+        record: dict[str, Any] = {
+            "time": formatTime(event.get("log_time"), timeFormat="%Y-%m-%dT%H:%M:%S.%f%z"),
+            "level": level.name,
+            "namespace": event.get("log_namespace", ""),
+            "message": eventAsText(event, includeTimestamp=False, includeSystem=False),
+        }
+        for key, value in event.items():
+            if not key.startswith("log_") and key not in record and _plain(value):
+                record[key] = value
+        self.stream.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        self.stream.flush()
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, str | int | float | bool)
+
+
+LEVELS = {
+    "debug": LogLevel.debug,
+    "info": LogLevel.info,
+    "warn": LogLevel.warn,
+    "error": LogLevel.error,
+}
+
+
+def observer(stream: TextIO, level: str = "info", log_format: str = "text") -> ILogObserver:
     """The gateway's log observer: events at ``level`` and above go to ``stream``."""
+    threshold = LEVELS[level]
+    output = JsonLogObserver(stream) if log_format == "json" else TextLogObserver(stream)
     return FilteringLogObserver(
-        TextLogObserver(stream),
-        [QuietTwistedChatter(level), LogLevelFilterPredicate(defaultLogLevel=level)],
+        output,
+        [QuietTwistedChatter(threshold), LogLevelFilterPredicate(defaultLogLevel=threshold)],
     )

@@ -47,7 +47,7 @@ class Batch:
     joined as newline-terminated lines, which line framers send unchanged.
     """
 
-    __slots__ = ("channel", "kinds", "lines", "origin", "payloads")
+    __slots__ = ("channel", "history", "kinds", "lines", "origin", "payloads")
 
     def __init__(
         self,
@@ -56,12 +56,15 @@ class Batch:
         payloads: Sequence[bytes],
         kinds: Sequence[Kind] | None = None,
         lines: bytes | None = None,
+        history: bool = False,
     ) -> None:
         self.origin = origin
         self.channel = channel
         self.payloads = payloads
         self.kinds = kinds
         self.lines = lines
+        # True for messages replayed from a channel's history to a peer that joined.
+        self.history = history
 
     def __len__(self) -> int:
         return len(self.payloads)

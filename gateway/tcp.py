@@ -67,6 +67,7 @@ class LineProtocol(Protocol):
         self._closing = False
         self._close_reason: str | None = None
         self._deadline: IDelayedCall | None = None
+        self.subject: str | None = None  # the TLS client certificate's subject, if any
         self.flow: StreamFlow | None = None
         self.backlog: Backlog | None = None
 
@@ -105,6 +106,7 @@ class LineProtocol(Protocol):
             self._join(peer_subject(self.transport))
 
     def _join(self, subject: str | None) -> None:
+        self.subject = subject
         peer_id = self.bus.new_peer_id(self.listener.name)
         if subject:
             peer_id = f"{peer_id}:{subject}"
@@ -125,6 +127,7 @@ class LineProtocol(Protocol):
         if welcome:
             text = welcome.format(count=count, peer=peer_id, name=self.factory.gateway_name)
             transport.write(text.encode("utf-8") + b"\n")
+        self.bus.replay_history(self)
 
     def _handshake_expired(self) -> None:
         self._deadline = None

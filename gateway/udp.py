@@ -170,11 +170,15 @@ class DatagramListener(DatagramProtocol):
         self.warnings = RateLimitedLog(self.log, clock)
         # Per listener and per run: cookies from before a restart are worthless.
         self.secret = os.urandom(32)
+        # Bytes to read per datagram: enough to see that one is too large. Fixed
+        # when the port opens, so a reload cannot raise the limit beyond it.
+        self.read_size = max(self.max_message_bytes + 3, _READ_AT_LEAST)
 
-    @property
-    def read_size(self) -> int:
-        """Bytes to read per datagram: enough to see that one is too large."""
-        return max(self.max_message_bytes + 3, _READ_AT_LEAST)
+    def reconfigure(self, config: DatagramListenerConfig, limits: Limits) -> None:
+        """Apply reloaded settings: allow list, challenge, timeouts, caps and limits."""
+        self.config = config
+        self.max_message_bytes = min(limits.max_message_bytes, MAX_UDP_PAYLOAD, self.read_size - 3)
+        self.max_messages_per_second = limits.max_messages_per_second
 
     def startProtocol(self) -> None:
         wide = [str(n) for n in self.config.allow if not is_loopback(n)]
@@ -312,6 +316,7 @@ class DatagramListener(DatagramProtocol):
             listener=self.config.name,
             count=count,
         )
+        self.bus.replay_history(peer)
         return peer
 
     def forget(self, peer: DatagramPeer, reason: str) -> None:

@@ -127,6 +127,8 @@ class JsonFramer:
             + ',"channel":'
             + _json_string(batch.channel)
         )
+        if batch.history:
+            head += ',"history":true'
         parts: list[bytes] = []
         kinds = batch.kinds if batch.kinds is not None else (None,) * len(batch.payloads)
         for payload, kind in zip(batch.payloads, kinds, strict=True):
@@ -413,6 +415,7 @@ class WebSocketPeer(WebSocketServerProtocol):
                 count=count, peer=self.origin.peer_id, name=self.factory.gateway_name
             )
             self.deliver(frame_message(text.encode("utf-8"), OPCODE_TEXT))
+        self.bus.replay_history(self)
 
     def _welcome_event(self, count: int) -> bytes:
         peers = self.bus.peers(self.channel)
@@ -573,15 +576,19 @@ class WebSocketPeerFactory(WebSocketServerFactory):
         super().__init__(server=None, reactor=clock)  # type: ignore[no-untyped-call]
         self.flow = flow
         self.bus = bus
-        self.listener = listener
-        self.limits = limits
         self.gateway_name = gateway_name
         self.clock = clock
         self.connections = connections
-        self.origins = OriginPolicy(listener.allowed_origins)
         self.presence = _PresenceRelay(bus, listener.channel)
         # Autobahn's only seam for a clock other than txaio's global reactor.
         self._batched_timer = _ClockTimer(clock)
+        self.configure(listener, limits)
+
+    def configure(self, listener: StreamListenerConfig, limits: Limits) -> None:
+        """Apply the listener's settings (again, on a config reload) for new connections."""
+        self.listener = listener
+        self.limits = limits
+        self.origins = OriginPolicy(listener.allowed_origins)
         ping = listener.ping_interval
         self.setProtocolOptions(  # type: ignore[no-untyped-call]
             webStatus=False,
@@ -762,6 +769,7 @@ class WebSocketSite(Site):
         super().__init__(root, reactor=clock)  # type: ignore[no-untyped-call]
         self.flow = flow
         self.listener = listener
+        self.peer_factory: WebSocketPeerFactory | None = None
         # The channels' own deadline replaces Twisted's idle timeout.
         self.timeOut = None
         self.clock = clock
@@ -806,4 +814,6 @@ def make_site(
     for path, (name, content_type) in STATIC_FILES.items():
         root.putChild(path, StaticFile(_static(name), content_type))
     root.putChild(WEBSOCKET_PATH.strip("/").encode("ascii"), WebSocketResource(factory))
-    return WebSocketSite(root, clock, limits.handshake_timeout, connections, flow, listener.name)
+    site = WebSocketSite(root, clock, limits.handshake_timeout, connections, flow, listener.name)
+    site.peer_factory = factory
+    return site

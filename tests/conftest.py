@@ -95,6 +95,17 @@ class GatewayProcess:
                 self.ports[m.group(4)] = int(m.group(3))
                 self.hosts[m.group(4)] = m.group(2).strip("[]")
 
+    def wait_handles(self, sig: int = signal.SIGTERM) -> None:
+        """Wait until the process has installed its handler for ``sig``."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            with open(f"/proc/{self.proc.pid}/status") as status:
+                for line in status:
+                    if line.startswith("SigCgt:") and int(line.split()[1], 16) & (1 << (sig - 1)):
+                        return
+            time.sleep(0.02)
+        raise AssertionError(f"no handler for signal {sig}")
+
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)

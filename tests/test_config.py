@@ -141,6 +141,48 @@ ERRORS = [
     ("[gatway]\n" + BASE_TCP, 'c.toml: gatway: unknown key (did you mean "gateway"?)'),
     ("", "c.toml: listeners: missing: add at least one [[listeners]] table"),
     ("listeners = 3\n", "c.toml: listeners: expected [[listeners]] tables"),
+    (
+        '[limits]\nslow_consumer = "ignore"\n' + BASE_TCP,
+        'c.toml: limits.slow_consumer: expected "disconnect" or "drop"',
+    ),
+    (
+        "[limits]\nmax_total_pending_bytes = 10\n" + BASE_TCP,
+        "c.toml: limits.max_total_pending_bytes: expected an integer >= 65536",
+    ),
+    (
+        BASE_UDP + 'allow = ["10.0.0.0/33"]\n',
+        "c.toml: listeners[0].allow: expected networks in CIDR form",
+    ),
+    (BASE_UDP + "challenge = 1\n", "c.toml: listeners[0].challenge: expected true or false"),
+    (
+        '[gateway]\nlog_level = "loud"\n' + BASE_TCP,
+        "c.toml: gateway.log_level: expected one of debug, info, warn, error",
+    ),
+    (
+        '[gateway]\nlog_format = "xml"\n' + BASE_TCP,
+        'c.toml: gateway.log_format: expected "text" or "json"',
+    ),
+    (
+        "[gateway]\nworkers = 2\n" + BASE_TCP,
+        "c.toml: gateway.workers: more than 1 worker needs a [cluster] table",
+    ),
+    (
+        '[cluster]\nredis = "http://x"\n' + BASE_TCP,
+        "c.toml: cluster.redis: expected a redis:// or rediss:// URL",
+    ),
+    ('[admin]\nhost = "127.0.0.1"\n' + BASE_TCP, "c.toml: admin.port: missing (required)"),
+    (
+        "[channels.main]\nhistroy = 5\n" + BASE_TCP,
+        'c.toml: channels.main.histroy: unknown key (did you mean "history"?)',
+    ),
+    (
+        "[channels.main]\nhistory = -1\n" + BASE_TCP,
+        "c.toml: channels.main.history: expected an integer 0-100000",
+    ),
+    (
+        BASE_TCP + 'endpoint = "unix:/tmp/x"\n',
+        "c.toml: listeners[0].port: give either endpoint or host/port, not both",
+    ),
 ]
 
 
