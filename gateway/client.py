@@ -66,6 +66,27 @@ class _Stdin(Protocol):
         self.on_end()
 
 
+class _StdinLines(Protocol):
+    """Standard input as lines: ``on_line`` per line (the last one even without a newline)."""
+
+    def __init__(self, on_line: Any, on_end: Any) -> None:
+        self.on_line = on_line
+        self.on_end = on_end
+        self._partial = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            self.on_line(line)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self._partial:
+            self.on_line(self._partial)
+            self._partial = b""
+        self.on_end()
+
+
 @implementer(IHandshakeListener)
 class _StreamClient(Protocol):
     """The network side of a TCP or TLS session: bytes in both directions, unchanged."""
@@ -180,7 +201,6 @@ class _DatagramClient(DatagramProtocol):
         self.keepalive = LoopingCall(self._register)
         self.keepalive.clock = reactor
         self.keepalive_interval = keepalive
-        self._partial = b""
         self._held: list[bytes] | None = []
         self._ending = False
         self._grace: IDelayedCall | None = None
@@ -193,7 +213,7 @@ class _DatagramClient(DatagramProtocol):
             self.keepalive.start(self.keepalive_interval, now=True)
         else:
             self._register()
-        StandardIO(_Stdin(self._stdin, self._end), reactor=self.reactor)
+        StandardIO(_StdinLines(self._send_line, self._end), reactor=self.reactor)
 
     def _register(self) -> None:
         # Registers us (or keeps us registered) and is never relayed; padded so a
@@ -224,16 +244,7 @@ class _DatagramClient(DatagramProtocol):
         else:
             self._send(line)
 
-    def _stdin(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._send_line(line)
-
     def _end(self) -> None:
-        if self._partial:
-            self._send_line(self._partial)
-            self._partial = b""
         if self._held is not None:
             self._ending = True
         else:
@@ -272,10 +283,9 @@ class _WebSocketClient(WebSocketClientProtocol):
     def __init__(self, session: _WebSocketSession) -> None:
         super().__init__()
         self.session = session
-        self._partial = b""
 
     def onOpen(self) -> None:
-        StandardIO(_Stdin(self._stdin, self._end), reactor=self.session.reactor)
+        StandardIO(_StdinLines(self._send_line, self._end), reactor=self.session.reactor)
 
     def _send_line(self, line: bytes) -> None:
         if line.endswith(b"\r"):
@@ -289,15 +299,7 @@ class _WebSocketClient(WebSocketClientProtocol):
         else:
             self.sendMessage(line, isBinary=False)  # type: ignore[no-untyped-call]
 
-    def _stdin(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self._send_line(line)
-
     def _end(self) -> None:
-        if self._partial:
-            self._send_line(self._partial)
         self.sendClose(code=1000)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:

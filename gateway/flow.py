@@ -303,18 +303,22 @@ class StreamFlow:
     batch read; ``stop`` undoes it all when the connection goes.
     """
 
+    log = Logger()
+
     def __init__(
         self,
         context: FlowContext,
         transport: Any,
+        peer: Callable[[], str],
         on_slow: Callable[[], None],
         on_idle: Callable[[], None],
-        log_drop: Callable[[bool, int], None],
     ) -> None:
         self.context = context
         self.transport = transport
+        self.peer = peer
+        self.on_slow = on_slow
         self.on_idle = on_idle
-        self.backlog = Backlog(context.flow, context.limits, on_slow, log_drop)
+        self.backlog = Backlog(context.flow, context.limits, self._slow, self._log_drop)
         self.gate = ReadGate(transport)
         limits = context.limits
         self.bucket = (
@@ -360,12 +364,37 @@ class StreamFlow:
                     deficit / self.bucket.rate, self._unthrottle
                 )
 
+    def _slow(self) -> None:
+        self.log.warn(
+            "{peer} is not reading: over {limit} bytes pending; disconnecting",
+            peer=self.peer(),
+            limit=self.context.limits.max_pending_bytes,
+        )
+        self.context.metrics.disconnect("slow_consumer")
+        self.on_slow()
+
+    def _log_drop(self, started: bool, count: int) -> None:
+        if started:
+            self.log.warn(
+                "{peer} is not reading: over {limit} bytes pending; dropping its messages "
+                "until it catches up",
+                peer=self.peer(),
+                limit=self.context.limits.max_pending_bytes,
+            )
+        else:
+            self.log.info(
+                "{peer} caught up; {count} messages were dropped for it",
+                peer=self.peer(),
+                count=count,
+            )
+
     def _unthrottle(self) -> None:
         self._resume = None
         self.gate.resume("rate_limit")
 
     def _idle_expired(self) -> None:
         self._idle = None
+        self.context.metrics.disconnect("idle_timeout")
         self.on_idle()
 
     def stop(self) -> None:

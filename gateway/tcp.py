@@ -81,7 +81,11 @@ class LineProtocol(Protocol):
         remote = transport.getPeer()
         self.address = describe(remote)
         self.flow = StreamFlow(
-            self.factory.flow, transport, self._slow_consumer, self._idle, self._log_drop
+            self.factory.flow,
+            transport,
+            lambda: self.origin.peer_id,
+            lambda: self.abort("slow consumer"),
+            self._idle,
         )
         if not self.flow.admit(getattr(remote, "host", self.address), self.listener.name):
             self._closing = True
@@ -268,32 +272,7 @@ class LineProtocol(Protocol):
         transport: Any = self.transport
         transport.abortConnection()
 
-    def _slow_consumer(self) -> None:
-        self.log.warn(
-            "{peer} is not reading: over {limit} bytes pending; disconnecting",
-            peer=self.origin.peer_id,
-            limit=self.factory.limits.max_pending_bytes,
-        )
-        self.bus.metrics.disconnect("slow_consumer")
-        self.abort("slow consumer")
-
-    def _log_drop(self, started: bool, count: int) -> None:
-        if started:
-            self.log.warn(
-                "{peer} is not reading: over {limit} bytes pending; dropping its messages "
-                "until it catches up",
-                peer=self.origin.peer_id,
-                limit=self.factory.limits.max_pending_bytes,
-            )
-        else:
-            self.log.info(
-                "{peer} caught up; {count} messages were dropped for it",
-                peer=self.origin.peer_id,
-                count=count,
-            )
-
     def _idle(self) -> None:
-        self.bus.metrics.disconnect("idle_timeout")
         self.abort(f"idle for {self.factory.limits.idle_timeout:g} s")
 
 

@@ -352,7 +352,11 @@ class WebSocketPeer(WebSocketServerProtocol):
         remote = transport.getPeer()
         self.address = describe(remote)
         self.flow = StreamFlow(
-            self.factory.flow, transport, self._slow_consumer, self._idle, self._log_drop
+            self.factory.flow,
+            transport,
+            lambda: self.origin.peer_id,
+            self._slow_consumer,
+            self._idle,
         )
         # The HTTP channel counted this connection against the caps; it is ours now.
         self.flow.adopt(getattr(remote, "host", self.address))
@@ -522,12 +526,6 @@ class WebSocketPeer(WebSocketServerProtocol):
             transport.abortConnection()
 
     def _slow_consumer(self) -> None:
-        self.logger.warn(
-            "{peer} is not reading: over {limit} bytes pending; disconnecting",
-            peer=self.origin.peer_id,
-            limit=self.factory.limits.max_pending_bytes,
-        )
-        self.bus.metrics.disconnect("slow_consumer")
         self._closing = True
         self._close_reason = "slow consumer"
         self.factory.presence.discard(self)
@@ -535,23 +533,7 @@ class WebSocketPeer(WebSocketServerProtocol):
         self.sendCloseFrame(code=CLOSE_POLICY_VIOLATION, reasonUtf8=b"slow consumer", isReply=False)
         self.dropConnection(abort=True)
 
-    def _log_drop(self, started: bool, count: int) -> None:
-        if started:
-            self.logger.warn(
-                "{peer} is not reading: over {limit} bytes pending; dropping its messages "
-                "until it catches up",
-                peer=self.origin.peer_id,
-                limit=self.factory.limits.max_pending_bytes,
-            )
-        else:
-            self.logger.info(
-                "{peer} caught up; {count} frames were dropped for it",
-                peer=self.origin.peer_id,
-                count=count,
-            )
-
     def _idle(self) -> None:
-        self.bus.metrics.disconnect("idle_timeout")
         self.abort(f"idle for {self.factory.limits.idle_timeout:g} s")
 
 

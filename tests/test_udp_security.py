@@ -370,7 +370,7 @@ class ClientHarness:
 
 def test_client_answers_a_challenge_and_never_prints_control_datagrams():
     h = ClientHarness()
-    h.client._stdin(b"early line\n")
+    h.client._send_line(b"early line")
     assert h.sent() == []  # held until the gateway's choice is known
     cookie = b"ab" * 16
     h.client.datagramReceived(b"\x00GW1 challenge " + cookie, ("127.0.0.1", 9))
@@ -383,7 +383,8 @@ def test_client_answers_a_challenge_and_never_prints_control_datagrams():
 
 def test_client_against_a_gateway_without_challenge_sends_held_lines_after_the_grace():
     h = ClientHarness()
-    h.client._stdin(b"one\ntwo")
+    h.client._send_line(b"one")
+    h.client._send_line(b"two")
     h.client._end()
     assert h.sent() == [] and not h.done.called
     h.clock.advance(_DatagramClient.HANDSHAKE_GRACE)
@@ -408,7 +409,7 @@ def test_client_and_listener_complete_the_exchange_in_memory():
             listener_out.sent.clear()
 
     h.client._register()
-    h.client._stdin(b"hi\n")
+    h.client._send_line(b"hi")
     pump()
     assert me in listener.peers
     listener.datagramReceived(b"welcome", A)
