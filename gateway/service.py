@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
@@ -34,6 +34,10 @@ from gateway.tcp import LineFactory
 from gateway.tls import ServerTls, TlsFileError
 from gateway.udp import DatagramListener
 from gateway.websocket import WebSocketSite, make_site
+from gateway.workers import listen_shared_datagram, listen_shared_stream
+
+if TYPE_CHECKING:
+    from gateway.cluster import Backplane
 
 
 @dataclass(frozen=True)
@@ -60,10 +64,12 @@ class GatewayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, reuse_port: bool = False) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
+        # A worker process: listen on ports the other workers share (SO_REUSEPORT).
+        self.reuse_port = reuse_port
         self.metrics = Metrics()
         self.bus = Bus(self.metrics, reactor)
         self.flow = FlowContext(config.limits, self.metrics, reactor)
@@ -80,6 +86,13 @@ class GatewayService(MultiService):
         # shutdown waits for them, then aborts what is left.
         self.connection_sets: list[set[Any]] = []
         self.tls: dict[str, ServerTls] = {}
+        self.backplane: Backplane | None = None
+        if config.cluster is not None:
+            from gateway.cluster import Backplane  # the Redis client only when clustering
+
+            self.backplane = Backplane(config.cluster, self.bus, reactor)
+            self.bus.backplane = self.backplane
+            self.backplane.setServiceParent(self)  # type: ignore[no-untyped-call]
 
     async def listen(self) -> list[Bound]:
         """Bind every listener, or none: on the first failure the others are closed."""
@@ -163,11 +176,15 @@ class GatewayService(MultiService):
                 server_tls = self._server_tls(listener)
                 factory = TLSMemoryBIOFactory(server_tls, False, factory, self.reactor)
                 factory.noisy = False
+            if self.reuse_port:
+                return listen_shared_stream(self.reactor, listener, factory)
             port: IListeningPort = await endpoint.listen(factory)
             return port
         assert isinstance(listener, DatagramListenerConfig)
         protocol = DatagramListener(self.bus, listener, limits, self.reactor)
         self.datagram_listeners[listener.name] = protocol
+        if self.reuse_port:
+            return listen_shared_datagram(self.reactor, listener, protocol, protocol.read_size)
         udp_port: IListeningPort = self.reactor.listenUDP(
             listener.port,
             protocol,
@@ -242,6 +259,8 @@ class GatewayService(MultiService):
         self.log.info("shutting down: closing {count} peers", count=self.bus.peer_count)
         # The admin port stays up while draining: /healthz answers 503 meanwhile.
         await self._stop_listening(admin=False)
+        for factory in self.line_factories.values():
+            factory.close_timeout = self.config.gateway.shutdown_timeout
         self.bus.close_all("gateway shutting down")
         deadline = self.reactor.seconds() + self.config.gateway.shutdown_timeout
         while self._open_connections() and self.reactor.seconds() < deadline:

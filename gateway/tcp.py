@@ -261,8 +261,15 @@ class LineProtocol(Protocol):
         self._closing = True
         self._close_reason = reason
         self.bus.detach(self)
-        assert self.transport is not None
-        self.transport.loseConnection()
+        transport: Any = self.transport
+        # A transport waits for its producer to go before it closes (TLS does).
+        transport.unregisterProducer()
+        transport.loseConnection()
+        # Queued output may drain, but a peer that never reads (or never answers
+        # TLS close_notify) must not hold the connection open forever.
+        self._deadline = self.factory.clock.callLater(
+            self.factory.close_timeout, transport.abortConnection
+        )
 
     def abort(self, reason: str) -> None:
         """Drop the connection now, discarding anything not yet sent."""
@@ -301,6 +308,9 @@ class LineFactory(Factory):
         self.transport_name = transport_name
         # None for plain TCP; for TLS, seconds from connect to a finished handshake.
         self.handshake_timeout = handshake_timeout
+        # How long a closed peer may take to drain its queued output (and, over TLS,
+        # to answer close_notify) before it is cut; the gateway's drain sets its own.
+        self.close_timeout = limits.handshake_timeout
         # Open connections, attached or closing; the gateway waits for them on shutdown.
         self.connections: set[LineProtocol] = set()
 

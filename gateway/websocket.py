@@ -343,6 +343,7 @@ class WebSocketPeer(WebSocketServerProtocol):
         self._close_reason: str | None = None
         self.flow: StreamFlow | None = None
         self.backlog: Backlog | None = None
+        self._cut: IDelayedCall | None = None
 
     # Connection lifecycle
 
@@ -363,10 +364,28 @@ class WebSocketPeer(WebSocketServerProtocol):
         self.factory.connections.add(self)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        if self._cut is not None and self._cut.active():
+            self._cut.cancel()
         super().connectionLost(reason)
         if self.flow is not None:
             self.flow.stop()
         self.factory.connections.discard(self)
+
+    def dropConnection(self, abort: bool = False) -> None:
+        """Autobahn ends the connection: leave the bus now, whatever the client does.
+
+        A gentle drop (``abort=False``) waits for the client to close its side;
+        over TLS that wait has no end of its own, so it gets a deadline.
+        """
+        self.factory.presence.discard(self)
+        self.bus.detach(self)
+        if not abort and self._cut is None:
+            transport: Any = self.transport
+            if transport is not None:
+                self._cut = self.factory.clock.callLater(
+                    self.factory.limits.handshake_timeout, transport.abortConnection
+                )
+        super().dropConnection(abort)
 
     def dataReceived(self, data: bytes) -> None:
         if self.flow is not None:
