@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -25,6 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="PATH", help="the TOML config file to run")
     parser.add_argument("--check", action="store_true", help="validate the config file and exit")
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    # Set by the supervisor of `workers = N` for each worker it starts (gateway.workers).
+    parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     client = commands.add_parser(
         "client",
@@ -65,6 +68,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     certs.add_argument("--client", metavar="NAME", help="also make a client certificate NAME")
     certs.add_argument("--force", action="store_true", help="replace existing files")
+    from gateway import bench
+
+    bench.add_arguments(
+        commands.add_parser(
+            "bench",
+            help="a load generator: subscribers and publishers on any transport",
+            description="Measure fan-out: deliveries/s, loss, latency, server CPU and memory.",
+        )
+    )
     return parser
 
 
@@ -75,6 +87,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
         _run_client(args)
     if args.command == "certs":
         sys.exit(_make_certs(args))
+    if args.command == "bench":
+        from gateway import bench
+
+        sys.exit(bench.run(args))
     if args.config is None:
         parser.error("give --config PATH to run a gateway, or a command such as 'client'")
     try:
@@ -85,10 +101,20 @@ def main(argv: list[str] | None = None) -> NoReturn:
     if args.check:
         print(f"{args.config}: ok ({len(config.listeners)} listeners)")
         sys.exit(0)
-    _run(config)
+    if args.worker is not None:
+        from gateway.workers import WorkerSpec, worker_config
+
+        spec = WorkerSpec.parse(args.worker)
+        _run(worker_config(config, spec), worker=True, prepare=lambda c: worker_config(c, spec))
+    _run(config, supervise=Path(args.config) if config.gateway.workers > 1 else None)
 
 
-def _run(config: Config) -> NoReturn:
+def _run(
+    config: Config,
+    worker: bool = False,
+    supervise: Path | None = None,
+    prepare: Callable[[Config], Config] | None = None,
+) -> NoReturn:
     from twisted.internet.task import react
 
     from gateway.logs import observer
@@ -97,7 +123,11 @@ def _run(config: Config) -> NoReturn:
     globalLogBeginner.beginLoggingTo(
         [observer(sys.stdout, settings.log_level, settings.log_format)], redirectStandardIO=False
     )
-    react(lambda r: Deferred.fromCoroutine(_serve(r, config)), [])
+    if supervise is not None:
+        from gateway.workers import supervise as run_workers
+
+        react(lambda r: Deferred.fromCoroutine(run_workers(r, config, supervise)), [])
+    react(lambda r: Deferred.fromCoroutine(_serve(r, config, worker, prepare)), [])
     raise AssertionError("react() returned")  # pragma: no cover
 
 
@@ -139,15 +169,24 @@ def _run_client(args: argparse.Namespace) -> NoReturn:
     raise AssertionError("react() returned")  # pragma: no cover
 
 
-async def _serve(reactor: Any, config: Config) -> None:
+async def _serve(
+    reactor: Any,
+    config: Config,
+    worker: bool = False,
+    prepare: Callable[[Config], Config] | None = None,
+) -> None:
     from gateway.service import GatewayService, ListenError
 
-    service = GatewayService(config, reactor)
+    service = GatewayService(config, reactor, reuse_port=worker, prepare=prepare)
     try:
         await service.listen()
     except ListenError as e:
         print(f"gateway: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    if worker:
+        from gateway.workers import worker_started
+
+        worker_started(reactor)
     service.startService()  # type: ignore[no-untyped-call]
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload))

@@ -31,6 +31,8 @@ WELCOME_FIELDS = ("count", "peer", "name")
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _NAME_RE = _CHANNEL_RE
 MAX_UDP_PAYLOAD = 65507
+LISTEN_BACKLOG = 4096
+"""Pending connections the kernel may hold per stream port (it caps this at somaxconn)."""
 
 
 class ConfigError(Exception):

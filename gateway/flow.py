@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IPullProducer, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -144,6 +144,20 @@ class FlowControl:
         self.readers.discard(gate)
 
 
+TRANSPORT_BUFFER = 64 * 1024
+"""What a Twisted transport buffers before it pauses its producer."""
+
+
+def count_lines(wire: bytes) -> int:
+    """Messages in line-framed output."""
+    return wire.count(b"\n")
+
+
+def count_one(wire: bytes) -> int:
+    """Messages in output that is one message (or whose count does not matter)."""
+    return 1
+
+
 @implementer(IPushProducer)
 class Backlog:
     """What waits for one receiver beyond its transport's own buffer.
@@ -153,9 +167,13 @@ class Backlog:
     when it has drained. While paused, ``admit`` lets at most ``limit`` more
     bytes through; past that the ``policy`` decides: "disconnect" calls
     ``on_overflow`` once, "drop" discards (and counts) until the receiver drains.
+    ``count`` tells how many messages some output holds; it runs only on drops.
     """
 
+    streaming = True
+
     __slots__ = (
+        "count",
         "dropped",
         "dropped_total",
         "dropping",
@@ -174,38 +192,44 @@ class Backlog:
         limits: Limits,
         on_overflow: Callable[[], None],
         log_drop: Callable[[bool, int], None],
+        count: Callable[[bytes], int] = count_one,
     ) -> None:
         self.flow = flow
         self.limit = limits.max_pending_bytes
         self.policy = limits.slow_consumer
         self.on_overflow = on_overflow
         self.log_drop = log_drop
+        self.count = count
         self.paused = False
         self.pending = 0
         self.dropping = False
         self.dropped = 0
         self.dropped_total = 0
 
-    def admit(self, size: int, messages: int) -> bool:
-        """May ``size`` more bytes (``messages`` messages) be written now? Call when paused."""
+    def admit(self, wire: bytes) -> bool:
+        """May ``wire`` be written now? Call only while paused."""
         if self.dropping:
-            self.dropped += messages
-            self.dropped_total += messages
-            self.flow.metrics.drop("slow_consumer", messages)
+            self._drop(wire)
             return False
+        size = len(wire)
         if self.pending + size <= self.limit:
             self.pending += size
             self.flow.add(size)
             return True
         if self.policy == "drop":
             self.dropping = True
-            self.dropped = messages
-            self.dropped_total += messages
-            self.flow.metrics.drop("slow_consumer", messages)
-            self.log_drop(True, messages)
+            self.dropped = 0
+            self._drop(wire)
+            self.log_drop(True, self.dropped)
             return False
         self.on_overflow()
         return False
+
+    def _drop(self, wire: bytes) -> None:
+        messages = self.count(wire)
+        self.dropped += messages
+        self.dropped_total += messages
+        self.flow.metrics.drop("slow_consumer", messages)
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -226,6 +250,67 @@ class Backlog:
         if self.pending:
             self.flow.remove(self.pending)
             self.pending = 0
+
+
+@implementer(IPullProducer)
+class WriteThrough(Backlog):
+    """A backlog that also writes straight to an idle socket.
+
+    Twisted's ``transport.write`` always buffers, then costs two ``epoll_ctl``
+    calls and a loop turn before the ``send``. Registered as a *pull* producer,
+    this backlog hears from Twisted whenever the transport's buffer has drained
+    (``resumeProducing``), so it knows when nothing is queued: then output goes
+    to the socket at once with one ``send``, and only what the socket does not
+    take is handed to the transport. Bytes never overtake each other: while the
+    transport holds anything, everything goes through it. Only for transports
+    that nobody else writes to behind our back (plain TCP line peers).
+    """
+
+    streaming = False
+
+    __slots__ = ("idle", "queued", "send", "transport")
+
+    def __init__(
+        self,
+        flow: FlowControl,
+        limits: Limits,
+        on_overflow: Callable[[], None],
+        log_drop: Callable[[bool, int], None],
+        count: Callable[[bytes], int],
+        transport: Any,
+    ) -> None:
+        super().__init__(flow, limits, on_overflow, log_drop, count)
+        self.transport = transport
+        self.send = transport.getHandle().send
+        self.idle = True
+        self.queued = 0
+
+    def write(self, wire: bytes) -> None:
+        """Send ``wire`` now if nothing is queued, else queue it (within the limits)."""
+        if self.idle:
+            try:
+                sent = self.send(wire)
+            except OSError:
+                sent = 0  # full (EAGAIN), or broken: the transport will find out and close
+            if sent == len(wire):
+                return
+            self.idle = False
+            self.queued = len(wire) - sent
+            self.transport.write(wire[sent:])
+        elif self.paused:
+            if self.admit(wire):
+                self.transport.write(wire)
+        else:
+            self.queued += len(wire)
+            if self.queued > TRANSPORT_BUFFER:
+                self.paused = True
+            self.transport.write(wire)
+
+    def resumeProducing(self) -> None:
+        """Twisted: the transport's buffer is empty."""
+        self.idle = True
+        self.queued = 0
+        super().resumeProducing()
 
 
 class ConnectionGate:
@@ -312,13 +397,19 @@ class StreamFlow:
         peer: Callable[[], str],
         on_slow: Callable[[], None],
         on_idle: Callable[[], None],
+        count: Callable[[bytes], int] = count_one,
+        write_through: bool = False,
     ) -> None:
         self.context = context
         self.transport = transport
         self.peer = peer
         self.on_slow = on_slow
         self.on_idle = on_idle
-        self.backlog = Backlog(context.flow, context.limits, self._slow, self._log_drop)
+        self.backlog: Backlog = (
+            WriteThrough(context.flow, context.limits, self._slow, self._log_drop, count, transport)
+            if write_through
+            else Backlog(context.flow, context.limits, self._slow, self._log_drop, count)
+        )
         self.gate = ReadGate(transport)
         limits = context.limits
         self.bucket = (
@@ -344,7 +435,7 @@ class StreamFlow:
 
     def start(self) -> None:
         self._started = True
-        self.transport.registerProducer(self.backlog, True)
+        self.transport.registerProducer(self.backlog, self.backlog.streaming)
         self.context.flow.register(self.gate)
         if self.context.limits.idle_timeout > 0:
             self._idle = self.context.clock.callLater(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from gateway.address import host_port
 from gateway.admin import AdminSite
 from gateway.bus import Bus
 from gateway.config import (
+    LISTEN_BACKLOG,
     WEBSOCKET_TYPES,
     Config,
     ConfigError,
@@ -64,12 +66,20 @@ class GatewayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        reuse_port: bool = False,
+        prepare: Callable[[Config], Config] | None = None,
+    ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
         # A worker process: listen on ports the other workers share (SO_REUSEPORT).
         self.reuse_port = reuse_port
+        # What a reloaded file goes through before use (a worker's own ports and node id).
+        self.prepare = prepare
         self.metrics = Metrics()
         self.bus = Bus(self.metrics, reactor)
         self.flow = FlowContext(config.limits, self.metrics, reactor)
@@ -201,7 +211,9 @@ class GatewayService(MultiService):
             if ipaddress.ip_address(listener.host).version == 6
             else TCP4ServerEndpoint
         )
-        return endpoint_type(self.reactor, listener.port, interface=listener.host)
+        return endpoint_type(
+            self.reactor, listener.port, backlog=LISTEN_BACKLOG, interface=listener.host
+        )
 
     def _generate_dev_certs(self) -> None:
         """Make missing dev certificates first: listeners may share them."""
@@ -310,6 +322,8 @@ class GatewayService(MultiService):
         """
         try:
             new = load(self.config.path)
+            if self.prepare is not None:
+                new = self.prepare(new)
         except ConfigError as e:
             self.log.error("reload: {problem}; keeping the running configuration", problem=str(e))
             return

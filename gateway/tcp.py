@@ -14,6 +14,7 @@ from twisted.internet.interfaces import (
     IDelayedCall,
     IHandshakeListener,
     IReactorTime,
+    ISystemHandle,
     ITCPTransport,
 )
 from twisted.internet.protocol import Factory, Protocol
@@ -24,7 +25,7 @@ from zope.interface import implementer
 from gateway.address import describe
 from gateway.bus import Bus
 from gateway.config import Limits, StreamListenerConfig
-from gateway.flow import Backlog, FlowContext, StreamFlow
+from gateway.flow import Backlog, FlowContext, StreamFlow, WriteThrough, count_lines
 from gateway.interfaces import IFramer, IPeer
 from gateway.message import Batch, Origin
 from gateway.tls import peer_subject
@@ -83,9 +84,14 @@ class LineProtocol(Protocol):
         self.flow = StreamFlow(
             self.factory.flow,
             transport,
-            lambda: self.origin.peer_id,
-            lambda: self.abort("slow consumer"),
+            self._peer_id,
+            self._slow_consumer,
             self._idle,
+            count_lines,
+            # Plain TCP: only this protocol writes to the socket, so writing
+            # straight to it while nothing is queued is safe (not under TLS).
+            write_through=self.factory.transport_name == "tcp"
+            and ISystemHandle.providedBy(transport),
         )
         if not self.flow.admit(getattr(remote, "host", self.address), self.listener.name):
             self._closing = True
@@ -115,10 +121,12 @@ class LineProtocol(Protocol):
         if subject:
             peer_id = f"{peer_id}:{subject}"
         self.origin = Origin(peer_id, self.listener.name, self.factory.transport_name)
-        transport: Any = self.transport
         assert self.flow is not None
         self.flow.start()
         self.backlog = self.flow.backlog
+        if isinstance(self.backlog, WriteThrough):
+            # The hot path: every delivery is one call straight into the backlog.
+            self.deliver = self.backlog.write  # type: ignore[method-assign]
         count = self.bus.attach(self)
         self.log.info(
             '{peer} connected from {address} (listener "{listener}", {count} peers)',
@@ -130,7 +138,7 @@ class LineProtocol(Protocol):
         welcome = self.listener.welcome
         if welcome:
             text = welcome.format(count=count, peer=peer_id, name=self.factory.gateway_name)
-            transport.write(text.encode("utf-8") + b"\n")
+            self.deliver(text.encode("utf-8") + b"\n")
         self.bus.replay_history(self)
 
     def _handshake_expired(self) -> None:
@@ -237,8 +245,8 @@ class LineProtocol(Protocol):
         )
         self.bus.metrics.drop("oversize")
         self.bus.metrics.disconnect("oversize")
-        assert self.transport is not None
-        self.transport.write(b"gateway: message too long (limit %d bytes), closing\n" % limit)
+        if self.backlog is not None:
+            self.deliver(b"gateway: message too long (limit %d bytes), closing\n" % limit)
         self.close(f"message too long: {size} bytes, limit {limit}")
 
     # Outbound (IPeer)
@@ -246,14 +254,16 @@ class LineProtocol(Protocol):
     def deliver(self, wire: bytes) -> None:
         backlog = self.backlog
         # Past the transport's own 64 KiB, what may wait is bounded by the backlog.
-        if (
-            backlog is not None
-            and backlog.paused
-            and not backlog.admit(len(wire), wire.count(b"\n"))
-        ):
+        if backlog is not None and backlog.paused and not backlog.admit(wire):
             return
         assert self.transport is not None
         self.transport.write(wire)
+
+    def _peer_id(self) -> str:
+        return self.origin.peer_id
+
+    def _slow_consumer(self) -> None:
+        self.abort("slow consumer")
 
     def close(self, reason: str) -> None:
         if self._closing:

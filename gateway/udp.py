@@ -30,7 +30,7 @@ from operator import methodcaller
 from typing import Any
 
 from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ISystemHandle
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -180,7 +180,15 @@ class DatagramListener(DatagramProtocol):
         self.max_message_bytes = min(limits.max_message_bytes, MAX_UDP_PAYLOAD, self.read_size - 3)
         self.max_messages_per_second = limits.max_messages_per_second
 
+    # The socket's own sendto, once listening: peers' addresses are already
+    # checked tuples, so Twisted's per-datagram address validation is skipped.
+    _sendto: Any = None
+
     def startProtocol(self) -> None:
+        transport: Any = self.transport
+        if ISystemHandle.providedBy(transport):
+            handle: Any = transport.getHandle()
+            self._sendto = handle.sendto
         wide = [str(n) for n in self.config.allow if not is_loopback(n)]
         if wide and not self.config.challenge:
             self.log.warn(
@@ -331,9 +339,12 @@ class DatagramListener(DatagramProtocol):
 
     def write(self, datagram: bytes, address: Address) -> None:
         """Send one datagram; a full socket buffer drops it, counted."""
-        assert self.transport is not None
         try:
-            self.transport.write(datagram, address)
+            if self._sendto is not None:
+                self._sendto(datagram, address)
+            else:
+                assert self.transport is not None
+                self.transport.write(datagram, address)
         except (OSError, MessageLengthError):
             self.bus.metrics.drop("udp_send_error")
 

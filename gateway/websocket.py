@@ -355,7 +355,7 @@ class WebSocketPeer(WebSocketServerProtocol):
         self.flow = StreamFlow(
             self.factory.flow,
             transport,
-            lambda: self.origin.peer_id,
+            self._peer_id,
             self._slow_consumer,
             self._idle,
         )
@@ -513,7 +513,7 @@ class WebSocketPeer(WebSocketServerProtocol):
             return
         backlog = self.backlog
         # Past the transport's own 64 KiB, what may wait is bounded by the backlog.
-        if backlog is not None and backlog.paused and not backlog.admit(len(wire), 1):
+        if backlog is not None and backlog.paused and not backlog.admit(wire):
             return
         self.transport.write(wire)  # type: ignore[union-attr]
 
@@ -543,6 +543,9 @@ class WebSocketPeer(WebSocketServerProtocol):
         else:
             transport: Any = self.transport
             transport.abortConnection()
+
+    def _peer_id(self) -> str:
+        return self.origin.peer_id
 
     def _slow_consumer(self) -> None:
         self._closing = True

@@ -17,6 +17,7 @@ python3 -c 'import ensurepip, venv' 2>/dev/null || need python3-venv
 if [ "$want_test" = test ]; then
     command -v openssl >/dev/null 2>&1 || need openssl
     command -v chromium >/dev/null 2>&1 || need chromium
+    command -v redis-server >/dev/null 2>&1 || need redis-server
 fi
 if [ -n "$apt_packages" ]; then
     echo "bootstrap: installing$apt_packages with apt-get"

@@ -174,3 +174,108 @@ def test_rate_limited_log_counts_suppressed_lines():
         log.emit("cause", "something happened")
         log.emit("other", "something else")
     assert [e.get("suppressed") for e in events] == [0, 9, 0]
+
+
+class FakeSocket:
+    """Takes at most ``room`` bytes per send; raises EAGAIN when it takes none."""
+
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.sent = b""
+
+    def send(self, data: bytes) -> int:
+        if self.room == 0:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        taken = data[: self.room]
+        self.sent += taken
+        return len(taken)
+
+
+class HandleTransport(StringTransport):
+    def __init__(self, sock: FakeSocket) -> None:
+        super().__init__()
+        self.sock = sock
+
+    def getHandle(self) -> FakeSocket:
+        return self.sock
+
+
+def write_through(limits: Limits) -> tuple[Any, FakeSocket, HandleTransport, list[str]]:
+    from gateway.flow import FlowControl, WriteThrough, count_lines
+    from gateway.metrics import Metrics
+
+    sock = FakeSocket(room=1_000_000)
+    transport = HandleTransport(sock)
+    events: list[str] = []
+    out = WriteThrough(
+        FlowControl(limits, Metrics()),
+        limits,
+        lambda: events.append("overflow"),
+        lambda started, n: events.append(f"drop {started} {n}"),
+        count_lines,
+        transport,
+    )
+    transport.registerProducer(out, False)
+    return out, sock, transport, events
+
+
+def test_write_through_sends_at_once_while_nothing_is_queued():
+    out, sock, transport, _ = write_through(Limits())
+    out.write(b"a\n")
+    out.write(b"b\n")
+    assert sock.sent == b"a\nb\n"
+    assert transport.value() == b""  # Twisted's buffer never saw it
+
+
+def test_write_through_queues_the_rest_and_keeps_the_order():
+    out, sock, transport, _ = write_through(Limits())
+    sock.room = 3
+    out.write(b"hello\n")  # the socket takes "hel"
+    sock.room = 1_000_000
+    out.write(b"world\n")  # must not overtake "lo\n"
+    assert sock.sent == b"hel"
+    assert transport.value() == b"lo\nworld\n"
+    assert not out.idle
+    transport.clear()
+    out.resumeProducing()  # Twisted: the buffer has drained
+    out.write(b"again\n")
+    assert sock.sent == b"helagain\n"
+
+
+def test_write_through_socket_full_goes_to_the_transport():
+    out, sock, transport, _ = write_through(Limits())
+    sock.room = 0
+    out.write(b"x\n")
+    assert transport.value() == b"x\n" and sock.sent == b""
+
+
+def test_write_through_applies_the_slow_consumer_limit():
+    limits = Limits(max_pending_bytes=4096)
+    out, sock, _transport, events = write_through(limits)
+    sock.room = 0
+    chunk = b"y" * 1023 + b"\n"
+    for _ in range(64):  # 64 KiB: the transport's own buffer
+        out.write(chunk)
+    assert not out.paused and not events
+    out.write(chunk)
+    assert out.paused
+    for _ in range(4):  # 4 KiB more may wait
+        out.write(chunk)
+    assert not events
+    out.write(chunk)
+    assert events == ["overflow"]
+
+
+def test_write_through_drop_mode_resumes_after_draining():
+    limits = Limits(max_pending_bytes=2048, slow_consumer="drop")
+    out, sock, transport, events = write_through(limits)
+    sock.room = 0
+    for _ in range(70):
+        out.write(b"z" * 1023 + b"\n")
+    assert events and events[0].startswith("drop True")
+    transport.clear()
+    out.resumeProducing()
+    assert events[-1].startswith("drop False")
+    sock.room = 100
+    out.write(b"fresh\n")
+    assert sock.sent == b"fresh\n"
