@@ -15,13 +15,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IPullProducer, IPushProducer, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from gateway.config import Limits
+from gateway.message import Origin
 from gateway.metrics import Metrics
 
 
@@ -80,24 +81,28 @@ class TokenBucket:
         return True
 
 
+BACKPRESSURE = 1
+RATE_LIMIT = 2
+
+
 class ReadGate:
-    """Pauses a transport's reading while at least one reason holds."""
+    """Pauses a transport's reading while at least one reason (a bit) holds."""
 
     __slots__ = ("reasons", "transport")
 
     def __init__(self, transport: Any) -> None:
         self.transport = transport
-        self.reasons: set[str] = set()
+        self.reasons = 0
 
-    def pause(self, reason: str) -> None:
+    def pause(self, reason: int) -> None:
         if not self.reasons:
             self.transport.pauseProducing()
-        self.reasons.add(reason)
+        self.reasons |= reason
 
-    def resume(self, reason: str) -> None:
-        if reason not in self.reasons:
+    def resume(self, reason: int) -> None:
+        if not self.reasons & reason:
             return
-        self.reasons.discard(reason)
+        self.reasons &= ~reason
         if not self.reasons:
             self.transport.resumeProducing()
 
@@ -124,7 +129,7 @@ class FlowControl:
                 limit=self.limit,
             )
             for gate in list(self.readers):
-                gate.pause("backpressure")
+                gate.pause(BACKPRESSURE)
 
     def remove(self, size: int) -> None:
         self.total_pending -= size
@@ -133,15 +138,38 @@ class FlowControl:
             self.backpressure = False
             self.log.info("slow receivers drained: senders resume")
             for gate in list(self.readers):
-                gate.resume("backpressure")
+                gate.resume(BACKPRESSURE)
 
     def register(self, gate: ReadGate) -> None:
         self.readers.add(gate)
         if self.backpressure:
-            gate.pause("backpressure")
+            gate.pause(BACKPRESSURE)
 
     def unregister(self, gate: ReadGate) -> None:
         self.readers.discard(gate)
+
+
+class BacklogOwner(Protocol):
+    """Who a backlog reports to."""
+
+    def slow(self) -> None:
+        """The receiver fell more than the limit behind (policy "disconnect")."""
+
+    def log_drop(self, started: bool, count: int) -> None:
+        """Dropping for the receiver started, or ended after ``count`` messages."""
+
+
+class FlowOwner(Protocol):
+    """The peer a ``StreamFlow`` belongs to."""
+
+    @property
+    def origin(self) -> Origin: ...
+
+    def slow_consumer(self) -> None:
+        """Close the peer: it does not read (after the gateway logged and counted it)."""
+
+    def idle_timeout(self) -> None:
+        """Close the peer: it sent nothing for ``limits.idle_timeout``."""
 
 
 TRANSPORT_BUFFER = 64 * 1024
@@ -168,6 +196,8 @@ class Backlog:
     bytes through; past that the ``policy`` decides: "disconnect" calls
     ``on_overflow`` once, "drop" discards (and counts) until the receiver drains.
     ``count`` tells how many messages some output holds; it runs only on drops.
+    The ``owner`` hears about overflows (``slow()``) and drop episodes
+    (``log_drop(started, count)``).
     """
 
     streaming = True
@@ -179,8 +209,7 @@ class Backlog:
         "dropping",
         "flow",
         "limit",
-        "log_drop",
-        "on_overflow",
+        "owner",
         "paused",
         "pending",
         "policy",
@@ -190,15 +219,13 @@ class Backlog:
         self,
         flow: FlowControl,
         limits: Limits,
-        on_overflow: Callable[[], None],
-        log_drop: Callable[[bool, int], None],
+        owner: BacklogOwner,
         count: Callable[[bytes], int] = count_one,
     ) -> None:
         self.flow = flow
         self.limit = limits.max_pending_bytes
         self.policy = limits.slow_consumer
-        self.on_overflow = on_overflow
-        self.log_drop = log_drop
+        self.owner = owner
         self.count = count
         self.paused = False
         self.pending = 0
@@ -220,9 +247,9 @@ class Backlog:
             self.dropping = True
             self.dropped = 0
             self._drop(wire)
-            self.log_drop(True, self.dropped)
+            self.owner.log_drop(True, self.dropped)
             return False
-        self.on_overflow()
+        self.owner.slow()
         return False
 
     def _drop(self, wire: bytes) -> None:
@@ -239,7 +266,7 @@ class Backlog:
         self.release()
         if self.dropping:
             self.dropping = False
-            self.log_drop(False, self.dropped)
+            self.owner.log_drop(False, self.dropped)
             self.dropped = 0
 
     def stopProducing(self) -> None:
@@ -274,12 +301,11 @@ class WriteThrough(Backlog):
         self,
         flow: FlowControl,
         limits: Limits,
-        on_overflow: Callable[[], None],
-        log_drop: Callable[[bool, int], None],
+        owner: BacklogOwner,
         count: Callable[[bytes], int],
         transport: Any,
     ) -> None:
-        super().__init__(flow, limits, on_overflow, log_drop, count)
+        super().__init__(flow, limits, owner, count)
         self.transport = transport
         self.send = transport.getHandle().send
         self.idle = True
@@ -390,25 +416,35 @@ class StreamFlow:
 
     log = Logger()
 
+    # Slots, no closures: one of these lives for every connection.
+    __slots__ = (
+        "_host",
+        "_idle",
+        "_resume",
+        "_started",
+        "backlog",
+        "bucket",
+        "context",
+        "gate",
+        "owner",
+        "transport",
+    )
+
     def __init__(
         self,
         context: FlowContext,
         transport: Any,
-        peer: Callable[[], str],
-        on_slow: Callable[[], None],
-        on_idle: Callable[[], None],
+        owner: FlowOwner,
         count: Callable[[bytes], int] = count_one,
         write_through: bool = False,
     ) -> None:
         self.context = context
         self.transport = transport
-        self.peer = peer
-        self.on_slow = on_slow
-        self.on_idle = on_idle
+        self.owner = owner
         self.backlog: Backlog = (
-            WriteThrough(context.flow, context.limits, self._slow, self._log_drop, count, transport)
+            WriteThrough(context.flow, context.limits, self, count, transport)
             if write_through
-            else Backlog(context.flow, context.limits, self._slow, self._log_drop, count)
+            else Backlog(context.flow, context.limits, self, count)
         )
         self.gate = ReadGate(transport)
         limits = context.limits
@@ -449,44 +485,46 @@ class StreamFlow:
         if self.bucket is not None and messages:
             deficit = self.bucket.take(messages)
             if deficit and self._resume is None:
-                self.gate.pause("rate_limit")
+                self.gate.pause(RATE_LIMIT)
                 self.context.metrics.throttled += 1
                 self._resume = self.context.clock.callLater(
                     deficit / self.bucket.rate, self._unthrottle
                 )
 
-    def _slow(self) -> None:
+    def slow(self) -> None:
+        """BacklogOwner: the peer is over its backlog limit; log, count, close it."""
         self.log.warn(
             "{peer} is not reading: over {limit} bytes pending; disconnecting",
-            peer=self.peer(),
+            peer=self.owner.origin.peer_id,
             limit=self.context.limits.max_pending_bytes,
         )
         self.context.metrics.disconnect("slow_consumer")
-        self.on_slow()
+        self.owner.slow_consumer()
 
-    def _log_drop(self, started: bool, count: int) -> None:
+    def log_drop(self, started: bool, count: int) -> None:
+        """BacklogOwner: a drop episode started or ended."""
         if started:
             self.log.warn(
                 "{peer} is not reading: over {limit} bytes pending; dropping its messages "
                 "until it catches up",
-                peer=self.peer(),
+                peer=self.owner.origin.peer_id,
                 limit=self.context.limits.max_pending_bytes,
             )
         else:
             self.log.info(
                 "{peer} caught up; {count} messages were dropped for it",
-                peer=self.peer(),
+                peer=self.owner.origin.peer_id,
                 count=count,
             )
 
     def _unthrottle(self) -> None:
         self._resume = None
-        self.gate.resume("rate_limit")
+        self.gate.resume(RATE_LIMIT)
 
     def _idle_expired(self) -> None:
         self._idle = None
         self.context.metrics.disconnect("idle_timeout")
-        self.on_idle()
+        self.owner.idle_timeout()
 
     def stop(self) -> None:
         """The connection is gone: release everything it held."""

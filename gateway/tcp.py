@@ -84,9 +84,7 @@ class LineProtocol(Protocol):
         self.flow = StreamFlow(
             self.factory.flow,
             transport,
-            self._peer_id,
-            self._slow_consumer,
-            self._idle,
+            self,
             count_lines,
             # Plain TCP: only this protocol writes to the socket, so writing
             # straight to it while nothing is queued is safe (not under TLS).
@@ -259,10 +257,8 @@ class LineProtocol(Protocol):
         assert self.transport is not None
         self.transport.write(wire)
 
-    def _peer_id(self) -> str:
-        return self.origin.peer_id
-
-    def _slow_consumer(self) -> None:
+    def slow_consumer(self) -> None:
+        """FlowOwner: the peer does not read."""
         self.abort("slow consumer")
 
     def close(self, reason: str) -> None:
@@ -289,7 +285,8 @@ class LineProtocol(Protocol):
         transport: Any = self.transport
         transport.abortConnection()
 
-    def _idle(self) -> None:
+    def idle_timeout(self) -> None:
+        """FlowOwner: the peer sent nothing for too long."""
         self.abort(f"idle for {self.factory.limits.idle_timeout:g} s")
 
 

@@ -352,13 +352,7 @@ class WebSocketPeer(WebSocketServerProtocol):
         transport: Any = self.transport
         remote = transport.getPeer()
         self.address = describe(remote)
-        self.flow = StreamFlow(
-            self.factory.flow,
-            transport,
-            self._peer_id,
-            self._slow_consumer,
-            self._idle,
-        )
+        self.flow = StreamFlow(self.factory.flow, transport, self)
         # The HTTP channel counted this connection against the caps; it is ours now.
         self.flow.adopt(getattr(remote, "host", self.address))
         self.factory.connections.add(self)
@@ -544,10 +538,8 @@ class WebSocketPeer(WebSocketServerProtocol):
             transport: Any = self.transport
             transport.abortConnection()
 
-    def _peer_id(self) -> str:
-        return self.origin.peer_id
-
-    def _slow_consumer(self) -> None:
+    def slow_consumer(self) -> None:
+        """FlowOwner: the peer does not read: close 1008, then drop."""
         self._closing = True
         self._close_reason = "slow consumer"
         self.factory.presence.discard(self)
@@ -555,7 +547,8 @@ class WebSocketPeer(WebSocketServerProtocol):
         self.sendCloseFrame(code=CLOSE_POLICY_VIOLATION, reasonUtf8=b"slow consumer", isReply=False)
         self.dropConnection(abort=True)
 
-    def _idle(self) -> None:
+    def idle_timeout(self) -> None:
+        """FlowOwner: the peer sent nothing (not even a pong) for too long."""
         self.abort(f"idle for {self.factory.limits.idle_timeout:g} s")
 
 

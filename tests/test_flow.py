@@ -207,14 +207,15 @@ def write_through(limits: Limits) -> tuple[Any, FakeSocket, HandleTransport, lis
     sock = FakeSocket(room=1_000_000)
     transport = HandleTransport(sock)
     events: list[str] = []
-    out = WriteThrough(
-        FlowControl(limits, Metrics()),
-        limits,
-        lambda: events.append("overflow"),
-        lambda started, n: events.append(f"drop {started} {n}"),
-        count_lines,
-        transport,
-    )
+
+    class Owner:
+        def slow(self) -> None:
+            events.append("overflow")
+
+        def log_drop(self, started: bool, count: int) -> None:
+            events.append(f"drop {started} {count}")
+
+    out = WriteThrough(FlowControl(limits, Metrics()), limits, Owner(), count_lines, transport)
     transport.registerProducer(out, False)
     return out, sock, transport, events
 
