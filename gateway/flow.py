@@ -4,8 +4,8 @@
   (Twisted pauses a registered producer once that buffer holds 64 KiB).
 - ``FlowControl``: gateway-wide, the total waiting; over its limit every stream
   sender's reading is paused until it drains.
-- ``ReadGate``: pauses a stream peer's reading for one or more reasons (rate
-  limit, global backpressure) and resumes it when none is left.
+- ``StreamFlow``: all of the above for one stream connection, which it also
+  pauses from reading while backpressure or its rate limit says so.
 - ``TokenBucket``: the inbound message rate limit.
 - ``ConnectionGate``: connection caps, total and per IP.
 - ``RateLimitedLog``: at most one line per second per cause, with a count of
@@ -85,28 +85,6 @@ BACKPRESSURE = 1
 RATE_LIMIT = 2
 
 
-class ReadGate:
-    """Pauses a transport's reading while at least one reason (a bit) holds."""
-
-    __slots__ = ("reasons", "transport")
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.reasons = 0
-
-    def pause(self, reason: int) -> None:
-        if not self.reasons:
-            self.transport.pauseProducing()
-        self.reasons |= reason
-
-    def resume(self, reason: int) -> None:
-        if not self.reasons & reason:
-            return
-        self.reasons &= ~reason
-        if not self.reasons:
-            self.transport.resumeProducing()
-
-
 class FlowControl:
     """Gateway-wide accounting of bytes waiting for slow receivers."""
 
@@ -116,7 +94,7 @@ class FlowControl:
         self.limit = limits.max_total_pending_bytes
         self.metrics = metrics
         self.total_pending = 0
-        self.readers: set[ReadGate] = set()
+        self.readers: set[StreamFlow] = set()
         self.backpressure = False
 
     def add(self, size: int) -> None:
@@ -128,8 +106,8 @@ class FlowControl:
                 pending=self.total_pending,
                 limit=self.limit,
             )
-            for gate in list(self.readers):
-                gate.pause(BACKPRESSURE)
+            for reader in list(self.readers):
+                reader.pause_reading(BACKPRESSURE)
 
     def remove(self, size: int) -> None:
         self.total_pending -= size
@@ -137,16 +115,16 @@ class FlowControl:
         if self.backpressure and self.total_pending <= self.limit // 2:
             self.backpressure = False
             self.log.info("slow receivers drained: senders resume")
-            for gate in list(self.readers):
-                gate.resume(BACKPRESSURE)
+            for reader in list(self.readers):
+                reader.resume_reading(BACKPRESSURE)
 
-    def register(self, gate: ReadGate) -> None:
-        self.readers.add(gate)
+    def register(self, reader: StreamFlow) -> None:
+        self.readers.add(reader)
         if self.backpressure:
-            gate.pause(BACKPRESSURE)
+            reader.pause_reading(BACKPRESSURE)
 
-    def unregister(self, gate: ReadGate) -> None:
-        self.readers.discard(gate)
+    def unregister(self, reader: StreamFlow) -> None:
+        self.readers.discard(reader)
 
 
 class BacklogOwner(Protocol):
@@ -213,6 +191,7 @@ class Backlog:
         "paused",
         "pending",
         "policy",
+        "transport",
     )
 
     def __init__(
@@ -220,8 +199,10 @@ class Backlog:
         flow: FlowControl,
         limits: Limits,
         owner: BacklogOwner,
-        count: Callable[[bytes], int] = count_one,
+        count: Callable[[bytes], int],
+        transport: Any,
     ) -> None:
+        self.transport = transport
         self.flow = flow
         self.limit = limits.max_pending_bytes
         self.policy = limits.slow_consumer
@@ -232,6 +213,12 @@ class Backlog:
         self.dropping = False
         self.dropped = 0
         self.dropped_total = 0
+
+    def write(self, wire: bytes) -> None:
+        """Write ``wire`` to the transport, within the backlog's limits."""
+        if self.paused and not self.admit(wire):
+            return
+        self.transport.write(wire)
 
     def admit(self, wire: bytes) -> bool:
         """May ``wire`` be written now? Call only while paused."""
@@ -295,7 +282,7 @@ class WriteThrough(Backlog):
 
     streaming = False
 
-    __slots__ = ("idle", "queued", "send", "transport")
+    __slots__ = ("idle", "queued", "send")
 
     def __init__(
         self,
@@ -305,8 +292,7 @@ class WriteThrough(Backlog):
         count: Callable[[bytes], int],
         transport: Any,
     ) -> None:
-        super().__init__(flow, limits, owner, count)
-        self.transport = transport
+        super().__init__(flow, limits, owner, count, transport)
         self.send = transport.getHandle().send
         self.idle = True
         self.queued = 0
@@ -425,8 +411,8 @@ class StreamFlow:
         "backlog",
         "bucket",
         "context",
-        "gate",
         "owner",
+        "reading_paused",
         "transport",
     )
 
@@ -444,9 +430,10 @@ class StreamFlow:
         self.backlog: Backlog = (
             WriteThrough(context.flow, context.limits, self, count, transport)
             if write_through
-            else Backlog(context.flow, context.limits, self, count)
+            else Backlog(context.flow, context.limits, self, count, transport)
         )
-        self.gate = ReadGate(transport)
+        # Why reading is paused, as bits (BACKPRESSURE, RATE_LIMIT); 0 = reading.
+        self.reading_paused = 0
         limits = context.limits
         self.bucket = (
             TokenBucket(limits.max_messages_per_second, context.clock)
@@ -472,7 +459,7 @@ class StreamFlow:
     def start(self) -> None:
         self._started = True
         self.transport.registerProducer(self.backlog, self.backlog.streaming)
-        self.context.flow.register(self.gate)
+        self.context.flow.register(self)
         if self.context.limits.idle_timeout > 0:
             self._idle = self.context.clock.callLater(
                 self.context.limits.idle_timeout, self._idle_expired
@@ -485,7 +472,7 @@ class StreamFlow:
         if self.bucket is not None and messages:
             deficit = self.bucket.take(messages)
             if deficit and self._resume is None:
-                self.gate.pause(RATE_LIMIT)
+                self.pause_reading(RATE_LIMIT)
                 self.context.metrics.throttled += 1
                 self._resume = self.context.clock.callLater(
                     deficit / self.bucket.rate, self._unthrottle
@@ -517,9 +504,23 @@ class StreamFlow:
                 count=count,
             )
 
+    def pause_reading(self, reason: int) -> None:
+        """Stop reading from the peer while ``reason`` holds (with any other)."""
+        if not self.reading_paused:
+            self.transport.pauseProducing()
+        self.reading_paused |= reason
+
+    def resume_reading(self, reason: int) -> None:
+        """``reason`` no longer holds; read again once no reason is left."""
+        if not self.reading_paused & reason:
+            return
+        self.reading_paused &= ~reason
+        if not self.reading_paused:
+            self.transport.resumeProducing()
+
     def _unthrottle(self) -> None:
         self._resume = None
-        self.gate.resume(RATE_LIMIT)
+        self.resume_reading(RATE_LIMIT)
 
     def _idle_expired(self) -> None:
         self._idle = None
@@ -534,7 +535,7 @@ class StreamFlow:
         self._idle = self._resume = None
         self.backlog.release()
         if self._started:
-            self.context.flow.unregister(self.gate)
+            self.context.flow.unregister(self)
         if self._host is not None:
             self.context.gate.release(self._host)
             self._host = None

@@ -25,7 +25,7 @@ from zope.interface import implementer
 from gateway.address import describe
 from gateway.bus import Bus
 from gateway.config import Limits, StreamListenerConfig
-from gateway.flow import Backlog, FlowContext, StreamFlow, WriteThrough, count_lines
+from gateway.flow import Backlog, FlowContext, StreamFlow, count_lines
 from gateway.interfaces import IFramer, IPeer
 from gateway.message import Batch, Origin
 from gateway.tls import peer_subject
@@ -63,7 +63,6 @@ class LineProtocol(Protocol):
         self.max_message_bytes = factory.limits.max_message_bytes
         self.quit_command = listener.quit_command.encode("utf-8") if listener.quit_command else None
         self.origin = Origin("", listener.name, factory.transport_name)
-        self.address = ""
         self._buffer = b""
         self._closing = False
         self._close_reason: str | None = None
@@ -71,6 +70,11 @@ class LineProtocol(Protocol):
         self.subject: str | None = None  # the TLS client certificate's subject, if any
         self.flow: StreamFlow | None = None
         self.backlog: Backlog | None = None
+
+    @property
+    def address(self) -> str:
+        """The remote address, for logs (worked out when asked: idle peers stay small)."""
+        return describe(self.transport.getPeer()) if self.transport is not None else ""
 
     # Connection lifecycle
 
@@ -80,7 +84,6 @@ class LineProtocol(Protocol):
             transport.setTcpNoDelay(True)
             transport.setTcpKeepAlive(True)
         remote = transport.getPeer()
-        self.address = describe(remote)
         self.flow = StreamFlow(
             self.factory.flow,
             transport,
@@ -122,9 +125,6 @@ class LineProtocol(Protocol):
         assert self.flow is not None
         self.flow.start()
         self.backlog = self.flow.backlog
-        if isinstance(self.backlog, WriteThrough):
-            # The hot path: every delivery is one call straight into the backlog.
-            self.deliver = self.backlog.write  # type: ignore[method-assign]
         count = self.bus.attach(self)
         self.log.info(
             '{peer} connected from {address} (listener "{listener}", {count} peers)',
@@ -250,12 +250,8 @@ class LineProtocol(Protocol):
     # Outbound (IPeer)
 
     def deliver(self, wire: bytes) -> None:
-        backlog = self.backlog
-        # Past the transport's own 64 KiB, what may wait is bounded by the backlog.
-        if backlog is not None and backlog.paused and not backlog.admit(wire):
-            return
-        assert self.transport is not None
-        self.transport.write(wire)
+        # Only attached peers get deliveries, and joining made the backlog.
+        self.backlog.write(wire)  # type: ignore[union-attr]
 
     def slow_consumer(self) -> None:
         """FlowOwner: the peer does not read."""

@@ -505,11 +505,8 @@ class WebSocketPeer(WebSocketServerProtocol):
         # closing handshake, and must never raise into the sender.
         if self.state != self.STATE_OPEN:
             return
-        backlog = self.backlog
         # Past the transport's own 64 KiB, what may wait is bounded by the backlog.
-        if backlog is not None and backlog.paused and not backlog.admit(wire):
-            return
-        self.transport.write(wire)  # type: ignore[union-attr]
+        self.backlog.write(wire)  # type: ignore[union-attr]
 
     def close(self, reason: str, code: int = CLOSE_GOING_AWAY) -> None:
         """Start the closing handshake with ``code`` and ``reason`` (1001 by default)."""
