@@ -305,10 +305,9 @@ class GatewayService(MultiService):
         return {name: len(protocol.peers) for name, protocol in self.datagram_listeners.items()}
 
     def backplane_state(self) -> tuple[bool, int] | None:
-        backplane: Any = getattr(self, "backplane", None)
-        if backplane is None:
+        if self.backplane is None:
             return None
-        return bool(backplane.is_up), int(backplane.unforwarded)
+        return self.backplane.is_up, self.backplane.unforwarded
 
     # SIGHUP
 
