@@ -272,7 +272,7 @@ class GatewayService(MultiService):
         # The admin port stays up while draining: /healthz answers 503 meanwhile.
         await self._stop_listening(admin=False)
         for factory in self.line_factories.values():
-            factory.close_timeout = self.config.gateway.shutdown_timeout
+            factory.draining = self.config.gateway.shutdown_timeout
         self.bus.close_all("gateway shutting down")
         deadline = self.reactor.seconds() + self.config.gateway.shutdown_timeout
         while self._open_connections() and self.reactor.seconds() < deadline:

@@ -270,7 +270,7 @@ class LineProtocol(Protocol):
         # Queued output may drain, but a peer that never reads (or never answers
         # TLS close_notify) must not hold the connection open forever.
         self._deadline = self.factory.clock.callLater(
-            self.factory.close_timeout, transport.abortConnection
+            self.factory.close_timeout(), transport.abortConnection
         )
 
     def abort(self, reason: str) -> None:
@@ -311,11 +311,15 @@ class LineFactory(Factory):
         self.transport_name = transport_name
         # None for plain TCP; for TLS, seconds from connect to a finished handshake.
         self.handshake_timeout = handshake_timeout
-        # How long a closed peer may take to drain its queued output (and, over TLS,
-        # to answer close_notify) before it is cut; the gateway's drain sets its own.
-        self.close_timeout = limits.handshake_timeout
+        # Set while the gateway drains: how long closed peers may take then.
+        self.draining: float | None = None
         # Open connections, attached or closing; the gateway waits for them on shutdown.
         self.connections: set[LineProtocol] = set()
+
+    def close_timeout(self) -> float:
+        """How long a closed peer may take to drain its queued output (and, over TLS,
+        to answer close_notify) before it is cut."""
+        return self.draining if self.draining is not None else self.limits.handshake_timeout
 
     def buildProtocol(self, addr: Any) -> LineProtocol:
         return LineProtocol(self)
