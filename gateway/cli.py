@@ -68,29 +68,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     certs.add_argument("--client", metavar="NAME", help="also make a client certificate NAME")
     certs.add_argument("--force", action="store_true", help="replace existing files")
-    from gateway import bench
-
-    bench.add_arguments(
-        commands.add_parser(
-            "bench",
-            help="a load generator: subscribers and publishers on any transport",
-            description="Measure fan-out: deliveries/s, loss, latency, server CPU and memory.",
-        )
-    )
+    # Listed here; its arguments live in gateway.bench, loaded only when it runs.
+    commands.add_parser("bench", help=BENCH_HELP, add_help=False)
     return parser
 
 
+BENCH_HELP = "a load generator: subscribers and publishers on any transport"
+
+
+def _bench(argv: list[str]) -> NoReturn:
+    from gateway import bench
+
+    parser = argparse.ArgumentParser(
+        prog="gateway bench",
+        description="Measure fan-out: deliveries/s, loss, latency, server CPU and memory.",
+    )
+    bench.add_arguments(parser)
+    sys.exit(bench.run(parser.parse_args(argv)))
+
+
 def main(argv: list[str] | None = None) -> NoReturn:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        _bench(argv[1:])
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "client":
         _run_client(args)
     if args.command == "certs":
         sys.exit(_make_certs(args))
-    if args.command == "bench":
-        from gateway import bench
-
-        sys.exit(bench.run(args))
     if args.config is None:
         parser.error("give --config PATH to run a gateway, or a command such as 'client'")
     try:
