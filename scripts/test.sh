@@ -4,8 +4,8 @@ set -eu
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh test
 echo "== ruff"
-.venv/bin/ruff check gateway tests
-.venv/bin/ruff format --check gateway tests
+.venv/bin/ruff check gateway tests twisted
+.venv/bin/ruff format --check gateway tests twisted
 echo "== mypy"
 .venv/bin/mypy
 echo "== pytest"

@@ -118,6 +118,30 @@ class GatewayProcess:
         return self.proc.returncode
 
 
+def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """A loopback port that was free a moment ago, for programs that need it up front."""
+    with socket.socket(socket.AF_INET, kind) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = TIMEOUT) -> None:
+    """Wait until something accepts TCP connections on ``port`` (``proc`` must keep running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            output = proc.stdout.read().decode() if proc.stdout else ""
+            raise AssertionError(f"exited early with {proc.returncode}:\n{output}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing listens on port {port}") from None
+            time.sleep(0.05)
+
+
 class Line:
     """A TCP client that reads newline-terminated lines."""
 

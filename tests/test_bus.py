@@ -8,9 +8,9 @@ import pytest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from gateway.bus import Bus
-from gateway.interfaces import IFramer, IPeer
-from gateway.message import Batch, Kind, Origin
+from gateway.core.bus import Bus
+from gateway.core.interfaces import IFramer, IPeer
+from gateway.core.message import Batch, Kind, Origin
 
 
 @implementer(IFramer)
@@ -23,9 +23,16 @@ class CountingFramer:
         self.calls += 1
         return (self.name, list(batch.payloads))
 
+    def count(self, wire: Any) -> int:
+        return len(wire[1])
+
 
 @implementer(IPeer)
 class FakePeer:
+    subject = None
+    pending_bytes = 0
+    dropped_messages = 0
+
     def __init__(
         self, bus: Bus, name: str, framer: IFramer, channel: str = "main", echo: bool = False
     ) -> None:

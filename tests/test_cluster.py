@@ -23,19 +23,13 @@ from twisted.internet.task import Clock
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
-from gateway.bus import Bus, RemotePeer
-from gateway.cluster import (
-    Backplane,
-    Frame,
-    WireError,
-    decode,
-    encode_batch,
-    encode_presence,
-    parse_redis_url,
-)
+from gateway.cluster.backplane import Backplane
+from gateway.cluster.redis import parse_redis_url
+from gateway.cluster.wire import Frame, WireError, decode, encode_batch, encode_presence
 from gateway.config import ClusterSettings
-from gateway.interfaces import IFramer, IPeer
-from gateway.message import Batch, Kind, Origin
+from gateway.core.bus import Bus, RemotePeer
+from gateway.core.interfaces import IFramer, IPeer
+from gateway.core.message import Batch, Kind, Origin
 
 # The wire format
 
@@ -246,10 +240,16 @@ class RecordingFramer:
     def frame(self, batch: Batch) -> Any:
         return batch
 
+    def count(self, wire: Batch) -> int:
+        return len(wire.payloads)
+
 
 @implementer(IPeer)
 class Peer:
     framer = RecordingFramer()
+    subject = None
+    pending_bytes = 0
+    dropped_messages = 0
 
     def __init__(self, bus: Bus, name: str, channel: str = "main") -> None:
         self.bus = bus

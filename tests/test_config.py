@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, DatagramListenerConfig, StreamListenerConfig, parse
+from gateway.config import ConfigError, TcpListenerConfig, UdpListenerConfig, parse
 from tests.conftest import GATEWAY
 
 GOOD = """
@@ -39,7 +39,7 @@ peer_timeout = 60
 def test_the_documented_shape_parses_into_typed_frozen_objects():
     config = parse(tomllib.loads(GOOD), "config.toml")
     tcp, udp = config.listeners
-    assert isinstance(tcp, StreamListenerConfig)
+    assert isinstance(tcp, TcpListenerConfig)
     assert (tcp.name, tcp.type, tcp.host, tcp.port, tcp.channel) == (
         "tcp",
         "tcp",
@@ -48,7 +48,7 @@ def test_the_documented_shape_parses_into_typed_frozen_objects():
         "main",
     )
     assert tcp.quit_command == "close" and tcp.echo is False
-    assert isinstance(udp, DatagramListenerConfig)
+    assert isinstance(udp, UdpListenerConfig)
     assert (udp.host, udp.channel, udp.peer_timeout, udp.max_peers) == (
         "127.0.0.1",
         "main",
@@ -64,7 +64,7 @@ def test_the_documented_shape_parses_into_typed_frozen_objects():
 def test_defaults():
     config = parse(tomllib.loads('[[listeners]]\nname = "t"\ntype = "tcp"\nport = 0\n'), "c.toml")
     (tcp,) = config.listeners
-    assert isinstance(tcp, StreamListenerConfig)
+    assert isinstance(tcp, TcpListenerConfig)
     assert (tcp.host, tcp.channel, tcp.welcome, tcp.quit_command, tcp.echo) == (
         "127.0.0.1",
         "main",

@@ -2,154 +2,177 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogLevel, capturedLogs
 
-from gateway.bus import Bus
 from gateway.config import Limits
-from gateway.flow import FlowContext, RateLimitedLog, TokenBucket
-from gateway.tcp import LineFactory, LineProtocol
-from tests.test_tcp import backlog_of, listener, take
+from gateway.core.metrics import Metrics
+from gateway.flow.backlog import WriteThrough
+from gateway.flow.backpressure import Backpressure
+from gateway.flow.caps import TokenBucket
+from gateway.flow.ratelog import RateLimitedLog
+from gateway.testing import MemoryGateway, StreamConnection
+from gateway.transports.line import LINE_FRAMER
+from tests.test_tcp import Start, config, take
 
 
-class Gateway:
-    def __init__(self, limits: Limits, **overrides: Any) -> None:
-        self.bus = Bus()
-        self.clock = Clock()
-        self.flow = FlowContext(limits, self.bus.metrics, self.clock)
-        self.factory = LineFactory(
-            self.bus, listener(**overrides), limits, "gw", self.clock, flow=self.flow
-        )
+@pytest.fixture
+def start() -> Iterator[Start]:
+    """Start in-memory gateways from ``config(...)``; all are stopped at the end."""
+    started: list[MemoryGateway] = []
 
-    def connect(self, host: str = "127.0.0.1") -> tuple[LineProtocol, StringTransport]:
-        protocol = self.factory.buildProtocol(None)
-        transport = StringTransport(peerAddress=_Address(host))
-        protocol.makeConnection(transport)
-        return protocol, transport
+    def start(listener: str = "", limits: str = "", more: str = "") -> MemoryGateway:
+        gateway = MemoryGateway(config(listener, limits, more))
+        started.append(gateway)
+        return gateway
 
-
-class _Address:
-    def __init__(self, host: str) -> None:
-        self.host = host
-        self.port = 40000
-
-    def __str__(self) -> str:
-        return f"{self.host}:{self.port}"
+    yield start
+    for gateway in started:
+        gateway.stop()
 
 
-def test_drop_policy_discards_whole_messages_until_the_receiver_drains():
-    gw = Gateway(Limits(max_pending_bytes=1024, slow_consumer="drop"))
-    (a, _), (b, tb) = gw.connect(), gw.connect()
-    backlog = backlog_of(b)
-    with capturedLogs() as events:
-        backlog.pauseProducing()
-        for i in range(20):
-            a.dataReceived(b"%02d" % i + b"x" * 98 + b"\n")  # 101 bytes each
-        assert not tb.disconnecting
-        kept = take(tb).split(b"\n")[:-1]
-        assert len(kept) == 10  # 1010 bytes fit in 1024
-        assert all(len(line) == 100 for line in kept)
-        assert gw.bus.metrics.dropped["slow_consumer"] == 10
-        backlog.resumeProducing()
-        a.dataReceived(b"after\n")
-    assert take(tb) == b"after\n"
-    texts = [e["log_format"] for e in events if e["log_level"] >= LogLevel.info]
-    assert sum("dropping its messages" in t for t in texts) == 1
-    assert sum("caught up" in t for t in texts) == 1
+class Reading:
+    """Whether the gateway reads a connection, as its transport was told.
+
+    iosim's transport ignores ``pauseProducing`` (a real one stops reading the
+    socket), so this records the calls the way ``StringTransport.producerState`` does.
+    """
+
+    def __init__(self, connection: StreamConnection) -> None:
+        self.state = "producing"
+        transport: Any = connection.server_io
+        transport.pauseProducing = self._pause
+        transport.resumeProducing = self._resume
+
+    def _pause(self) -> None:
+        self.state = "paused"
+
+    def _resume(self) -> None:
+        self.state = "producing"
 
 
-def test_disconnect_policy_drops_the_peer_once():
-    gw = Gateway(Limits(max_pending_bytes=1024))
-    (a, _), (b, tb) = gw.connect(), gw.connect()
-    backlog_of(b).pauseProducing()
+def warnings_of(gw: MemoryGateway, since: int) -> list[Any]:
+    return [e for e in list(gw.log_events())[since:] if e["log_level"] == LogLevel.warn]
+
+
+def test_drop_policy_discards_whole_messages_until_the_receiver_drains(start):
+    gw = start(limits='max_pending_bytes = 1024\nslow_consumer = "drop"')
+    a, b = gw.connect("tcp"), gw.connect("tcp")
+    b.stall()
+    for i in range(20):
+        a.send(b"%02d" % i + b"x" * 98 + b"\n")  # 101 bytes each
+    assert not b.server_io.disconnecting
+    assert gw.bus.metrics.dropped["slow_consumer"] == 10
+    b.unstall()
+    kept = take(b).split(b"\n")[:-1]
+    assert kept == [b"%02d" % i + b"x" * 98 for i in range(10)]  # 1010 bytes fit in 1024
+    a.send(b"after\n")
+    assert take(b) == b"after\n"
+    assert not b.closed
+    assert len(gw.logged("dropping its messages")) == 1
+    assert gw.logged("caught up") == ["tcp-2 caught up; 10 messages were dropped for it"]
+
+
+def test_disconnect_policy_drops_the_peer_once(start):
+    gw = start(limits="max_pending_bytes = 1024")
+    a, b = gw.connect("tcp"), gw.connect("tcp")
+    b.stall()
     for _ in range(30):
-        a.dataReceived(b"z" * 200 + b"\n")
-    assert tb.disconnecting
+        a.send(b"z" * 200 + b"\n")
+    assert b.server_io.disconnecting
     assert gw.bus.metrics.disconnects["slow_consumer"] == 1
-    assert gw.flow.flow.total_pending <= 1024
+    assert gw.service.governor.backpressure.total_pending <= 1024
+    assert len(gw.logged("is not reading")) == 1
 
 
-def test_global_backpressure_pauses_every_sender_and_resumes_at_half():
-    limits = Limits(max_pending_bytes=64 * 1024, max_total_pending_bytes=100 * 1024)
-    gw = Gateway(limits)
-    senders = [gw.connect() for _ in range(3)]
-    slow = [gw.connect() for _ in range(2)]
-    for protocol, _ in slow:
-        backlog_of(protocol).pauseProducing()
-    sender, _ = senders[0]
+def test_global_backpressure_pauses_every_sender_and_resumes_at_half(start):
+    gw = start(limits=f"max_pending_bytes = {64 * 1024}\nmax_total_pending_bytes = {100 * 1024}")
+    backpressure = gw.service.governor.backpressure
+    senders = [gw.connect("tcp") for _ in range(3)]
+    slow = [gw.connect("tcp") for _ in range(2)]
+    reading = {connection: Reading(connection) for connection in senders + slow}
+    for connection in slow:
+        connection.stall()
     for _ in range(60):
-        sender.dataReceived(b"q" * 1000 + b"\n")
+        senders[0].send(b"q" * 1000 + b"\n")
     # 2 slow receivers x ~50 KiB each > 100 KiB: everybody's reading is paused.
-    assert gw.flow.flow.backpressure
-    for _, transport in senders + slow:
-        assert transport.producerState == "paused"
-    backlog_of(slow[0][0]).resumeProducing()
+    assert backpressure.backpressure
+    assert all(r.state == "paused" for r in reading.values())
+    slow[0].unstall()
     # Still over half the limit: senders stay paused (no flapping).
-    assert gw.flow.flow.backpressure
-    assert senders[1][1].producerState == "paused"
-    backlog_of(slow[1][0]).resumeProducing()
-    assert gw.flow.flow.total_pending == 0
-    assert not gw.flow.flow.backpressure
-    for _, transport in senders:
-        assert transport.producerState == "producing"
+    assert backpressure.backpressure
+    assert reading[senders[1]].state == "paused"
+    slow[1].unstall()
+    assert backpressure.total_pending == 0
+    assert not backpressure.backpressure
+    for connection in senders:
+        assert reading[connection].state == "producing"
+    for connection in slow:
+        assert connection.received() == (b"q" * 1000 + b"\n") * 60  # nothing was lost
 
 
-def test_rate_limit_pauses_a_flooding_stream_sender_until_it_is_back_under():
-    gw = Gateway(Limits(max_messages_per_second=10))
-    (a, ta), (_, tb) = gw.connect(), gw.connect()
-    a.dataReceived(b"m\n" * 10)  # the burst: one second's worth
-    assert ta.producerState == "producing"
-    a.dataReceived(b"m\n" * 5)  # 5 over: paused for half a second
-    assert ta.producerState == "paused"
-    assert take(tb) == b"m\n" * 15  # nothing that was read is lost
-    gw.clock.advance(0.4)
-    assert ta.producerState == "paused"
-    gw.clock.advance(0.2)
-    assert ta.producerState == "producing"
+def test_rate_limit_pauses_a_flooding_stream_sender_until_it_is_back_under(start):
+    gw = start(limits="max_messages_per_second = 10")
+    a, b = gw.connect("tcp"), gw.connect("tcp")
+    reading = Reading(a)
+    a.send(b"m\n" * 10)  # the burst: one second's worth
+    assert reading.state == "producing"
+    a.send(b"m\n" * 5)  # 5 over: paused for half a second
+    assert reading.state == "paused"
+    assert take(b) == b"m\n" * 15  # nothing that was read is lost
+    gw.advance(0.4)
+    assert reading.state == "paused"
+    gw.advance(0.2)
+    assert reading.state == "producing"
     assert gw.bus.metrics.throttled == 1
 
 
-def test_idle_timeout_drops_silent_stream_peers_only():
-    gw = Gateway(Limits(idle_timeout=5))
-    (a, ta), (_, tb) = gw.connect(), gw.connect()
+def test_idle_timeout_drops_silent_stream_peers_only(start):
+    gw = start(limits="idle_timeout = 5")
+    a, b = gw.connect("tcp"), gw.connect("tcp")
     for _ in range(4):
-        gw.clock.advance(2)
-        a.dataReceived(b"x")  # even a partial line is traffic
-    assert not ta.disconnecting
-    assert tb.disconnecting
+        gw.advance(2)
+        a.send(b"x")  # even a partial line is traffic
+    assert not a.closed
+    assert b.closed
     assert gw.bus.metrics.disconnects["idle_timeout"] == 1
+    assert gw.logged(r"tcp-2 disconnected \(idle for 5 s\)")
 
 
-def test_connection_caps_total_and_per_ip_with_rate_limited_logging():
-    gw = Gateway(Limits(max_connections=3, max_connections_per_ip=2))
-    ok = [gw.connect("127.0.0.1"), gw.connect("127.0.0.1")]
-    with capturedLogs() as events:
-        refused = [gw.connect("127.0.0.1") for _ in range(5)]
-        third = gw.connect("127.0.0.2")
-        over_total = gw.connect("127.0.0.3")
-        gw.clock.advance(1.5)
-        third[0].connectionLost()
-        again = gw.connect("127.0.0.1")
-    assert all(not t.disconnecting for _, t in ok)
-    assert all(t.disconnecting for _, t in refused)
-    assert over_total[1].disconnecting
-    assert again[1].disconnecting
+def test_connection_caps_total_and_per_ip_with_rate_limited_logging(start):
+    gw = start(limits="max_connections = 3\nmax_connections_per_ip = 2")
+    ok = [gw.connect("tcp", "127.0.0.1"), gw.connect("tcp", "127.0.0.1")]
+    since = len(list(gw.log_events()))
+    refused = [gw.connect("tcp", "127.0.0.1") for _ in range(5)]
+    third = gw.connect("tcp", "127.0.0.2")
+    over_total = gw.connect("tcp", "127.0.0.3")
+    gw.advance(1.5)
+    third.close()
+    again = gw.connect("tcp", "127.0.0.1")
+    assert all(not c.closed for c in ok)
+    assert all(c.closed for c in refused)
+    assert over_total.closed
+    assert again.closed
     assert gw.bus.metrics.disconnects["max_connections_per_ip"] == 6
     assert gw.bus.metrics.disconnects["max_connections"] == 1
     assert gw.bus.peer_count == 2
-    warnings = [e for e in events if e["log_level"] == LogLevel.warn]
+    warnings = warnings_of(gw, since)
     # One line per cause per second, the next one saying how many were suppressed.
     assert len(warnings) == 3
+    assert [w["cause"] for w in warnings] == [
+        "max_connections_per_ip",
+        "max_connections",
+        "max_connections_per_ip",
+    ]
     assert warnings[2]["suppressed"] == 4
-    for protocol, _ in refused:
-        protocol.connectionLost()
-    ok[0][0].connectionLost()
-    assert gw.flow.gate.per_ip["127.0.0.1"] == 1
-    _, transport = gw.connect("127.0.0.1")
-    assert not transport.disconnecting
+    ok[0].close()
+    assert gw.service.governor.gate.per_ip == {"127.0.0.1": 1}
+    assert not gw.connect("tcp", "127.0.0.1").closed
 
 
 def test_token_bucket():
@@ -200,10 +223,7 @@ class HandleTransport(StringTransport):
         return self.sock
 
 
-def write_through(limits: Limits) -> tuple[Any, FakeSocket, HandleTransport, list[str]]:
-    from gateway.flow import FlowControl, WriteThrough, count_lines
-    from gateway.metrics import Metrics
-
+def write_through(limits: Limits) -> tuple[WriteThrough, FakeSocket, HandleTransport, list[str]]:
     sock = FakeSocket(room=1_000_000)
     transport = HandleTransport(sock)
     events: list[str] = []
@@ -215,7 +235,10 @@ def write_through(limits: Limits) -> tuple[Any, FakeSocket, HandleTransport, lis
         def log_drop(self, started: bool, count: int) -> None:
             events.append(f"drop {started} {count}")
 
-    out = WriteThrough(FlowControl(limits, Metrics()), limits, Owner(), count_lines, transport)
+        def count(self, wire: bytes) -> int:
+            return LINE_FRAMER.count(wire)
+
+    out = WriteThrough(Backpressure(limits, Metrics()), limits, Owner(), transport)
     transport.registerProducer(out, False)
     return out, sock, transport, events
 

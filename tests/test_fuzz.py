@@ -32,22 +32,33 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from zope.interface import implementer
 
-from gateway.bus import Bus
-from gateway.config import MAX_UDP_PAYLOAD, DatagramListenerConfig, Limits, StreamListenerConfig
-from gateway.interfaces import IFramer, IPeer
-from gateway.message import Batch, Kind, Origin
-from gateway.tcp import LINE_FRAMER, LineFactory, LineProtocol
-from gateway.udp import (
+from gateway.config import (
+    Limits,
+    ListenerConfig,
+    TcpListenerConfig,
+    UdpListenerConfig,
+    WsListenerConfig,
+)
+from gateway.config.listeners import MAX_UDP_PAYLOAD
+from gateway.core.bus import Bus
+from gateway.core.interfaces import IFramer, IPeer
+from gateway.core.message import Batch, Kind, Origin
+from gateway.flow.connection import Governor
+from gateway.transports.datagram.server import DatagramServer
+from gateway.transports.datagram.wire import (
     CHALLENGE,
     CHALLENGE_SIZE,
     CONTROL_PREFIX,
     COOKIE_WINDOW,
     HELLO,
-    DatagramListener,
     hello,
     response,
 )
-from gateway.websocket import JSON_SUBPROTOCOL, WebSocketPeer, make_site
+from gateway.transports.lifecycle import GatewayContext, ListenerRuntime
+from gateway.transports.line import LINE_FRAMER, LineFactory, LineProtocol
+from gateway.transports.websocket.envelope import JSON_SUBPROTOCOL
+from gateway.transports.websocket.peer import WebSocketPeer
+from gateway.transports.websocket.site import WebSocketSite
 
 FUZZ = settings(
     max_examples=100,
@@ -62,21 +73,17 @@ UPGRADE = (
 )
 
 
-def stream_listener(name: str, type_: str = "tcp", **overrides: object) -> StreamListenerConfig:
-    values: dict[str, Any] = {
-        "name": name,
-        "type": type_,
-        "host": "127.0.0.1",
-        "port": 0,
-        "channel": "main",
-        "echo": False,
-        "welcome": "",
-        "quit_command": "",
-        "ping_interval": 0.0,
-        "allowed_origins": None,
-    }
-    values.update(overrides)
-    return StreamListenerConfig(**values)
+def runtime(bus: Bus, config: ListenerConfig, limits: Limits, clock: Clock) -> ListenerRuntime:
+    """What a listener's protocols share, as the gateway builds it (a governor of its own)."""
+    governor = Governor(limits, bus.metrics, clock)
+    return ListenerRuntime(config, limits, GatewayContext(bus, governor, clock, "gw"))
+
+
+def ws_site(bus: Bus, name: str, limits: Limits, clock: Clock) -> WebSocketSite:
+    """The site of a ``ws`` listener without keepalive pings (their timers would linger)."""
+    return WebSocketSite(
+        runtime(bus, WsListenerConfig(name=name, ping_interval=0.0), limits, clock)
+    )
 
 
 # Honest receivers
@@ -91,10 +98,17 @@ class BatchFramer:
     def frame(self, batch: Batch) -> Batch:
         return batch
 
+    def count(self, wire: Batch) -> int:
+        return len(wire.payloads)
+
 
 @implementer(IPeer)
 class FakePeer:
     """An honest peer that records every ``deliver`` it gets, unchanged."""
+
+    subject = None
+    pending_bytes = 0
+    dropped_messages = 0
 
     def __init__(self, bus: Bus, name: str, framer: IFramer) -> None:
         self.bus = bus
@@ -196,13 +210,11 @@ class Honest:
         self.bus = bus
         self.record = FakePeer(bus, "record", BatchFramer())
         self.lines = FakePeer(bus, "lines", LINE_FRAMER)
-        factory = LineFactory(bus, stream_listener("honest-tcp"), Limits(), "gw", clock)
+        factory = LineFactory(runtime(bus, TcpListenerConfig(name="honest-tcp"), Limits(), clock))
         self.line_peer = factory.buildProtocol(None)
         self.line_io = WriteLog()
         self.line_peer.makeConnection(self.line_io)
-        site = make_site(
-            bus, stream_listener("honest-ws", "ws"), Limits(handshake_timeout=5.0), "gw", clock
-        )
+        site = ws_site(bus, "honest-ws", Limits(handshake_timeout=5.0), clock)
         self.raw, self.raw_pump, self.raw_io = connect_client(site, clock)
         self.json, self.json_pump, self.json_io = connect_client(site, clock, [JSON_SUBPROTOCOL])
         self.json_pump.flush()
@@ -314,8 +326,8 @@ def cut(data: bytes, cuts: list[int]) -> list[bytes]:
 def test_line_protocol_survives_any_bytes_and_relays_only_whole_lines(setup, sent, data):
     bus, clock = Bus(), Clock()
     honest = Honest(bus, clock)
-    listener = stream_listener("fuzz", quit_command=setup.quit_command, echo=setup.echo)
-    factory = LineFactory(bus, listener, setup.limits, "gw", clock)
+    listener = TcpListenerConfig(name="fuzz", quit_command=setup.quit_command, echo=setup.echo)
+    factory = LineFactory(runtime(bus, listener, setup.limits, clock))
     senders: list[LineProtocol] = []
     ios: list[ContractTransport] = []
     for _ in sent:
@@ -368,9 +380,9 @@ def test_line_protocol_survives_any_bytes_and_relays_only_whole_lines(setup, sen
         sender.connectionLost(Failure(ConnectionDone()))
     assert bus.peer_count == Honest.count
     assert set(bus.peers()) == honest.peers
-    assert factory.connections == set()
-    assert factory.flow.gate.total == 0
-    assert factory.flow.flow.total_pending == 0
+    assert factory.runtime.connections == set()
+    assert factory.runtime.governor.gate.total == 0
+    assert factory.runtime.governor.backpressure.total_pending == 0
     assert clock.getDelayedCalls() == []
 
 
@@ -521,18 +533,10 @@ def test_datagram_listener_survives_any_datagram_from_any_source(
 ):
     bus, clock = Bus(), Clock()
     honest = Honest(bus, clock)
-    config = DatagramListenerConfig(
-        name="udp",
-        type="udp",
-        host="127.0.0.1",
-        port=0,
-        channel="main",
-        echo=echo,
-        peer_timeout=10.0,
-        max_peers=max_peers,
-        challenge=challenge,
+    config = UdpListenerConfig(
+        name="udp", echo=echo, peer_timeout=10.0, max_peers=max_peers, challenge=challenge
     )
-    listener = DatagramListener(bus, config, Limits(max_message_bytes=limit), clock)
+    listener = DatagramServer(runtime(bus, config, Limits(max_message_bytes=limit), clock))
     transport = FakeUDPTransport()
     listener.transport = transport  # type: ignore[assignment]
     listener.startProtocol()
@@ -672,7 +676,7 @@ def test_http_channel_survives_any_bytes_before_the_upgrade(request, data):
     bus, clock = Bus(), Clock()
     honest = Honest(bus, clock)
     limits = Limits(max_message_bytes=100, handshake_timeout=2.0)
-    site = make_site(bus, stream_listener("fuzz-ws", "ws"), limits, "gw", clock)
+    site = ws_site(bus, "fuzz-ws", limits, clock)
     _, transport = new_connection(site)
     for chunk in cut(request, data.draw(st.lists(st.integers(0, len(request)), max_size=5))):
         if transport.disconnecting:
@@ -699,8 +703,8 @@ def test_http_channel_survives_any_bytes_before_the_upgrade(request, data):
         assert protocol in bus.peers()
     lose(transport)
     assert bus.peer_count == Honest.count
-    assert site.connections == set()
-    assert site.flow.gate.total == 0
+    assert site.runtime.connections == set()
+    assert site.runtime.governor.gate.total == 0
     honest.check()
     assert clock.getDelayedCalls() == []
 
@@ -767,7 +771,7 @@ def upgraded_peer(
     bus: Bus, clock: Clock, json_client: bool = False
 ) -> tuple[Any, WebSocketPeer, StringTransport, Limits]:
     limits = Limits(max_message_bytes=LIMIT, handshake_timeout=2.0)
-    site = make_site(bus, stream_listener("fuzz-ws", "ws"), limits, "gw", clock)
+    site = ws_site(bus, "fuzz-ws", limits, clock)
     channel, transport = new_connection(site)
     protocols = b"Sec-WebSocket-Protocol: " + JSON_SUBPROTOCOL.encode() + b"\r\n"
     channel.dataReceived(UPGRADE[:-2] + protocols + b"\r\n" if json_client else UPGRADE)
@@ -914,8 +918,8 @@ def test_hostile_frames_never_escape_and_never_reach_others_corrupt(json_client,
     lose(transport)
     assert bus.peer_count == Honest.count
     assert set(bus.peers()) == honest.peers
-    assert site.connections == set()
-    assert site.flow.gate.total == 0
+    assert site.runtime.connections == set()
+    assert site.runtime.governor.gate.total == 0
     assert clock.getDelayedCalls() == []
     honest.check()
 

@@ -33,7 +33,7 @@ import pytest
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from gateway.udp import CHALLENGE, CHALLENGE_SIZE, hello, response
+from gateway.transports.datagram.wire import CHALLENGE, CHALLENGE_SIZE, hello, response
 from tests.conftest import GATEWAY, TIMEOUT, Datagram, GatewayProcess, Line
 
 MAX_MESSAGE = 1000

@@ -14,15 +14,8 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
-from gateway.pki import (
-    PkiError,
-    ensure_dev_server_cert,
-    issue_certificate,
-    make_ca,
-    make_dev_pki,
-    pem,
-    sha256_fingerprint,
-)
+from gateway.tls.devcerts import ensure_dev_server_cert, make_dev_pki
+from gateway.tls.pki import PkiError, issue_certificate, make_ca, pem, sha256_fingerprint
 
 OPENSSL = Path("/usr/bin/openssl")
 

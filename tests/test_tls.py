@@ -29,14 +29,10 @@ from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from gateway.config import TlsSettings
-from gateway.pki import fingerprint, issue_certificate, make_ca, pem, pem_key
-from gateway.tls import (
-    ServerTls,
-    TlsFileError,
-    check_tls_files,
-    client_options,
-    peer_subject,
-)
+from gateway.tls.client import client_options
+from gateway.tls.files import TlsFileError, check_tls_files
+from gateway.tls.pki import fingerprint, issue_certificate, make_ca, pem, pem_key
+from gateway.tls.server import ServerTls, peer_subject
 
 # Fixtures: a CA for servers, another for clients, and a rogue one.
 

@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.pki import issue_certificate, make_ca, pem, pem_key
+from gateway.tls.pki import issue_certificate, make_ca, pem, pem_key
 from tests.conftest import GATEWAY, TIMEOUT, Datagram, GatewayProcess, Line
 
 OPENSSL = shutil.which("openssl") or "openssl"

@@ -1,8 +1,8 @@
 """UDP abuse: the allow list, the address challenge, the rate limit, reserved control datagrams.
 
-In memory first (listener and client on fake transports and a ``Clock``), then a few
-real-socket tests against the ``gateway`` command, including forged source addresses
-sent through a raw socket.
+In memory first (the real gateway on a ``MemoryGateway``, and the client on a fake
+transport and a ``Clock``), then a few real-socket tests against the ``gateway``
+command, including forged source addresses sent through a raw socket.
 """
 
 from __future__ import annotations
@@ -12,94 +12,109 @@ import socket
 import struct
 import subprocess
 from collections.abc import Callable, Iterator
-from ipaddress import ip_network
 from typing import Any
 
 import pytest
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
-from twisted.logger import LogLevel, capturedLogs
+from twisted.logger import LogLevel
 
-from gateway import udp
-from gateway.client import _DatagramClient
-from gateway.config import Limits
-from gateway.message import Batch, Origin
-from gateway.udp import CHALLENGE_SIZE, CONTROL_PREFIX, DatagramListener, hello, response
+from gateway.cli.client import _DatagramClient
+from gateway.core.message import Batch, Origin
+from gateway.transports.datagram.wire import (
+    CHALLENGE_SIZE,
+    CONTROL_PREFIX,
+    hello,
+    parse_control,
+    response,
+)
 from tests.conftest import GATEWAY, Datagram, GatewayProcess, Line
-from tests.test_udp import FakeUDPTransport, make
+from tests.test_udp import Udp, make, stop_all
 
+Address = tuple[str, int]
 A, B = ("127.0.0.1", 1000), ("127.0.0.1", 2000)
 
 
-def networks(*texts: str) -> tuple[Any, ...]:
-    return tuple(ip_network(t) for t in texts)
+@pytest.fixture(autouse=True)
+def _stop_gateways() -> Iterator[None]:
+    yield
+    stop_all()
 
 
 def cookie_from(datagram: bytes) -> bytes:
-    verb, cookie = udp.parse_control(datagram) or (b"", b"")
+    verb, cookie = parse_control(datagram) or (b"", b"")
     assert verb == b"challenge", datagram
     return cookie
 
 
-def verify(listener: DatagramListener, transport: FakeUDPTransport, address: Any) -> None:
-    """Do the exchange for ``address`` and drop the challenge from ``transport.sent``."""
-    sent = len(transport.sent)
-    listener.datagramReceived(hello(), address)
-    [(challenge, to)] = transport.sent[sent:]
+def verify(udp: Udp, address: Address) -> None:
+    """Do the exchange for ``address`` and drop the challenge from ``udp.sent``."""
+    sent = len(udp.sent)
+    udp.send(hello(), address)
+    [(challenge, to)] = udp.sent[sent:]
     assert to == address
-    del transport.sent[sent:]
-    listener.datagramReceived(response(cookie_from(challenge)), address)
-    assert address in listener.peers
+    del udp.sent[sent:]
+    udp.send(response(cookie_from(challenge)), address)
+    assert address in udp.peers
 
 
-def warnings(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def warnings(udp: Udp, since: int = 0) -> list[Any]:
+    """The warnings the gateway logged (from its ``since``-th log event on)."""
+    events = list(udp.gateway.log_events())[since:]
     return [e for e in events if e["log_level"] == LogLevel.warn]
+
+
+def logged(udp: Udp) -> int:
+    """How many events the gateway has logged so far (a mark for ``warnings``)."""
+    return len(list(udp.gateway.log_events()))
 
 
 # The allow list
 
 
 def test_sources_outside_allow_are_ignored_and_counted():
-    listener, transport, clock = make(allow=networks("127.0.0.1/32", "10.0.0.0/8"))
-    listener.datagramReceived(b"", A)
+    udp = make(allow=("127.0.0.1/32", "10.0.0.0/8"))
+    udp.send(b"", A)
     for source in (("127.0.0.2", 5), ("192.168.1.1", 5), ("::1", 5)):
-        listener.datagramReceived(b"", source)
-        listener.datagramReceived(b"let me in", source)
-        listener.datagramReceived(hello(), source)
-    assert transport.sent == []
-    assert set(listener.peers) == {A}
-    assert listener.bus.metrics.dropped["udp_not_allowed"] == 9
-    assert clock.getDelayedCalls() == [listener.peers[A].expiry]
-    listener.datagramReceived(b"from ten", ("10.1.2.3", 7))
-    assert transport.sent == [(b"from ten\n", A)]
+        udp.send(b"", source)
+        udp.send(b"let me in", source)
+        udp.send(hello(), source)
+    assert udp.sent == []
+    assert set(udp.peers) == {A}
+    assert udp.bus.metrics.dropped["udp_not_allowed"] == 9
+    assert udp.gateway.reactor.getDelayedCalls() == [udp.peers[A].expiry]
+    udp.send(b"from ten", ("10.1.2.3", 7))
+    assert udp.sent == [(b"from ten\n", A)]
 
 
 def test_ipv4_mapped_sources_are_matched_as_ipv4():
-    listener, _, _ = make(allow=networks("127.0.0.1/32"))
-    listener.datagramReceived(b"", ("::ffff:127.0.0.1", 1000))
-    listener.datagramReceived(b"", ("::ffff:127.0.0.2", 1000))
-    listener.datagramReceived(b"", ("::ffff:10.0.0.1", 1000))
-    assert set(listener.peers) == {("::ffff:127.0.0.1", 1000)}
-    assert listener.bus.metrics.dropped["udp_not_allowed"] == 2
-    default, _, _ = make()  # loopback only: ::ffff:127.x is loopback
-    default.datagramReceived(b"", ("::ffff:127.0.0.9", 1000))
-    default.datagramReceived(b"", ("::ffff:192.0.2.1", 1000))
+    udp = make(allow=("127.0.0.1/32",))
+    udp.send(b"", ("::ffff:127.0.0.1", 1000))
+    udp.send(b"", ("::ffff:127.0.0.2", 1000))
+    udp.send(b"", ("::ffff:10.0.0.1", 1000))
+    assert set(udp.peers) == {("::ffff:127.0.0.1", 1000)}
+    assert udp.bus.metrics.dropped["udp_not_allowed"] == 2
+    default = make()  # loopback only: ::ffff:127.x is loopback
+    default.send(b"", ("::ffff:127.0.0.9", 1000))
+    default.send(b"", ("::ffff:192.0.2.1", 1000))
     assert set(default.peers) == {("::ffff:127.0.0.9", 1000)}
 
 
-def test_the_allow_list_is_consulted_only_for_sources_that_are_not_peers():
-    listener, _, _ = make()
+def test_the_allow_list_is_consulted_only_for_sources_that_are_not_peers(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    udp = make()
     checked: list[str] = []
-    allowed_ip = listener._allowed_ip
+    allowed_ip = udp.server._allowed_ip
 
     def counting(host: str) -> Any:
         checked.append(host)
         return allowed_ip(host)
 
-    listener._allowed_ip = counting  # type: ignore[method-assign]
-    listener.datagramReceived(b"", A)
+    monkeypatch.setattr(udp.server, "_allowed_ip", counting)
+    udp.send(b"", A)
     for n in range(100):
-        listener.datagramReceived(b"%d" % n, A)
+        udp.send(b"%d" % n, A)
     assert checked == ["127.0.0.1"]
 
 
@@ -107,112 +122,124 @@ def test_the_allow_list_is_consulted_only_for_sources_that_are_not_peers():
 
 
 def test_a_datagram_shorter_than_the_challenge_gets_no_answer():
-    listener, transport, _ = make(challenge=True)
+    udp = make(challenge=True)
     for datagram in (b"", b"\n", CONTROL_PREFIX + b" hello", hello(CHALLENGE_SIZE - 1), b"hi"):
-        listener.datagramReceived(datagram, A)
-    assert transport.sent == []
-    assert listener.peers == {}
-    assert listener.bus.metrics.dropped["udp_challenge_short"] == 4
-    assert listener.bus.metrics.dropped["udp_unverified"] == 1
+        udp.send(datagram, A)
+    assert udp.sent == []
+    assert udp.peers == {}
+    assert udp.bus.metrics.dropped["udp_challenge_short"] == 4
+    assert udp.bus.metrics.dropped["udp_unverified"] == 1
 
 
 def test_a_padded_hello_gets_exactly_one_challenge_no_longer_than_itself():
-    listener, transport, _ = make(challenge=True)
-    listener.datagramReceived(hello(CHALLENGE_SIZE), A)
-    [(challenge, to)] = transport.sent
+    udp = make(challenge=True)
+    udp.send(hello(CHALLENGE_SIZE), A)
+    [(challenge, to)] = udp.sent
     assert to == A
     assert len(challenge) == CHALLENGE_SIZE == 47
     assert challenge.startswith(b"\x00GW1 challenge ")
     bytes.fromhex(cookie_from(challenge).decode())  # 32 hex digits
-    listener.datagramReceived(hello(), B)  # the client's 64-byte hello
-    assert len(transport.sent) == 2
-    assert len(transport.sent[1][0]) <= 64
-    assert listener.peers == {}
+    udp.send(hello(), B)  # the client's 64-byte hello
+    assert len(udp.sent) == 2
+    assert len(udp.sent[1][0]) <= 64
+    assert udp.peers == {}
 
 
 def test_the_right_cookie_makes_a_peer_and_its_messages_are_relayed_both_ways():
-    listener, transport, _ = make(challenge=True)
-    verify(listener, transport, A)
-    verify(listener, transport, B)
-    assert transport.sent == []
-    listener.datagramReceived(b"from b", B)
-    listener.datagramReceived(b"from a\n", A)
-    assert transport.sent == [(b"from b\n", A), (b"from a\n", B)]
+    udp = make(challenge=True)
+    verify(udp, A)
+    verify(udp, B)
+    assert udp.sent == []
+    udp.send(b"from b", B)
+    udp.send(b"from a\n", A)
+    assert udp.sent == [(b"from b\n", A), (b"from a\n", B)]
     outsider = Origin("tcp-1", "tcp", "tcp")
-    listener.bus.publish(listener.peers[A], Batch(outsider, "main", [b"bus"]))
-    assert transport.sent[-1] == (b"bus\n", B)
+    udp.bus.publish(udp.peers[A], Batch(outsider, "main", [b"bus"]))
+    assert udp.sent[-1] == (b"bus\n", B)
 
 
 def test_wrong_cookies_are_refused_silently():
-    listener, transport, _ = make(challenge=True)
-    listener.datagramReceived(hello(), A)
-    right = cookie_from(transport.sent.pop()[0])
+    udp = make(challenge=True)
+    udp.send(hello(), A)
+    right = cookie_from(udp.sent.pop()[0])
     wrong = bytes([right[0] ^ 1]) + right[1:]
     for cookie in (wrong, b"0" * 32, b"zz" * 16, right[:-1], b""):
-        listener.datagramReceived(response(cookie), A)
-    listener.datagramReceived(response(right), B)  # another port's cookie
-    listener.datagramReceived(response(right), ("127.0.0.2", 1000))  # another host's
-    assert listener.peers == {}
-    assert transport.sent == []
-    assert listener.bus.metrics.dropped["udp_bad_cookie"] == 7
+        udp.send(response(cookie), A)
+    udp.send(response(right), B)  # another port's cookie
+    udp.send(response(right), ("127.0.0.2", 1000))  # another host's
+    assert udp.peers == {}
+    assert udp.sent == []
+    assert udp.bus.metrics.dropped["udp_bad_cookie"] == 7
 
 
 def test_cookies_last_their_window_and_the_next_then_expire():
-    listener, transport, clock = make(challenge=True)
-    clock.advance(29)  # late in window 0
-    listener.datagramReceived(hello(), A)
-    cookie = cookie_from(transport.sent.pop()[0])
-    clock.advance(2)  # window 1: the previous window's cookie still counts
-    listener.datagramReceived(response(cookie), A)
-    assert A in listener.peers
+    udp = make(challenge=True)
+    udp.advance(29)  # late in window 0
+    udp.send(hello(), A)
+    cookie = cookie_from(udp.sent.pop()[0])
+    udp.advance(2)  # window 1: the previous window's cookie still counts
+    udp.send(response(cookie), A)
+    assert A in udp.peers
 
-    listener.datagramReceived(hello(), B)
-    old = cookie_from(transport.sent.pop()[0])  # window 1
-    clock.advance(30)  # window 2: still fine
-    clock.advance(29)  # t = 90: window 3, expired
-    listener.datagramReceived(response(old), B)
-    assert B not in listener.peers
-    assert listener.bus.metrics.dropped["udp_bad_cookie"] == 1
+    udp.send(hello(), B)
+    old = cookie_from(udp.sent.pop()[0])  # window 1
+    udp.advance(30)  # window 2: still fine
+    udp.advance(29)  # t = 90: window 3, expired
+    udp.send(response(old), B)
+    assert B not in udp.peers
+    assert udp.bus.metrics.dropped["udp_bad_cookie"] == 1
 
 
 def test_a_new_listener_does_not_accept_another_listeners_cookies():
-    first, first_transport, _ = make(challenge=True)
-    second, _, _ = make(challenge=True)
-    first.datagramReceived(hello(), A)
-    second.datagramReceived(response(cookie_from(first_transport.sent[0][0])), A)
-    assert second.peers == {}
+    first = make(challenge=True, listeners=2)
+    beside = Udp(first.gateway, "udp2")  # another listener of the same gateway
+    restarted = make(challenge=True)  # the same listener in a new run
+    first.send(hello(), A)
+    cookie = cookie_from(first.sent[0][0])
+    for other in (beside, restarted):
+        other.send(response(cookie), A)
+        assert other.peers == {}
+    first.send(response(cookie), A)
+    assert A in first.peers
 
 
 def test_messages_from_unverified_sources_are_dropped_and_long_ones_challenged():
-    listener, transport, _ = make(challenge=True)
-    verify(listener, transport, A)
-    listener.datagramReceived(b"short", B)
-    listener.datagramReceived(b"m" * 100, B)
-    assert [(len(d), to) for d, to in transport.sent] == [(CHALLENGE_SIZE, B)]
-    assert listener.bus.metrics.dropped["udp_unverified"] == 2
-    assert B not in listener.peers
+    udp = make(challenge=True)
+    verify(udp, A)
+    udp.send(b"short", B)
+    udp.send(b"m" * 100, B)
+    assert [(len(d), to) for d, to in udp.sent] == [(CHALLENGE_SIZE, B)]
+    assert udp.bus.metrics.dropped["udp_unverified"] == 2
+    assert B not in udp.peers
 
 
 def test_an_expired_peer_must_do_the_exchange_again():
-    listener, transport, clock = make(challenge=True, peer_timeout=10.0)
-    verify(listener, transport, A)
-    verify(listener, transport, B)
-    clock.advance(5)
-    listener.datagramReceived(b"", A)  # any datagram refreshes a verified peer
-    clock.advance(6)
-    assert set(listener.peers) == {A}
-    listener.datagramReceived(b"after expiry", B)
-    assert transport.sent == []
-    verify(listener, transport, B)
-    listener.datagramReceived(b"again", B)
-    assert transport.sent == [(b"again\n", A)]
+    udp = make(challenge=True, peer_timeout=10.0)
+    verify(udp, A)
+    verify(udp, B)
+    udp.advance(5)
+    udp.send(b"", A)  # any datagram refreshes a verified peer
+    udp.advance(6)
+    assert set(udp.peers) == {A}
+    udp.send(b"after expiry", B)
+    assert udp.sent == []
+    verify(udp, B)
+    udp.send(b"again", B)
+    assert udp.sent == [(b"again\n", A)]
 
 
 def test_unverified_sources_cost_no_memory():
-    listener, transport, clock = make(challenge=True)
+    udp = make(challenge=True)
+    server = udp.server
 
     def sizes() -> list[int]:
-        holders = [vars(listener), vars(listener.warnings), vars(listener.bus.metrics)]
+        holders = [
+            vars(server),
+            vars(server.warnings),
+            vars(server.runtime),
+            vars(udp.bus),
+            vars(udp.bus.metrics),
+        ]
         return [
             len(value)
             for holder in holders
@@ -221,17 +248,18 @@ def test_unverified_sources_cost_no_memory():
         ]
 
     for port in range(1, 101):
-        listener.datagramReceived(hello(), ("127.0.0.5", port))
-        listener.datagramReceived(b"x", ("127.0.0.6", port))
+        udp.send(hello(), ("127.0.0.5", port))
+        udp.send(b"x", ("127.0.0.6", port))
     before = sizes()
     for port in range(101, 10_101):
-        listener.datagramReceived(hello(), ("127.0.0.5", port))
-        listener.datagramReceived(b"x", ("127.0.0.6", port))
+        udp.send(hello(), ("127.0.0.5", port))
+        udp.send(b"x", ("127.0.0.6", port))
     assert sizes() == before
-    assert listener.peers == {}
-    assert listener.bus.peer_count == 0
-    assert clock.getDelayedCalls() == []
-    assert len(transport.sent) == 10_100  # one challenge per padded hello, nothing else
+    assert udp.peers == {}
+    assert udp.bus.peer_count == 0
+    assert udp.gateway.reactor.getDelayedCalls() == []
+    assert len(udp.sent) == 10_100  # one challenge per padded hello, nothing else
+    assert {to[0] for _, to in udp.sent} == {"127.0.0.5"}
 
 
 # Control datagrams
@@ -239,12 +267,12 @@ def test_unverified_sources_cost_no_memory():
 
 @pytest.mark.parametrize("challenge", [False, True])
 def test_control_datagrams_are_never_relayed(challenge: bool):
-    listener, transport, _ = make(challenge=challenge)
+    udp = make(challenge=challenge)
     for address in (A, B):
         if challenge:
-            verify(listener, transport, address)
+            verify(udp, address)
         else:
-            listener.datagramReceived(b"", address)
+            udp.send(b"", address)
     for datagram in (
         hello(),
         CONTROL_PREFIX,
@@ -253,62 +281,60 @@ def test_control_datagrams_are_never_relayed(challenge: bool):
         CONTROL_PREFIX + b" challenge " + b"0" * 32 + b"\n",
         CONTROL_PREFIX + b" anything else",
     ):
-        listener.datagramReceived(datagram, B)
-    assert transport.sent == []
+        udp.send(datagram, B)
+    assert udp.sent == []
 
 
 def test_with_challenge_off_a_hello_registers_and_refreshes_like_an_empty_datagram():
-    listener, transport, clock = make(peer_timeout=10.0)
-    listener.datagramReceived(hello(), A)
-    listener.datagramReceived(CONTROL_PREFIX + b" hello", B)  # unpadded is fine here
-    assert set(listener.peers) == {A, B}
-    assert transport.sent == []
-    clock.advance(8)
-    listener.datagramReceived(hello(), A)
-    clock.advance(8)
-    assert set(listener.peers) == {A}
+    udp = make(peer_timeout=10.0)
+    udp.send(hello(), A)
+    udp.send(CONTROL_PREFIX + b" hello", B)  # unpadded is fine here
+    assert set(udp.peers) == {A, B}
+    assert udp.sent == []
+    udp.advance(8)
+    udp.send(hello(), A)
+    udp.advance(8)
+    assert set(udp.peers) == {A}
 
 
 def test_messages_that_look_like_control_datagrams_never_reach_udp_receivers():
-    listener, transport, _ = make()
-    listener.datagramReceived(b"", A)
-    listener.datagramReceived(b"", B)
+    udp = make()
+    udp.send(b"", A)
+    udp.send(b"", B)
     sender = Origin("tcp-1", "tcp", "tcp")
     fake = b"\x00GW1 challenge " + b"0" * 32
-    listener.bus.publish(
-        listener.peers[A], Batch(sender, "main", [b"before", fake, b"\x00GW1", b"after"])
-    )
-    assert transport.sent == [(b"before\n", B), (b"after\n", B)]
-    assert listener.bus.metrics.dropped["udp_reserved"] == 2
+    udp.bus.publish(udp.peers[A], Batch(sender, "main", [b"before", fake, b"\x00GW1", b"after"]))
+    assert udp.sent == [(b"before\n", B), (b"after\n", B)]
+    assert udp.bus.metrics.dropped["udp_reserved"] == 2
 
 
 # The rate limit
 
 
 def test_rate_limit_drops_over_the_burst_and_recovers():
-    listener, transport, clock = make(Limits(max_messages_per_second=5))
-    listener.datagramReceived(b"", A)
+    udp = make({"max_messages_per_second": 5})
+    udp.send(b"", A)
     for n in range(8):
-        listener.datagramReceived(b"", B)  # neither empty nor control datagrams count
-        listener.datagramReceived(hello(), B)
-        listener.datagramReceived(b"m%d" % n, B)
-    assert [d for d, _ in transport.sent] == [b"m%d\n" % n for n in range(5)]
-    assert listener.bus.metrics.dropped["rate_limit"] == 3
-    clock.advance(0.2)  # one token back
-    listener.datagramReceived(b"one", B)
-    listener.datagramReceived(b"too many", B)
-    clock.advance(1)
+        udp.send(b"", B)  # neither empty nor control datagrams count
+        udp.send(hello(), B)
+        udp.send(b"m%d" % n, B)
+    assert [d for d, _ in udp.sent] == [b"m%d\n" % n for n in range(5)]
+    assert udp.bus.metrics.dropped["rate_limit"] == 3
+    udp.advance(0.2)  # one token back
+    udp.send(b"one", B)
+    udp.send(b"too many", B)
+    udp.advance(1)
     for n in range(6):
-        listener.datagramReceived(b"r%d" % n, B)
-    sent = [d for d, _ in transport.sent[5:]]
+        udp.send(b"r%d" % n, B)
+    sent = [d for d, _ in udp.sent[5:]]
     assert sent == [b"one\n"] + [b"r%d\n" % n for n in range(5)]
-    assert listener.bus.metrics.dropped["rate_limit"] == 5
+    assert udp.bus.metrics.dropped["rate_limit"] == 5
 
 
 def test_without_a_rate_limit_peers_have_no_bucket():
-    listener, _, _ = make()
-    listener.datagramReceived(b"", A)
-    assert listener.peers[A].bucket is None
+    udp = make()
+    udp.send(b"", A)
+    assert udp.peers[A].bucket is None
 
 
 # Logging
@@ -316,40 +342,47 @@ def test_without_a_rate_limit_peers_have_no_bucket():
 
 def test_wide_allow_without_challenge_warns_once_at_start():
     cases: list[tuple[dict[str, Any], bool]] = [
-        ({"allow": networks("0.0.0.0/0")}, True),
-        ({"allow": networks("127.0.0.1/32", "::/0")}, True),
-        ({"allow": networks("0.0.0.0/0"), "challenge": True}, False),
+        ({"allow": ("0.0.0.0/0",)}, True),
+        ({"allow": ("127.0.0.1/32", "::/0")}, True),
+        ({"allow": ("0.0.0.0/0",), "challenge": True}, False),
         ({}, False),
-        ({"allow": networks("127.0.0.2/32", "::1/128", "::ffff:127.0.0.1/128")}, False),
+        ({"allow": ("127.0.0.2/32", "::1/128", "::ffff:127.0.0.1/128")}, False),
     ]
     for overrides, warned in cases:
-        listener, _, _ = make(**overrides)
-        with capturedLogs() as events:
-            listener.startProtocol()
-        found = warnings(list(events))
+        udp = make(**overrides)  # the gateway starts (listens) at once
+        found = warnings(udp)
         if warned:
             [event] = found
             text = event["log_format"]
             assert "reflector" in text and "challenge = true" in text
         else:
             assert found == [], overrides
+        stop_all()  # before the next case starts: one gateway's log at a time
 
 
 def test_dropped_datagram_logging_is_bounded():
-    listener, _, clock = make(allow=networks("10.0.0.0/8"), challenge=True)
-    with capturedLogs() as events:
-        for port in range(1, 1001):
-            listener.datagramReceived(b"x", ("192.0.2.1", port))
-            listener.datagramReceived(b"", ("10.0.0.1", port))
-        clock.advance(1)
-        listener.datagramReceived(b"x", ("192.0.2.1", 1))
-    logged = [e["log_format"] for e in warnings(list(events))]
-    assert len(logged) == 3  # not allowed, too short, then not allowed again
-    assert "suppressed" in logged[-1]
-    assert listener.bus.metrics.dropped["udp_not_allowed"] == 1001
+    udp = make(allow=("10.0.0.0/8",), challenge=True)
+    mark = logged(udp)
+    for port in range(1, 1001):
+        udp.send(b"x", ("192.0.2.1", port))
+        udp.send(b"", ("10.0.0.1", port))
+    udp.advance(1)
+    udp.send(b"x", ("192.0.2.1", 1))
+    found = [e["log_format"] for e in warnings(udp, mark)]
+    assert len(found) == 3  # not allowed, too short, then not allowed again
+    assert "suppressed" in found[-1]
+    assert udp.bus.metrics.dropped["udp_not_allowed"] == 1001
 
 
 # The terminal client, in memory
+
+
+class FakeUDPTransport:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def write(self, datagram: bytes, addr: Any) -> None:
+        self.sent.append((datagram, addr))
 
 
 class ClientHarness:
@@ -393,29 +426,31 @@ def test_client_against_a_gateway_without_challenge_sends_held_lines_after_the_g
 
 
 def test_client_and_listener_complete_the_exchange_in_memory():
-    listener, listener_out, _ = make(challenge=True)
-    verify(listener, listener_out, A)
+    udp = make(challenge=True)
+    verify(udp, A)
     h = ClientHarness()
     me = ("127.0.0.1", 4242)
 
     def pump() -> None:
-        while h.transport.sent or listener_out.sent:
-            for datagram, _ in h.transport.sent:
-                listener.datagramReceived(datagram, me)
-            h.transport.sent.clear()
-            for datagram, to in listener_out.sent:
-                if to == me:
-                    h.client.datagramReceived(datagram, ("127.0.0.1", 9))
-            listener_out.sent.clear()
+        while True:
+            out, h.transport.sent = h.transport.sent, []
+            for datagram, _ in out:
+                udp.send(datagram, me)
+            replies = udp.port.received(me)
+            for datagram in replies:
+                h.client.datagramReceived(datagram, ("127.0.0.1", 9))
+            if not out and not replies:
+                return
 
     h.client._register()
     h.client._send_line(b"hi")
     pump()
-    assert me in listener.peers
-    listener.datagramReceived(b"welcome", A)
+    assert me in udp.peers
+    assert udp.port.received(A) == [b"hi\n"]
+    udp.send(b"welcome", A)
     pump()
     assert h.out.getvalue() == b"welcome\n"
-    assert listener.bus.metrics.messages_received["udp", "udp"] == 2  # "hi" and "welcome"
+    assert udp.bus.metrics.messages_received["udp", "udp"] == 2  # "hi" and "welcome"
 
 
 # Real sockets: the gateway command, forged sources through a raw socket

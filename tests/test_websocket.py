@@ -1,63 +1,95 @@
 """The WebSocket listener in memory: frames, JSON envelopes, presence, origins, limits.
 
-WebSocket clients are Autobahn's own client protocol, connected to the
-listener's site over ``iosim``; plain HTTP is driven through a
-``StringTransport``. Time is a ``Clock``.
+Each test runs the real gateway (``gateway.testing.MemoryGateway``) from a
+TOML string: WebSocket clients are Autobahn's own client protocol over
+``iosim``, line peers are real ``tcp`` connections (or, where a test needs
+typed payloads, a fake peer on the bus), plain HTTP is driven through a
+``StringTransport``. Time is the gateway's memory clock.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from hypothesis import given
 from hypothesis import strategies as st
-from twisted.internet.address import IPv4Address
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.task import Clock
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.internet.testing import StringTransport
-from twisted.test import iosim
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from gateway.bus import Bus
-from gateway.config import Limits, StreamListenerConfig
-from gateway.flow import Backlog
-from gateway.interfaces import IFramer, IPeer
-from gateway.message import Batch, Kind, Origin
-from gateway.websocket import (
-    JSON_FRAMER,
-    JSON_SUBPROTOCOL,
+from gateway import testing
+from gateway.core.bus import Bus
+from gateway.core.interfaces import IFramer, IPeer
+from gateway.core.message import Batch, Kind, Origin
+from gateway.flow.backlog import Backlog
+from gateway.testing import MemoryGateway, StreamConnection, WebSocketClient
+from gateway.transports.lifecycle import ListenerRuntime
+from gateway.transports.websocket.envelope import JSON_FRAMER, JSON_SUBPROTOCOL, parse_envelope
+from gateway.transports.websocket.frames import (
     RAW_FRAMER,
-    OriginPolicy,
-    WebSocketPeer,
+    count_frames,
     frame_header,
     frame_message,
-    make_site,
-    parse_envelope,
 )
+from gateway.transports.websocket.origins import OriginPolicy
+from gateway.transports.websocket.peer import WebSocketPeer
 
-CLIENT_ADDRESS = IPv4Address("TCP", "127.0.0.1", 40000)
+WEB = "web"
+"""The WebSocket listener of every test (port 9000: clients send ``Host: localhost:9000``)."""
+LINE = "tcp"
+"""A tcp listener next to it, for real line peers (``tcp-1``, ``tcp-2``...)."""
 
 
-def listener(**overrides: object) -> StreamListenerConfig:
-    values: dict[str, object] = {
-        "name": "web",
-        "type": "ws",
-        "host": "127.0.0.1",
-        "port": 0,
-        "channel": "main",
-        "echo": False,
-        "welcome": "",
-        "quit_command": "",
-        "ping_interval": 0.0,
-        "allowed_origins": None,
-    }
-    values.update(overrides)
-    return StreamListenerConfig(**values)  # type: ignore[arg-type]
+def toml_value(value: object) -> str:
+    """``value`` as TOML (strings, numbers, booleans, lists of strings)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(item) for item in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def toml_table(header: str, values: dict[str, object]) -> str:
+    lines = [header]
+    lines += [f"{key} = {toml_value(value)}" for key, value in values.items() if value is not None]
+    return "\n".join(lines) + "\n"
+
+
+def gateway_toml(limits: dict[str, object] | None = None, **listener: object) -> str:
+    """A gateway "gw" with one ``ws`` listener (``listener`` overrides its keys) and a tcp one."""
+    web: dict[str, object] = {"name": WEB, "type": "ws", "port": 9000, "ping_interval": 0}
+    web.update(listener)
+    return "\n".join(
+        [
+            toml_table("[gateway]", {"name": "gw"}),
+            toml_table("[limits]", {"handshake_timeout": 5, **(limits or {})}),
+            toml_table("[[listeners]]", web),
+            toml_table("[[listeners]]", {"name": LINE, "type": "tcp", "port": 8006}),
+        ]
+    )
+
+
+_running: list[MemoryGateway] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_gateways() -> Iterator[None]:
+    """Every gateway a test built is stopped (drained) at its end."""
+    yield
+    while _running:
+        _running.pop().stop()
 
 
 @implementer(IFramer)
@@ -69,13 +101,21 @@ class BatchFramer:
     def frame(self, batch: Batch) -> Batch:
         return batch
 
+    def count(self, wire: Batch) -> int:
+        return len(wire.payloads)
+
 
 BATCH_FRAMER = BatchFramer()
 
 
 @implementer(IPeer)
 class LinePeer:
-    """A stand-in for a tcp/udp peer: sends untyped bytes, records what it gets."""
+    """A stand-in for a tcp/udp peer on the bus: sends typed or untyped payloads, records
+    the batches it gets (a real tcp peer can send neither binary kinds nor empty lines)."""
+
+    subject = None
+    pending_bytes = 0
+    dropped_messages = 0
 
     def __init__(self, bus: Bus, peer_id: str = "tcp-1", transport: str = "tcp") -> None:
         self.bus = bus
@@ -103,100 +143,69 @@ class LinePeer:
         return [message for batch in self.received for message in batch.messages()]
 
 
-class Client(WebSocketClientProtocol):
-    """Autobahn's client, recording what it gets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.opened = False
-        self.messages: list[tuple[bytes, bool]] = []
-        self.closed: tuple[bool, int | None, str | None] | None = None
-
-    def onOpen(self) -> None:
-        self.opened = True
-
-    def onMessage(self, payload: bytes, is_binary: bool) -> None:
-        self.messages.append((payload, is_binary))
-
-    def onClose(self, was_clean: bool, code: int | None, reason: str | None) -> None:
-        self.closed = (was_clean, code, reason)
-
-    def texts(self) -> list[str]:
-        return [payload.decode() for payload, binary in self.messages if not binary]
-
-    def events(self) -> list[dict[str, Any]]:
-        return [json.loads(text) for text in self.texts()]
-
-    def take(self) -> list[tuple[bytes, bool]]:
-        messages, self.messages = self.messages, []
-        return messages
-
-
 class Connection:
-    """A client connected to the site over iosim, and the server's peer."""
+    """A WebSocket client connected to the ``web`` listener, and the gateway's peer."""
 
-    def __init__(self, client: Client, pump: iosim.IOPump, server_io: iosim.FakeTransport) -> None:
-        self.client = client
-        self.pump = pump
-        self.server_io = server_io
+    def __init__(self, gateway: MemoryGateway, stream: StreamConnection) -> None:
+        self.gateway = gateway
+        self.stream = stream
+        self.server_io = stream.server_io
+
+    @property
+    def client(self) -> WebSocketClient:
+        client = self.stream.client
+        assert isinstance(client, WebSocketClient)
+        return client
 
     @property
     def peer(self) -> WebSocketPeer:
-        protocol = self.server_io.protocol
-        assert isinstance(protocol, WebSocketPeer)
-        return protocol
+        peer = self.stream.peer
+        assert isinstance(peer, WebSocketPeer)
+        return peer
+
+    @property
+    def backlog(self) -> Backlog:
+        flow = self.peer.flow
+        assert flow is not None
+        return flow.backlog
 
     def send(self, payload: bytes, binary: bool = False) -> None:
         self.client.sendMessage(payload, isBinary=binary)
-        self.pump.flush()
+        self.gateway.flush()
 
     def send_json(self, value: object) -> None:
         self.send(json.dumps(value).encode())
 
 
-class Gateway:
-    """A bus, a clock and the site of one WebSocket listener."""
+class Gateway(MemoryGateway):
+    """The real gateway in memory: a ``ws`` listener "web" (``listener`` overrides its
+    keys, ``limits`` the ``[limits]``, handshake_timeout 5 by default) and a ``tcp`` one."""
 
-    def __init__(self, limits: Limits | None = None, **overrides: object) -> None:
-        self.bus = Bus()
-        self.clock = Clock()
-        self.limits = limits or Limits(handshake_timeout=5.0)
-        self.site = make_site(self.bus, listener(**overrides), self.limits, "gw", self.clock)
+    def __init__(
+        self, limits: dict[str, object] | None = None, base: Path | None = None, **listener: object
+    ) -> None:
+        self.web = str(listener.get("name", WEB))
+        super().__init__(gateway_toml(limits, **listener), base=base)
+        _running.append(self)
 
-    def connect(
-        self,
-        protocols: list[str] | None = None,
-        origin: str | None = None,
-        url: str = "ws://localhost:9000/ws",
-    ) -> Connection:
-        server = self.site.buildProtocol(CLIENT_ADDRESS)
-        factory = WebSocketClientFactory(
-            url=url, origin=origin, protocols=protocols or [], reactor=self.clock
-        )
-        # The client's own timers would go to the global reactor; the server's are tested.
-        factory.setProtocolOptions(
-            openHandshakeTimeout=0, closeHandshakeTimeout=0, serverConnectionDropTimeout=0
-        )
-        factory.protocol = Client
-        client = factory.buildProtocol(None)
-        assert isinstance(client, Client)
-        server_io = iosim.FakeTransport(server, isServer=True, peerAddress=CLIENT_ADDRESS)
-        client_io = iosim.FakeTransport(client, isServer=False)
-        pump = iosim.connect(server, server_io, client, client_io, clock=self.clock)
-        return Connection(client, pump, server_io)
+    @property
+    def runtime(self) -> ListenerRuntime:
+        """The ``web`` listener's runtime (its open connections)."""
+        return self.listener(self.web).runtime
 
-    def json_client(self) -> Connection:
-        return self.connect(protocols=[JSON_SUBPROTOCOL])
+    def ws(self, protocols: list[str] | None = None, origin: str | None = None) -> Connection:
+        return Connection(self, self.websocket_connection(self.web, "/ws", protocols, origin))
 
-    def http(self, request: bytes) -> StringTransport:
-        """Send raw HTTP bytes on a new connection; the transport holds the reply."""
-        channel = self.site.buildProtocol(CLIENT_ADDRESS)
-        transport = StringTransport(peerAddress=CLIENT_ADDRESS)
-        transport.protocol = channel  # type: ignore[attr-defined]  # as on a real transport
-        channel.makeConnection(transport)
-        if request:
-            channel.dataReceived(request)
-        return transport
+    def json_ws(self) -> Connection:
+        return self.ws(protocols=[JSON_SUBPROTOCOL])
+
+    def line(self) -> StreamConnection:
+        """A real line peer on the tcp listener."""
+        return self.connect(LINE)
+
+    def page(self, request: bytes) -> StringTransport:
+        """Raw HTTP bytes on a new connection of ``web``; the transport holds the reply."""
+        return self.http(self.web, request)
 
 
 def upgrade_request(
@@ -235,31 +244,66 @@ def test_frame_header_lengths():
 
 
 LENGTHS = [0, 1, 125, 126, 127, 65535, 65536, 70000]
+EDGES = [124, 125, 126, 127, 65534, 65535, 65536, 65537]
+"""Frame lengths on both sides of the 7-bit, 16-bit and 64-bit length encodings."""
+
+
+def frame_lengths(wire: bytes) -> list[int]:
+    """The payload lengths of the server frames in ``wire``, read independently of the gateway."""
+    lengths = []
+    while wire:
+        assert wire[0] & 0x80  # FIN: never fragmented
+        length, start = wire[1], 2
+        assert not length & 0x80  # server frames are never masked
+        if length == 126:
+            length, start = int.from_bytes(wire[2:4], "big"), 4
+        elif length == 127:
+            length, start = int.from_bytes(wire[2:10], "big"), 10
+        lengths.append(length)
+        wire = wire[start + length :]
+    return lengths
+
+
+def test_count_frames_of_64_messages_from_both_framers():
+    origin = Origin("tcp-1", "tcp", "tcp")
+    sizes = [EDGES[n % len(EDGES)] for n in range(64)]
+    payloads = [bytes([65 + n % 26]) * size for n, size in enumerate(sizes)]
+    kinds = [Kind.BINARY if n % 2 else Kind.TEXT for n in range(64)]
+    raw = RAW_FRAMER.frame(Batch(origin, "main", payloads, kinds))
+    assert frame_lengths(raw) == sizes
+    assert count_frames(raw) == RAW_FRAMER.count(raw) == 64
+    # JSON envelopes of exactly those lengths: the payload is what the envelope adds less.
+    envelope = len(JSON_FRAMER.frame(Batch(origin, "main", [b""], [Kind.TEXT]))) - 2
+    texts = [b"x" * (size - envelope) for size in sizes]
+    wire = JSON_FRAMER.frame(Batch(origin, "main", texts, [Kind.TEXT] * 64))
+    assert frame_lengths(wire) == sizes
+    assert count_frames(wire) == JSON_FRAMER.count(wire) == 64
+    assert count_frames(b"") == 0
 
 
 def test_autobahn_decodes_our_frames_text_and_binary():
     gw = Gateway()
-    ws = gw.connect()
+    ws = gw.ws()
     tcp = LinePeer(gw.bus)
     payloads = [bytes([65 + n % 26]) * n for n in LENGTHS]
     binaries = [bytes([n % 256 for n in range(length)]) for length in LENGTHS]
     tcp.send(
         *payloads, *binaries, kinds=[Kind.TEXT] * len(payloads) + [Kind.BINARY] * len(binaries)
     )
-    ws.pump.flush()
+    gw.flush()
     assert ws.client.messages == [(p, False) for p in payloads] + [(b, True) for b in binaries]
     assert ws.client.closed is None
 
 
 def test_each_receiver_gets_one_write_per_batch():
     gw = Gateway()
-    receivers = [gw.connect() for _ in range(3)]
+    receivers = [gw.ws() for _ in range(3)]
     writes: list[list[bytes]] = []
     for connection in receivers:
         log: list[bytes] = []
         writes.append(log)
-        connection.peer.transport.write = log.append  # type: ignore[union-attr, method-assign]
-    LinePeer(gw.bus).send(b"one", b"two", b"three")
+        connection.peer.transport.write = log.append
+    gw.line().send(b"one\ntwo\nthree\n")  # one read, one batch
     assert [len(log) for log in writes] == [1, 1, 1]
     assert writes[0][0] == writes[1][0] == writes[2][0]
     assert writes[0][0] == b"\x81\x03one\x81\x03two\x81\x05three"
@@ -270,11 +314,10 @@ def test_each_receiver_gets_one_write_per_batch():
 
 def test_websocket_to_websocket_keeps_the_opcode():
     gw = Gateway()
-    a, b = gw.connect(), gw.connect()
+    a, b = gw.ws(), gw.ws()
     a.send("héllo".encode())
     a.send(b"\x00\x01\xff", binary=True)
     a.send(b"plain text that is ascii", binary=True)
-    b.pump.flush()
     assert b.client.take() == [
         ("héllo".encode(), False),
         (b"\x00\x01\xff", True),
@@ -285,16 +328,59 @@ def test_websocket_to_websocket_keeps_the_opcode():
 
 def test_echo_sends_own_messages_back():
     gw = Gateway(echo=True)
-    a = gw.connect()
+    a = gw.ws()
     a.send(b"me")
-    a.pump.flush()
     assert a.client.take() == [(b"me", False)]
 
 
-def test_websocket_messages_reach_line_peers_with_their_kind_and_origin():
-    gw = Gateway(type="wss", name="secure")
+class _KeepProtocolFactory(ClientFactory):
+    """A ``ClientFactory`` for an already built client that keeps the client's own ``factory``."""
+
+    def buildProtocol(self, addr: object) -> Protocol | None:
+        build: Any = self.protocol  # here ``lambda: client``
+        protocol: Protocol = build()
+        if protocol.factory is None:
+            protocol.factory = self
+        return protocol
+
+
+def tls_clients_on_the_gateway_clock(gw: MemoryGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Works around two faults of ``MemoryGateway``'s TLS clients (``_open``) for ``wss``.
+
+    It wraps the Autobahn client in ``ClientFactory.forProtocol(lambda: client)``, whose
+    ``buildProtocol`` replaces ``client.factory`` (the ``WebSocketClientFactory``), so
+    Autobahn's ``connectionMade`` fails; and its client ``TLSMemoryBIOFactory`` has no
+    ``clock``, so what the client writes after the TLS handshake waits for the global
+    reactor, which never runs, and never reaches the gateway.
+    """
+
+    class OnTheGatewayClock(TLSMemoryBIOFactory):
+        def __init__(
+            self,
+            contextFactory: Any,
+            isClient: bool,
+            wrappedFactory: ClientFactory,
+            clock: IReactorTime | None = None,
+        ) -> None:
+            super().__init__(contextFactory, isClient, wrappedFactory, clock or gw.reactor)
+
+    monkeypatch.setattr(testing, "ClientFactory", _KeepProtocolFactory, raising=False)
+    monkeypatch.setattr(testing, "TLSMemoryBIOFactory", OnTheGatewayClock, raising=False)
+
+
+def test_websocket_messages_reach_line_peers_with_their_kind_and_origin(tmp_path, monkeypatch):
+    gw = Gateway(
+        base=tmp_path,
+        type="wss",
+        name="secure",
+        cert="certs/server.pem",
+        key="certs/server.key",
+        generate_dev_cert=True,
+    )
+    tls_clients_on_the_gateway_clock(gw, monkeypatch)
     tcp = LinePeer(gw.bus)
-    ws = gw.connect()
+    ws = gw.ws()
+    assert ws.client.opened
     ws.send(b"text")
     ws.send(b"\xff\x00", binary=True)
     ws.send(b"", binary=False)
@@ -306,10 +392,10 @@ def test_websocket_messages_reach_line_peers_with_their_kind_and_origin():
 
 def test_line_transport_bytes_are_text_when_utf8_else_binary():
     gw = Gateway()
-    ws = gw.connect()
+    ws = gw.ws()
     tcp = LinePeer(gw.bus)
     tcp.send(b"ascii", "ünïcode".encode(), b"\xff\xfebad", b"")
-    ws.pump.flush()
+    gw.flush()
     assert ws.client.take() == [
         (b"ascii", False),
         ("ünïcode".encode(), False),
@@ -318,18 +404,29 @@ def test_line_transport_bytes_are_text_when_utf8_else_binary():
     ]
 
 
+def test_lines_of_a_real_tcp_peer_are_text_when_utf8_else_binary():
+    gw = Gateway()
+    ws = gw.ws()
+    gw.line().send(b"ascii\n" + "ünïcode".encode() + b"\n\xff\xfebad\n")
+    assert ws.client.take() == [
+        (b"ascii", False),
+        ("ünïcode".encode(), False),
+        (b"\xff\xfebad", True),
+    ]
+
+
 def test_raw_welcome_text_when_configured():
     gw = Gateway(welcome="Welcome {peer} to {name}: {count} online")
-    LinePeer(gw.bus)
-    ws = gw.connect()
+    gw.line()
+    ws = gw.ws()
     assert ws.client.take() == [(b"Welcome web-1 to gw: 2 online", False)]
 
 
 def test_raw_clients_get_no_welcome_by_default_and_no_presence():
     gw = Gateway()
-    ws = gw.connect()
-    LinePeer(gw.bus)
-    ws.pump.flush()
+    ws = gw.ws()
+    gw.line()
+    gw.flush()
     assert ws.client.messages == []
 
 
@@ -338,14 +435,13 @@ def test_raw_clients_get_no_welcome_by_default_and_no_presence():
 
 def test_json_envelopes_for_text_and_binary():
     gw = Gateway()
-    tcp = LinePeer(gw.bus)
-    ws = gw.json_client()
+    tcp = gw.line()
+    ws = gw.json_ws()
     ws.client.take()  # the welcome
-    tcp.send(b"hi", b"\xff\x00")
-    other = gw.connect()
+    tcp.send(b"hi\n\xff\x00\n")
+    other = gw.ws()
     other.send(b"\x00\x01", binary=True)
     other.send(b"typed")
-    ws.pump.flush()
     assert [e for e in ws.client.events() if e["type"] == "message"] == [
         {
             "type": "message",
@@ -385,9 +481,9 @@ def test_json_envelopes_for_text_and_binary():
 
 def test_json_welcome_lists_count_and_channel_peers():
     gw = Gateway()
-    LinePeer(gw.bus)
-    gw.connect()
-    ws = gw.json_client()
+    gw.line()
+    gw.ws()
+    ws = gw.json_ws()
     assert ws.client.websocket_protocol_in_use == JSON_SUBPROTOCOL
     [welcome] = ws.client.events()
     assert welcome == {
@@ -406,62 +502,63 @@ def test_json_welcome_lists_count_and_channel_peers():
 
 def test_json_welcome_ignores_the_text_welcome():
     gw = Gateway(welcome="hello {peer}")
-    ws = gw.json_client()
+    ws = gw.json_ws()
     assert [event["type"] for event in ws.client.events()] == ["welcome"]
 
 
 def test_json_clients_hear_joins_and_leaves():
     gw = Gateway()
-    a, b = gw.json_client(), gw.json_client()
-    a.client.take()
-    raw = gw.connect()
-    tcp = LinePeer(gw.bus, "tcp-9")
-    tcp.close("bye")
+    a = gw.json_ws()
+    a.client.take()  # the welcome
+    b = gw.json_ws()
+    raw = gw.ws()
+    tcp = gw.line()
+    tcp.close()
     raw.client.sendClose(1000)
-    raw.pump.flush()
+    gw.flush()
     b.client.sendClose(1000)
-    b.pump.flush()
-    a.pump.flush()
+    gw.flush()
     assert a.client.events() == [
         {"type": "join", "peer": "web-2", "transport": "ws", "count": 2},
         {"type": "join", "peer": "web-3", "transport": "ws", "count": 3},
-        {"type": "join", "peer": "tcp-9", "transport": "tcp", "count": 4},
-        {"type": "leave", "peer": "tcp-9", "transport": "tcp", "count": 3},
+        {"type": "join", "peer": "tcp-1", "transport": "tcp", "count": 4},
+        {"type": "leave", "peer": "tcp-1", "transport": "tcp", "count": 3},
         {"type": "leave", "peer": "web-3", "transport": "ws", "count": 2},
         {"type": "leave", "peer": "web-2", "transport": "ws", "count": 1},
     ]
     assert raw.client.messages == []
 
 
-def test_one_presence_watcher_per_listener():
-    class CountingBus(Bus):
-        watching = 0
-
-        def watch_presence(self, channel, watcher):
-            self.watching += 1
-            super().watch_presence(channel, watcher)
-
-        def unwatch_presence(self, channel, watcher):
-            self.watching -= 1
-            super().unwatch_presence(channel, watcher)
-
-    bus = CountingBus()
-    clock = Clock()
+def test_one_presence_watcher_per_listener(monkeypatch):
     gw = Gateway()
-    gw.bus = bus
-    gw.site = make_site(bus, listener(), Limits(), "gw", clock)
-    clients = [gw.json_client() for _ in range(5)]
-    assert bus.watching == 1
+    bus = gw.bus
+    watching = 0
+    watch, unwatch = bus.watch_presence, bus.unwatch_presence
+
+    def counting_watch(channel, watcher):
+        nonlocal watching
+        watching += 1
+        watch(channel, watcher)
+
+    def counting_unwatch(channel, watcher):
+        nonlocal watching
+        watching -= 1
+        unwatch(channel, watcher)
+
+    monkeypatch.setattr(bus, "watch_presence", counting_watch)
+    monkeypatch.setattr(bus, "unwatch_presence", counting_unwatch)
+    clients = [gw.json_ws() for _ in range(5)]
+    assert watching == 1
     for connection in clients:
         connection.client.sendClose(1000)
-        connection.pump.flush()
-    assert bus.watching == 0
+        gw.flush()
+    assert watching == 0
 
 
 def test_json_clients_send_envelopes_or_raw_frames():
     gw = Gateway()
     tcp = LinePeer(gw.bus)
-    ws = gw.json_client()
+    ws = gw.json_ws()
     ws.send_json({"type": "message", "text": "from envelope"})
     ws.send_json({"type": "message", "base64": "AAH/"})
     ws.send_json({"type": "other", "text": "x"})
@@ -516,9 +613,9 @@ def test_raw_framer_batches_without_kinds():
 
 
 def test_oversize_message_is_refused_with_1009():
-    gw = Gateway(Limits(max_message_bytes=100))
+    gw = Gateway({"max_message_bytes": 100})
     tcp = LinePeer(gw.bus)
-    ws = gw.connect()
+    ws = gw.ws()
     ws.send(b"x" * 100)
     ws.send(b"x" * 101)
     assert tcp.payloads() == [(b"x" * 100, Kind.TEXT)]
@@ -530,98 +627,92 @@ def test_oversize_message_is_refused_with_1009():
 
 def test_invalid_utf8_text_is_refused_with_1007():
     gw = Gateway()
-    tcp = LinePeer(gw.bus)
-    ws = gw.connect()
+    tcp = gw.line()
+    ws = gw.ws()
     ws.send(b"\xff\xfe not utf-8")
-    assert tcp.received == []
+    assert tcp.received() == b""
     assert ws.client.remoteCloseCode == 1007
     assert gw.bus.metrics.disconnects["invalid_utf8"] == 1
 
 
 def test_close_sends_1001_and_the_reason():
     gw = Gateway()
-    ws = gw.connect()
+    ws = gw.ws()
     ws.peer.close("gateway shutting down")
-    ws.pump.flush()
+    gw.flush()
     assert ws.client.remoteCloseCode == 1001
     assert ws.client.remoteCloseReason == "gateway shutting down"
     assert gw.bus.peer_count == 0
-    assert gw.site.connections == set()
-    assert gw.clock.getDelayedCalls() == []
+    assert gw.runtime.connections == set()
+    assert gw.reactor.getDelayedCalls() == []
 
 
 def test_close_with_normal_code():
     gw = Gateway()
-    ws = gw.connect()
+    ws = gw.ws()
     ws.peer.close("done", code=1000)
-    ws.pump.flush()
+    gw.flush()
     assert (ws.client.remoteCloseCode, ws.client.remoteCloseReason) == (1000, "done")
 
 
 def test_slow_consumer_is_closed_with_1008_and_dropped():
-    gw = Gateway(Limits(max_pending_bytes=2048))
-    tcp = LinePeer(gw.bus)
-    ws = gw.connect()
-    backlog = ws.peer.backlog
-    assert backlog is not None
-    backlog.pauseProducing()
-    assert ws.server_io.producer is ws.peer.backlog
+    gw = Gateway({"max_pending_bytes": 2048})
+    tcp = gw.line()
+    ws = gw.ws()
+    ws.stream.stall()  # the transport is full: it paused its producer, the peer's backlog
+    assert ws.server_io.producer is ws.backlog
+    assert ws.backlog.paused
     for _ in range(30):
-        tcp.send(b"y" * 100)
+        tcp.send(b"y" * 100 + b"\n")
     assert gw.bus.peer_count == 1
     assert gw.bus.metrics.disconnects["slow_consumer"] == 1
     assert ws.server_io.disconnecting
-    ws.pump.flush()
+    ws.stream.pump.flush()  # what the transport held still reaches the client
     assert ws.client.remoteCloseCode == 1008
 
 
 def test_resumed_consumer_is_not_counted():
-    gw = Gateway(Limits(max_pending_bytes=2048))
-    tcp = LinePeer(gw.bus)
-    ws = gw.connect()
-    backlog = ws.peer.backlog
-    assert backlog is not None
+    gw = Gateway({"max_pending_bytes": 2048})
+    tcp = gw.line()
+    ws = gw.ws()
     for _ in range(5):
-        backlog.pauseProducing()
+        ws.stream.stall()
         for _ in range(15):
-            tcp.send(b"y" * 100)
-        backlog.resumeProducing()
-    ws.pump.flush()
+            tcp.send(b"y" * 100 + b"\n")
+        ws.stream.unstall()
+    gw.flush()
     assert len(ws.client.messages) == 75
     assert gw.bus.peer_count == 2
+    assert gw.bus.metrics.disconnects["slow_consumer"] == 0
 
 
 def test_a_peer_closing_during_fan_out_never_reaches_the_sender():
     gw = Gateway()
-    sender, closing, broken, fine = (gw.connect() for _ in range(4))
+    sender, closing, broken, fine = (gw.ws() for _ in range(4))
     closing.peer.close("going")
 
     def explode(data: bytes) -> None:
         raise RuntimeError("transport gone")
 
-    broken.peer.transport.write = explode  # type: ignore[union-attr, method-assign]
+    broken.peer.transport.write = explode
     sender.send(b"still works")
-    fine.pump.flush()
     assert fine.client.take() == [(b"still works", False)]
     assert closing.client.messages == []
     assert sender.client.closed is None
     assert sender.peer.state == sender.peer.STATE_OPEN
     sender.send(b"again")
-    fine.pump.flush()
     assert fine.client.take() == [(b"again", False)]
 
 
 def test_auto_ping_drops_a_peer_that_misses_pongs():
     gw = Gateway(ping_interval=5.0)
-    ws = gw.connect()
-    for _ in range(3):
-        gw.clock.advance(5)
-        ws.pump.flush()  # the client answers the ping
+    ws = gw.ws()
+    gw.advance(15)  # three pings, each answered
     assert ws.client.closed is None
-    gw.clock.advance(5)  # a ping the client never sees
-    gw.clock.advance(5)
+    gw.reactor.advance(5)  # a ping the client never sees (no bytes move)
+    gw.reactor.advance(5)
     assert ws.server_io.disconnecting
-    ws.pump.flush()
+    gw.flush()
     assert ws.client.closed is not None
     assert gw.bus.peer_count == 0
 
@@ -654,7 +745,8 @@ def test_auto_ping_drops_a_peer_that_misses_pongs():
 )
 def test_origin_policy_in_the_handshake(allowed, origin, host, status):
     gw = Gateway(allowed_origins=allowed)
-    transport = gw.http(upgrade_request(origin, host))
+    assert gw.listener(WEB).config.allowed_origins == allowed  # type: ignore[attr-defined]
+    transport = gw.page(upgrade_request(origin, host))
     assert status_of(transport) == status
     assert gw.bus.peer_count == (1 if status == 101 else 0)
     if status == 403:
@@ -671,10 +763,10 @@ def test_origin_policy_unit():
 
 def test_subprotocol_offered_but_other_is_raw():
     gw = Gateway()
-    reply = gw.http(upgrade_request(protocols="chat, something"))
+    reply = gw.page(upgrade_request(protocols="chat, something"))
     assert status_of(reply) == 101
     assert b"sec-websocket-protocol" not in reply.value().lower()
-    reply = gw.http(upgrade_request(protocols=f"chat, {JSON_SUBPROTOCOL}"))
+    reply = gw.page(upgrade_request(protocols=f"chat, {JSON_SUBPROTOCOL}"))
     assert f"Sec-WebSocket-Protocol: {JSON_SUBPROTOCOL}".encode() in reply.value()
 
 
@@ -683,35 +775,43 @@ def test_no_extensions_are_accepted():
     request = upgrade_request().replace(
         b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
     )
-    reply = gw.http(request)
+    reply = gw.page(request)
     assert status_of(reply) == 101
     assert b"extensions" not in reply.value().lower()
 
 
 def test_upgrade_after_a_page_on_the_same_connection():
     gw = Gateway()
-    transport = gw.http(b"GET / HTTP/1.1\r\nHost: localhost:9000\r\n\r\n")
+    transport = gw.page(b"GET / HTTP/1.1\r\nHost: localhost:9000\r\n\r\n")
     transport.clear()
     transport.protocol.dataReceived(upgrade_request())  # type: ignore[attr-defined]
     assert status_of(transport) == 101
     assert gw.bus.peer_count == 1
-    gw.clock.advance(60)
+    gw.advance(60)
     assert not transport.disconnecting
 
 
 def test_peer_and_framers_provide_their_interfaces():
     gw = Gateway()
-    ws = gw.connect()
+    ws = gw.ws()
     assert verifyObject(IPeer, ws.peer)
-    assert verifyObject(IPushProducer, ws.peer.backlog)
+    assert verifyObject(IPeer, gw.line().peer)
+    assert verifyObject(IPushProducer, ws.backlog)
     assert verifyObject(IFramer, RAW_FRAMER)
     assert verifyObject(IFramer, JSON_FRAMER)
+    # The fakes of these tests too.
+    assert verifyObject(IPeer, LinePeer(gw.bus))
+    assert verifyObject(IFramer, BATCH_FRAMER)
 
 
 def test_upgrade_hands_the_producer_slot_to_the_peer():
     gw = Gateway()
-    transport = gw.http(upgrade_request())
+    transport = gw.page(upgrade_request())
     assert isinstance(transport.producer, Backlog)
+    [peer] = gw.peers()
+    assert isinstance(peer, WebSocketPeer)
+    assert peer.flow is not None
+    assert transport.producer is peer.flow.backlog
 
 
 # The page
@@ -719,7 +819,7 @@ def test_upgrade_hands_the_producer_slot_to_the_peer():
 
 def test_get_root_returns_the_client_page():
     gw = Gateway()
-    reply = gw.http(b"GET / HTTP/1.1\r\nHost: localhost:9000\r\n\r\n")
+    reply = gw.page(b"GET / HTTP/1.1\r\nHost: localhost:9000\r\n\r\n")
     head, _, body = reply.value().partition(b"\r\n\r\n")
     assert status_of(reply) == 200
     assert b"content-type: text/html; charset=utf-8" in head.lower()
@@ -734,74 +834,75 @@ def test_get_root_returns_the_client_page():
 )
 def test_page_assets(path, content_type):
     gw = Gateway()
-    reply = gw.http(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    reply = gw.page(b"GET " + path + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status_of(reply) == 200
     assert b"content-type: " + content_type in reply.value().lower()
 
 
 def test_app_uses_the_subprotocol_and_the_ws_path():
     gw = Gateway()
-    body = gw.http(b"GET /app.js HTTP/1.1\r\nHost: localhost\r\n\r\n").value()
+    body = gw.page(b"GET /app.js HTTP/1.1\r\nHost: localhost\r\n\r\n").value()
     assert JSON_SUBPROTOCOL.encode() in body
     assert b'new URL("ws", location.href)' in body
 
 
 def test_unknown_paths_are_404_and_plain_get_on_ws_is_426():
     gw = Gateway()
-    assert status_of(gw.http(b"GET /nope HTTP/1.1\r\nHost: localhost\r\n\r\n")) == 404
-    assert status_of(gw.http(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n")) == 426
+    assert status_of(gw.page(b"GET /nope HTTP/1.1\r\nHost: localhost\r\n\r\n")) == 404
+    assert status_of(gw.page(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n")) == 426
 
 
 # The handshake deadline
 
 
 def test_silent_connection_is_dropped_at_the_deadline():
-    gw = Gateway(Limits(handshake_timeout=5.0))
-    transport = gw.http(b"")
-    gw.clock.advance(4.9)
+    gw = Gateway({"handshake_timeout": 5.0})
+    transport = gw.page(b"")
+    gw.advance(4.9)
     assert not transport.disconnecting
-    gw.clock.advance(0.2)
+    gw.advance(0.2)
     assert transport.disconnected
 
 
 def test_half_a_request_is_dropped_at_the_deadline():
-    gw = Gateway(Limits(handshake_timeout=5.0))
-    transport = gw.http(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n")
+    gw = Gateway({"handshake_timeout": 5.0})
+    transport = gw.page(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n")
     for _ in range(9):
-        gw.clock.advance(0.5)
+        gw.advance(0.5)
     assert not transport.disconnecting
-    gw.clock.advance(0.6)
+    gw.advance(0.6)
     assert transport.disconnected
 
 
 def test_open_websocket_outlives_the_deadline():
-    gw = Gateway(Limits(handshake_timeout=5.0))
-    ws = gw.connect()
-    gw.clock.advance(60)
-    ws.pump.flush()
+    gw = Gateway({"handshake_timeout": 5.0})
+    ws = gw.ws()
+    gw.advance(60)
     assert ws.client.closed is None
-    assert gw.clock.getDelayedCalls() == []
+    assert gw.reactor.getDelayedCalls() == []
+    tcp = gw.line()
     ws.send(b"still here")
+    assert tcp.lines() == [b"still here"]
 
 
 def test_idle_keep_alive_after_a_page_is_dropped():
-    gw = Gateway(Limits(handshake_timeout=5.0))
-    transport = gw.http(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    gw = Gateway({"handshake_timeout": 5.0})
+    transport = gw.page(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status_of(transport) == 200
-    gw.clock.advance(4)
+    gw.advance(4)
     assert not transport.disconnecting
-    gw.clock.advance(2)
+    gw.advance(2)
     assert transport.disconnecting
 
 
 def test_connections_are_tracked_for_shutdown():
     gw = Gateway()
-    page = gw.http(b"")
-    ws = gw.connect()
-    assert len(gw.site.connections) == 2
-    for connection in list(gw.site.connections):
+    page = gw.page(b"")
+    ws = gw.ws()
+    assert len(gw.runtime.connections) == 2
+    for connection in list(gw.runtime.connections):
         connection.abort("gateway shutting down")
-    ws.pump.flush()
+    gw.flush()
     assert page.disconnected
     assert ws.client.closed is not None
     assert gw.bus.peer_count == 0

@@ -19,14 +19,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from gateway.config import AdminSettings, ClusterSettings, load
-from gateway.workers import (
-    READY_FD,
-    Supervisor,
-    WorkerSpec,
-    pick_ports,
-    shared_socket,
-    worker_config,
-)
+from gateway.ops.supervisor import Supervisor
+from gateway.ops.workers import READY_FD, WorkerSpec, pick_ports, worker_config
+from gateway.transports.listening import shared_socket
 from tests.conftest import TIMEOUT, Datagram, GatewayProcess, Line
 from tests.test_cluster_integration import REDIS_SERVER, RedisServer
 

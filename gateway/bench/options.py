@@ -1,0 +1,210 @@
+"""The command line of ``gateway bench``: its options, and the validated settings of a run."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+from pathlib import Path
+from typing import Any
+
+from gateway.bench.target import BenchError, Target
+from gateway.bench.wire import HEADER_SIZE
+
+CONNECTS_IN_FLIGHT = 32
+"""Connections started but not finished at once, over all processes (listen backlogs are small)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``gateway bench``."""
+    parser.add_argument(
+        "--sub",
+        action="append",
+        metavar="URL",
+        required=True,
+        help="where subscribers connect; repeat to spread them over several URLs: "
+        "tcp://, tls://, udp://, ws://HOST:PORT/ws, wss://, nats:// (nats-server), "
+        "nats+ws://HOST:PORT/ (nats-server's WebSocket)",
+    )
+    parser.add_argument(
+        "-n", "--subscribers", type=int, default=10, help="subscribers in all (default 10)"
+    )
+    parser.add_argument(
+        "--pub",
+        metavar="URL",
+        help="where publishers connect (default: the first tcp, tls or nats --sub URL)",
+    )
+    parser.add_argument("-m", "--publishers", type=int, default=1, help="publishers (default 1)")
+    parser.add_argument(
+        "--size", type=int, default=100, help=f"payload bytes per message, >= {HEADER_SIZE}"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        metavar="MSGS",
+        help="messages per second over all publishers; 0 = flood (default)",
+    )
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds (default 5)")
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="seconds of load before measuring (default 1)"
+    )
+    parser.add_argument(
+        "--window",
+        type=int,
+        default=2000,
+        help="flood: most messages published ahead of the slowest stream subscriber (default 2000)",
+    )
+    parser.add_argument(
+        "--idle", action="store_true", help="no load: connect, probe, measure memory"
+    )
+    parser.add_argument(
+        "--settle", type=float, default=2.0, help="idle: seconds to wait before reading memory"
+    )
+    parser.add_argument("--pid", type=int, help="the server's PID: report its CPU and memory")
+    parser.add_argument(
+        "--cpu",
+        default="auto",
+        help="CPU to pin the generator to (default: the last one, when there are several; 'none')",
+    )
+    parser.add_argument(
+        "--ca", metavar="PEM", help="tls, wss: trust this CA (default: the system's)"
+    )
+    parser.add_argument("--subject", default="bench", help="NATS subject (default bench)")
+    parser.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="client processes sharing the subscribers (fixed rate or idle only)",
+    )
+    parser.add_argument(
+        "--sources",
+        type=int,
+        default=0,
+        metavar="N",
+        help="spread subscribers over N source addresses 127.0.0.2, 127.0.0.3, ... (IPv4 loopback)",
+    )
+    parser.add_argument(
+        "--connect-timeout", type=float, default=60.0, help="seconds to connect and sync (60)"
+    )
+    parser.add_argument(
+        "--drain", type=float, default=5.0, help="most seconds to wait for late messages (5)"
+    )
+    parser.add_argument(
+        "--sample",
+        choices=("auto", "chunk", "all"),
+        default="auto",
+        help="latency from the last message of each read (chunk) or every message (all); "
+        "auto = chunk when flooding, all at a fixed rate",
+    )
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+class Options:
+    """Validated settings of one run."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.subs = [Target.parse(url) for url in args.sub]
+        if args.pub:
+            self.pub = Target.parse(args.pub)
+        else:
+            fallback = [t for t in self.subs if t.scheme in ("tcp", "tls", "nats")]
+            if not fallback:
+                raise BenchError("give --pub URL: no tcp, tls or nats --sub URL to publish to")
+            self.pub = fallback[0]
+        self.subscribers = args.subscribers
+        self.publishers = args.publishers
+        self.size = args.size
+        self.rate = args.rate
+        self.duration = args.duration
+        self.warmup = args.warmup
+        self.window = args.window
+        self.idle = args.idle
+        self.settle = args.settle
+        self.pid = args.pid
+        self.cpu = _cpu(args.cpu)
+        self.ca = args.ca
+        self.subject = args.subject
+        self.procs = args.procs
+        self.sources = args.sources
+        self.connect_timeout = args.connect_timeout
+        self.drain = args.drain
+        self.json = args.json
+        self.in_flight = max(4, CONNECTS_IN_FLIGHT // self.procs)
+        sample = args.sample
+        if sample == "auto":
+            sample = "all" if self.rate > 0 else "chunk"
+        self.parse_all = sample == "all"
+        if self.subscribers < 1 or self.publishers < 1:
+            raise BenchError("--subscribers and --publishers must be at least 1")
+        if self.size < HEADER_SIZE or (self.size > 65506 and any(t.lossy for t in self.subs)):
+            raise BenchError(f"--size must be {HEADER_SIZE}-65506 (udp) or more (streams)")
+        if self.rate < 0 or self.duration <= 0 or self.warmup < 0:
+            raise BenchError("--rate, --duration and --warmup must be positive")
+        if self.procs < 1:
+            raise BenchError("--procs must be at least 1")
+        if self.procs > 1 and self.rate == 0 and not self.idle:
+            raise BenchError("flood mode runs in one process (it watches every subscriber)")
+        if self.sources and not all(_loopback4(t.host) for t in self.subs):
+            raise BenchError("--sources needs IPv4 loopback targets (127.x.y.z)")
+        if self.pid is not None and not Path(f"/proc/{self.pid}").exists():
+            raise BenchError(f"--pid {self.pid}: no such process")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Options:
+        return cls(args)
+
+    @property
+    def mode(self) -> str:
+        if self.idle:
+            return "idle"
+        return "rate" if self.rate > 0 else "flood"
+
+    def plan(self) -> list[tuple[Target, str | None]]:
+        """Each subscriber's target and source address, round-robin over the --sub URLs."""
+        plan = []
+        for i in range(self.subscribers):
+            source = f"127.0.0.{2 + i % self.sources}" if self.sources else None
+            plan.append((self.subs[i % len(self.subs)], source))
+        return plan
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "subs": [str(t) for t in self.subs],
+            "pub": str(self.pub),
+            "subscribers": self.subscribers,
+            "publishers": self.publishers,
+            "size": self.size,
+            "mode": self.mode,
+            "rate": self.rate,
+            "duration": self.duration,
+            "warmup": self.warmup,
+            "window": self.window,
+            "procs": self.procs,
+            "sources": self.sources,
+            "cpu": self.cpu,
+            "sample": "all" if self.parse_all else "chunk",
+        }
+
+
+def _cpu(value: str) -> int | None:
+    allowed = sorted(os.sched_getaffinity(0))
+    if value == "none":
+        return None
+    if value == "auto":
+        return allowed[-1] if len(allowed) > 1 else None
+    try:
+        cpu = int(value)
+    except ValueError:
+        raise BenchError(f"--cpu {value!r}: expected a CPU number, auto or none") from None
+    if cpu not in allowed:
+        raise BenchError(f"--cpu {cpu}: not one of this process's CPUs {allowed}")
+    return cpu
+
+
+def _loopback4(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return address.version == 4 and address.is_loopback

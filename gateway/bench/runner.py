@@ -1,0 +1,335 @@
+"""One run of ``gateway bench``: connect, sync, load (or idle), drain, and the result."""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from gateway.bench.client import Client
+from gateway.bench.clock import SECOND, now_ns
+from gateway.bench.groups import RemoteGroup, SubscriberGroup
+from gateway.bench.loop import Loop, Ticker
+from gateway.bench.options import Options
+from gateway.bench.publisher import BLOCK, Publisher
+from gateway.bench.report import percentiles, si
+from gateway.bench.server import ServerProbe
+from gateway.bench.target import BenchError
+from gateway.bench.wire import PROBE
+
+PROBE_INTERVAL = 20_000_000
+PROBE_DELIVERIES = 20_000
+"""Most probe deliveries per second while waiting for every subscriber to see one."""
+
+
+class Bench:
+    """One run of ``gateway bench``."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.loop = Loop(ca=options.ca)
+        self.loop.parse_all = options.parse_all
+        self.server = ServerProbe(options.pid) if options.pid is not None else None
+        self.publishers: list[Publisher] = []
+        self.groups: list[SubscriberGroup | RemoteGroup] = []
+        self.published = 0
+        self.flooding = False
+        self.marks: dict[str, dict[str, int]] = {}
+        self.progress = sys.stdout.isatty() and not options.json
+
+    def run(self) -> dict[str, Any]:
+        options = self.options
+        if options.cpu is not None:
+            os.sched_setaffinity(0, {options.cpu})
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        server = self.server
+        baseline_rss = server.rss_bytes() if server is not None else None
+        started = now_ns()
+        try:
+            self._connect()
+            connect_seconds = (now_ns() - started) / SECOND
+            self._sync()
+            if options.idle:
+                self._settle()
+            else:
+                self._load()
+            results = [group.result() for group in self.groups]
+        finally:
+            self._close()
+        return self._report(results, baseline_rss, connect_seconds)
+
+    # Phases
+
+    def _connect(self) -> None:
+        options = self.options
+        plan = options.plan()
+        procs = min(options.procs, len(plan))
+        if procs == 1:
+            self.groups = [SubscriberGroup(self.loop, plan, options)]
+        else:
+            self.groups = [RemoteGroup(self.loop, plan[i::procs], options) for i in range(procs)]
+        for group in self.groups:
+            group.start()
+        deadline = now_ns() + int(options.connect_timeout * SECOND)
+        self._status("connecting subscribers")
+        if not self.loop.run_until(lambda: all(g.connected() for g in self.groups), deadline):
+            raise BenchError(f"subscribers not connected within {options.connect_timeout:g} s")
+        self.publishers = [
+            Publisher(self.loop, options.pub, number, options.size, options.subject)
+            for number in range(options.publishers)
+        ]
+        for publisher in self.publishers:
+            publisher.start()
+        if not self.loop.run_until(
+            lambda: all(p.state >= Client.READY for p in self.publishers), deadline
+        ):
+            raise BenchError(f"publishers not connected within {options.connect_timeout:g} s")
+        failed = [p.error for p in self.publishers if p.error]
+        if failed:
+            raise BenchError(f"publisher failed: {failed[0]}")
+
+    def _sync(self) -> None:
+        """Probe until every subscriber has seen a probe: all are attached and reachable."""
+        options = self.options
+        probe = self.publishers[0]
+        # Each probe reaches every subscriber: keep probing far below what is measured.
+        interval = max(PROBE_INTERVAL, options.subscribers * SECOND // PROBE_DELIVERIES)
+        ticker = Ticker(self.loop, interval, lambda n: probe.publish_one(PROBE))
+        deadline = now_ns() + int(options.connect_timeout * SECOND)
+        self._status("probing")
+        synced = self.loop.run_until(lambda: all(g.synced() for g in self.groups), deadline)
+        ticker.stop()
+        if not synced:
+            raise BenchError(
+                f"not every subscriber received a probe within {options.connect_timeout:g} s"
+            )
+        # Let probes still in flight arrive before data starts.
+        self.loop.run_until(lambda: False, now_ns() + 100_000_000)
+
+    def _settle(self) -> None:
+        self._status("settling")
+        self.loop.run_until(lambda: False, now_ns() + int(self.options.settle * SECOND))
+        self.marks["idle"] = self._server_mark()
+
+    def _load(self) -> None:
+        options = self.options
+        loop = self.loop
+        begin = now_ns()
+        start = begin + int(options.warmup * SECOND)
+        end = start + int(options.duration * SECOND)
+        for group in self.groups:
+            group.begin(start, end)
+        loop.call_at(start, lambda: self._mark("start"))
+        loop.call_at(end, lambda: self._mark("end"))
+        ticker: Ticker | None = None
+        if options.rate > 0:
+            publishers = self.publishers
+            turn = [0]
+
+            def tick(due: int) -> None:
+                for _ in range(min(due, 1000)):
+                    publisher = publishers[turn[0] % len(publishers)]
+                    turn[0] += 1
+                    publisher.publish_one()
+                    self.published += 1
+
+            ticker = Ticker(loop, int(SECOND / options.rate), tick)
+        else:
+            self.flooding = True
+            loop.hooks.append(self._pump)
+            loop.busy = self._can_send
+        if self.progress:
+            loop.call_at(begin + SECOND, lambda: self._show_progress(begin, end))
+        loop.run_until(lambda: False, end)
+        self.flooding = False
+        loop.busy = None
+        if ticker is not None:
+            ticker.stop()
+        if self.progress:
+            sys.stdout.write("\r" + " " * 78 + "\r")
+            sys.stdout.flush()
+        drain = now_ns() + int(options.drain * SECOND)
+        for group in self.groups:
+            group.expect(self.published, drain)
+        loop.run_until(lambda: all(g.finished() for g in self.groups), drain + 2 * SECOND)
+
+    # Flood
+
+    def _lowest(self, fresh: bool = False) -> int | None:
+        lows = [g.lowest(fresh) for g in self.groups]
+        known = [low for low in lows if low is not None]
+        return min(known) if known else None
+
+    def _window_open(self) -> bool:
+        limit = self.options.window - BLOCK
+        lowest = self._lowest()
+        if lowest is None or self.published - lowest <= limit:
+            return True
+        lowest = self._lowest(fresh=True)
+        return lowest is None or self.published - lowest <= limit
+
+    def _can_send(self) -> bool:
+        if not self.flooding:
+            return False
+        return self._window_open() and any(
+            not p.out and p.state == Client.READY for p in self.publishers
+        )
+
+    def _pump(self) -> None:
+        if not self.flooding:
+            return
+        for publisher in self.publishers:
+            while publisher.state == Client.READY and not publisher.out:
+                if not self._window_open():
+                    return
+                self.published += publisher.publish_block()
+
+    # Marks and progress
+
+    def _server_mark(self) -> dict[str, int]:
+        mark = {"time": now_ns(), "published": self.published, "cpu": time.process_time_ns()}
+        if self.server is not None:
+            mark["server_cpu"] = self.server.cpu_ns()
+            mark["server_rss"] = self.server.rss_bytes()
+        return mark
+
+    def _mark(self, name: str) -> None:
+        self.marks[name] = self._server_mark()
+
+    def _show_progress(self, begin: int, end: int) -> None:
+        now = now_ns()
+        if now >= end:
+            return
+        received = sum(
+            t.count
+            for g in self.groups
+            if isinstance(g, SubscriberGroup)
+            for t in g.tallies.values()
+        )
+        last = getattr(self, "_last_progress", (begin, 0, 0))
+        seconds = (now - last[0]) / SECOND
+        rate = (received - last[1]) / seconds if seconds else 0
+        sent = (self.published - last[2]) / seconds if seconds else 0
+        phase = "warm-up" if "start" not in self.marks else "measuring"
+        line = (
+            f"\r{phase}: {(now - begin) / SECOND:5.1f} s  "
+            f"published {si(sent)}/s  delivered {si(rate)}/s   "
+        )
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        self._last_progress = (now, received, self.published)
+        self.loop.call_at(now + SECOND, lambda: self._show_progress(begin, end))
+
+    def _status(self, text: str) -> None:
+        if self.progress:
+            sys.stdout.write("\r" + text + "..." + " " * 40)
+            sys.stdout.flush()
+
+    def _close(self) -> None:
+        for publisher in self.publishers:
+            publisher.close()
+        for group in self.groups:
+            if isinstance(group, RemoteGroup):
+                group.close()
+            else:
+                for client in group.clients:
+                    client.close()
+        self.loop.close()
+        if self.progress:
+            sys.stdout.write("\r" + " " * 78 + "\r")
+            sys.stdout.flush()
+
+    # Report
+
+    def _report(
+        self, results: list[dict[str, Any]], baseline_rss: int | None, connect_seconds: float
+    ) -> dict[str, Any]:
+        options = self.options
+        merged: dict[str, dict[str, Any]] = {}
+        for group_result in results:
+            for transport, part in group_result["transports"].items():
+                latencies = part["latencies"]
+                if isinstance(latencies, bytes):
+                    from array import array
+
+                    values = array("q")
+                    values.frombytes(latencies)
+                    latencies = values
+                into = merged.setdefault(transport, {"latencies": [], "errors": []})
+                for key, value in part.items():
+                    if key == "latencies":
+                        into["latencies"].append(latencies)
+                    elif key == "errors":
+                        into["errors"].extend(value)
+                    else:
+                        into[key] = into.get(key, 0) + value
+        start, end = self.marks.get("start"), self.marks.get("end")
+        window = (end["time"] - start["time"]) / SECOND if start and end else 0.0
+        transports: dict[str, Any] = {}
+        all_latencies: list[Iterable[int]] = []
+        delivered = 0
+        for transport, part in sorted(merged.items()):
+            in_window = part["window_end"] - part["window_start"]
+            delivered += in_window
+            all_latencies.extend(part["latencies"])
+            transports[transport] = {
+                "subscribers": part["subscribers"],
+                "connected": part["connected"],
+                "failed": part["failed"],
+                "disconnected": part["disconnected"],
+                "delivered_per_second": in_window / window if window else 0.0,
+                "received": part["received"],
+                "lost": part["lost"],
+                "duplicated": part["duplicated"],
+                "misordered": part["misordered"],
+                "latency_ms": percentiles(part["latencies"]),
+                "errors": sorted(set(part["errors"]))[:5],
+            }
+        lost = sum(t["lost"] for t in transports.values())
+        expected = self.published * sum(part["begun"] for part in merged.values())
+        result: dict[str, Any] = {
+            "tool": "gateway bench",
+            "options": options.summary(),
+            "connect_seconds": round(connect_seconds, 3),
+            "window_seconds": round(window, 4),
+            "published": self.published,
+            "published_per_second": (end["published"] - start["published"]) / window
+            if start and end and window
+            else 0.0,
+            "delivered_per_second": delivered / window if window else 0.0,
+            "expected": expected,
+            "lost": lost,
+            "loss_ratio": lost / expected if expected else 0.0,
+            "latency_ms": percentiles(all_latencies),
+            "transports": transports,
+        }
+        client_cpu = (end["cpu"] - start["cpu"]) if start and end else 0
+        client_cpu += sum(r.get("cpu_ns", 0) for r in results if len(self.groups) > 1)
+        result["client"] = {
+            "cpu_percent": 100.0 * client_cpu / (window * SECOND) if window else 0.0,
+            "processes": len(self.groups) + (1 if len(self.groups) > 1 else 0),
+        }
+        if self.server is not None:
+            server: dict[str, Any] = {"pid": self.server.pid, "rss_baseline_bytes": baseline_rss}
+            if start and end and window:
+                cpu = end["server_cpu"] - start["server_cpu"]
+                server["cpu_percent"] = 100.0 * cpu / (window * SECOND)
+                server["cpu_ns_per_delivery"] = cpu / delivered if delivered else None
+                server["rss_bytes"] = end["server_rss"]
+            idle = self.marks.get("idle")
+            if idle is not None:
+                peers = sum(t["connected"] for t in transports.values())
+                server["rss_bytes"] = idle["server_rss"]
+                assert baseline_rss is not None
+                server["rss_per_peer_bytes"] = (
+                    (idle["server_rss"] - baseline_rss) / peers if peers else None
+                )
+            result["server"] = server
+        failed = sum(t["failed"] for t in transports.values())
+        result["ok"] = failed == 0 and all(t["disconnected"] == 0 for t in transports.values())
+        return result

@@ -1,0 +1,57 @@
+"""Where clients connect: the URL schemes of ``gateway bench``, and its usage error."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+SCHEMES = ("tcp", "tls", "udp", "ws", "wss", "nats", "nats+ws")
+STREAM_SCHEMES = ("tcp", "tls", "ws", "wss", "nats", "nats+ws")
+
+
+class BenchError(Exception):
+    """A usage or setup problem; ``str()`` is the message."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how a client connects, from a URL such as ``ws://127.0.0.1:8080/ws``."""
+
+    scheme: str
+    host: str
+    port: int
+    path: str = "/"
+
+    @classmethod
+    def parse(cls, url: str) -> Target:
+        parts = urlsplit(url)
+        if parts.scheme not in SCHEMES:
+            raise BenchError(
+                f"unsupported URL {url!r}: expected " + ", ".join(f"{s}://" for s in SCHEMES)
+            )
+        try:
+            port = parts.port
+        except ValueError:
+            port = None
+        if not parts.hostname or port is None:
+            raise BenchError(f"bad URL {url!r}: expected {parts.scheme}://HOST:PORT")
+        path = parts.path or ("/" if parts.scheme == "nats+ws" else "/ws")
+        return cls(parts.scheme, parts.hostname, port, path)
+
+    @property
+    def transport(self) -> str:
+        return self.scheme
+
+    @property
+    def secure(self) -> bool:
+        return self.scheme in ("tls", "wss")
+
+    @property
+    def lossy(self) -> bool:
+        """Whether messages may be lost by design (no flow control)."""
+        return self.scheme == "udp"
+
+    def __str__(self) -> str:
+        path = self.path if self.scheme in ("ws", "wss", "nats+ws") else ""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}{path}"

@@ -1,0 +1,1 @@
+"""The cluster: several gateway nodes joined by a Redis backplane (``backplane``, ``wire``)."""

@@ -1,0 +1,46 @@
+"""The configuration: TOML in, frozen typed settings out (``load``), and the reload diff."""
+
+from __future__ import annotations
+
+from gateway.config.errors import ConfigError
+from gateway.config.listeners import (
+    LISTENER_CLASSES,
+    ListenerConfig,
+    StreamListenerConfig,
+    TcpListenerConfig,
+    TlsListenerConfig,
+    UdpListenerConfig,
+    WsListenerConfig,
+    WssListenerConfig,
+)
+from gateway.config.load import load, parse
+from gateway.config.settings import (
+    AdminSettings,
+    ChannelSettings,
+    ClusterSettings,
+    Config,
+    GatewaySettings,
+    Limits,
+)
+from gateway.tls.files import TlsSettings
+
+__all__ = [
+    "LISTENER_CLASSES",
+    "AdminSettings",
+    "ChannelSettings",
+    "ClusterSettings",
+    "Config",
+    "ConfigError",
+    "GatewaySettings",
+    "Limits",
+    "ListenerConfig",
+    "StreamListenerConfig",
+    "TcpListenerConfig",
+    "TlsListenerConfig",
+    "TlsSettings",
+    "UdpListenerConfig",
+    "WsListenerConfig",
+    "WssListenerConfig",
+    "load",
+    "parse",
+]

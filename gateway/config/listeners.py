@@ -1,0 +1,286 @@
+"""Listener settings: one frozen class per listener type, with defaults, and their parsing.
+
+Every listener has ``name``, ``host``/``port`` (or, for stream listeners, an
+``endpoint`` string), ``channel`` and ``echo``; each type adds only its own keys.
+``LISTENER_CLASSES`` maps a ``type`` to its class.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass
+from ipaddress import IPv4Network, IPv6Network, ip_network
+from pathlib import Path
+from typing import Any, ClassVar
+
+from gateway.config.tables import Table, show
+from gateway.tls.files import TLS_VERSIONS, TlsSettings
+
+WELCOME_FIELDS = ("count", "peer", "name")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+CHANNEL_RE = NAME_RE
+LOOPBACK_ONLY = ("127.0.0.0/8", "::1/128")
+MAX_UDP_PAYLOAD = 65507
+LISTEN_BACKLOG = 4096
+"""Pending connections the kernel may hold per stream port (it caps this at somaxconn)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListenerConfig:
+    """Keys every listener has."""
+
+    type: ClassVar[str] = ""
+    family: ClassVar[str] = "stream"
+    """``stream`` or ``datagram``: two listeners of one family cannot share a port."""
+    KEYS: ClassVar[tuple[str, ...]] = ("name", "type", "host", "port", "channel", "echo")
+
+    name: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    channel: str = "main"
+    echo: bool = False
+
+    @property
+    def tls_settings(self) -> TlsSettings | None:
+        """The certificate material of a ``tls``/``wss`` listener; None for the others."""
+        return None
+
+    @classmethod
+    def read(cls, table: Table, base: Path) -> dict[str, Any]:
+        """This type's own keys from ``table`` (the common ones are read by ``parse_listener``)."""
+        return {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StreamListenerConfig(ListenerConfig):
+    """Keys of every listener over a byte stream (tcp, tls, ws, wss)."""
+
+    KEYS: ClassVar[tuple[str, ...]] = (*ListenerConfig.KEYS, "endpoint", "welcome")
+
+    welcome: str = ""
+    endpoint: str | None = None  # a Twisted server endpoint string instead of host/port
+
+    @classmethod
+    def read(cls, table: Table, base: Path) -> dict[str, Any]:
+        return {"welcome": _welcome(table)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TcpListenerConfig(StreamListenerConfig):
+    """``type = "tcp"``: newline-terminated lines."""
+
+    type: ClassVar[str] = "tcp"
+    KEYS: ClassVar[tuple[str, ...]] = (*StreamListenerConfig.KEYS, "quit_command")
+
+    quit_command: str = ""
+
+    @classmethod
+    def read(cls, table: Table, base: Path) -> dict[str, Any]:
+        return {**super().read(table, base), "quit_command": table.string("quit_command", "")}
+
+
+_TLS_KEYS = ("cert", "key", "client_ca", "min_tls", "generate_dev_cert")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsListenerConfig(TcpListenerConfig):
+    """``type = "tls"``: the lines of ``tcp`` over TLS."""
+
+    type: ClassVar[str] = "tls"
+    KEYS: ClassVar[tuple[str, ...]] = (*TcpListenerConfig.KEYS, *_TLS_KEYS)
+
+    tls: TlsSettings
+
+    @property
+    def tls_settings(self) -> TlsSettings:
+        return self.tls
+
+    @classmethod
+    def read(cls, table: Table, base: Path) -> dict[str, Any]:
+        return {**super().read(table, base), "tls": _tls(table, base)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WsListenerConfig(StreamListenerConfig):
+    """``type = "ws"``: the browser page at ``/`` and the WebSocket at ``/ws``."""
+
+    type: ClassVar[str] = "ws"
+    KEYS: ClassVar[tuple[str, ...]] = (
+        *StreamListenerConfig.KEYS,
+        "ping_interval",
+        "allowed_origins",
+    )
+
+    ping_interval: float = 30.0
+    allowed_origins: tuple[str, ...] | None = None  # None: same origin only
+
+    @classmethod
+    def read(cls, table: Table, base: Path) -> dict[str, Any]:
+        return {
+            **super().read(table, base),
+            "ping_interval": table.number("ping_interval", 30.0, 0.0, 3600.0),
+            "allowed_origins": _origins(table),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class WssListenerConfig(WsListenerConfig):
+    """``type = "wss"``: the ``ws`` site over TLS."""
+
+    type: ClassVar[str] = "wss"
+    KEYS: ClassVar[tuple[str, ...]] = (*WsListenerConfig.KEYS, *_TLS_KEYS)
+
+    tls: TlsSettings
+
+    @property
+    def tls_settings(self) -> TlsSettings:
+        return self.tls
+
+    @classmethod
+    def read(cls, table: Table, base: Path) -> dict[str, Any]:
+        return {**super().read(table, base), "tls": _tls(table, base)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class UdpListenerConfig(ListenerConfig):
+    """``type = "udp"``: one datagram per message; peers learnt from their datagrams."""
+
+    type: ClassVar[str] = "udp"
+    family: ClassVar[str] = "datagram"
+    KEYS: ClassVar[tuple[str, ...]] = (
+        *ListenerConfig.KEYS,
+        "peer_timeout",
+        "max_peers",
+        "allow",
+        "challenge",
+    )
+
+    peer_timeout: float = 60.0
+    max_peers: int = 1024
+    allow: tuple[IPv4Network | IPv6Network, ...] = tuple(ip_network(n) for n in LOOPBACK_ONLY)
+    challenge: bool = False
+
+    @classmethod
+    def read(cls, table: Table, base: Path) -> dict[str, Any]:
+        return {
+            "peer_timeout": table.number("peer_timeout", 60.0, 0.1, 86400.0),
+            "max_peers": table.integer("max_peers", 1024, 1, 1_000_000),
+            "allow": table.networks("allow", LOOPBACK_ONLY),
+            "challenge": table.boolean("challenge", False),
+        }
+
+
+LISTENER_CLASSES: dict[str, type[ListenerConfig]] = {
+    cls.type: cls
+    for cls in (
+        TcpListenerConfig,
+        TlsListenerConfig,
+        UdpListenerConfig,
+        WsListenerConfig,
+        WssListenerConfig,
+    )
+}
+LISTENER_TYPES = tuple(LISTENER_CLASSES)
+
+
+def parse_listener(table: Table, base: Path) -> ListenerConfig:
+    """One ``[[listeners]]`` table; paths are relative to ``base``."""
+    kind = table.string("type")
+    cls = LISTENER_CLASSES.get(kind)
+    if cls is None:
+        raise table.error("type", f"expected one of {', '.join(LISTENER_TYPES)}, got {show(kind)}")
+    table.check_keys(cls.KEYS)
+    endpoint = _endpoint(table) if issubclass(cls, StreamListenerConfig) else None
+    common: dict[str, Any] = {
+        "name": table.string("name", pattern=NAME_RE, what="a name of letters, digits, . _ : -"),
+        "host": table.host() if endpoint is None else "",
+        "port": table.integer("port", None, 0, 65535) if endpoint is None else 0,
+        "channel": table.string(
+            "channel",
+            "main",
+            pattern=CHANNEL_RE,
+            what="a channel name of letters, digits, . _ : -",
+        ),
+        "echo": table.boolean("echo", False),
+    }
+    if endpoint is not None:
+        common["endpoint"] = endpoint
+    return cls(**common, **cls.read(table, base))
+
+
+def _welcome(table: Table) -> str:
+    text = table.string("welcome", "")
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+    except ValueError as e:
+        raise table.error(
+            "welcome", f"bad template ({e}); write {{{{ and }}}} for literal braces"
+        ) from None
+    for placeholder in fields:
+        if placeholder not in WELCOME_FIELDS:
+            known = ", ".join("{" + f + "}" for f in WELCOME_FIELDS)
+            raise table.error("welcome", f"unknown placeholder {{{placeholder}}}; known: {known}")
+    return text
+
+
+def _tls(table: Table, base: Path) -> TlsSettings:
+    cert = table.path("cert", base, required=True)
+    key = table.path("key", base, required=True)
+    assert cert is not None and key is not None
+    min_tls = table.string("min_tls", "1.2")
+    if min_tls not in TLS_VERSIONS:
+        raise table.error("min_tls", f'expected "1.2" or "1.3", got {show(min_tls)}')
+    return TlsSettings(
+        cert=cert,
+        key=key,
+        client_ca=table.path("client_ca", base, required=False),
+        min_tls=min_tls,
+        generate_dev_cert=table.boolean("generate_dev_cert", False),
+    )
+
+
+def _origins(table: Table) -> tuple[str, ...] | None:
+    if "allowed_origins" not in table.data:
+        return None
+    value = table.data["allowed_origins"]
+    if not isinstance(value, list) or not all(isinstance(o, str) and o for o in value):
+        raise table.error(
+            "allowed_origins",
+            f'expected a list of origins such as ["https://example.com"] or ["*"], got {show(value)}',
+        )
+    for origin in value:
+        if origin != "*" and not re.match(r"^[a-z][a-z0-9+.-]*://[^/\s]+$", origin):
+            raise table.error(
+                "allowed_origins",
+                f'expected origins like "https://example.com:8443" (scheme://host[:port], '
+                f"no path), got {show(origin)}",
+            )
+    return tuple(origin.lower() for origin in value)
+
+
+def _endpoint(table: Table) -> str | None:
+    if "endpoint" not in table.data:
+        return None
+    for clash in ("host", "port"):
+        if clash in table.data:
+            raise table.error(clash, "give either endpoint or host/port, not both")
+    text = table.string("endpoint", what="a Twisted server endpoint string")
+    kind = text.split(":", 1)[0]
+    if kind not in _endpoint_types():
+        raise table.error(
+            "endpoint",
+            f'expected a server endpoint string such as "tcp:8006:interface=127.0.0.1", '
+            f'"unix:/run/gateway.sock", "systemd:domain=INET:index=0" or "haproxy:tcp:8006", '
+            f"got {show(text)} (unknown type {show(kind)})",
+        )
+    return text
+
+
+def _endpoint_types() -> set[str]:
+    """Server endpoint types Twisted knows: its built-in ones and installed plugins."""
+    from twisted.internet.interfaces import IStreamServerEndpointStringParser
+    from twisted.plugin import getPlugins
+
+    builtin = {"tcp", "tcp6", "unix", "ssl", "systemd", "haproxy"}
+    return builtin | {p.prefix for p in getPlugins(IStreamServerEndpointStringParser)}

@@ -1,0 +1,79 @@
+"""The validated configuration: frozen settings of the gateway as a whole.
+
+Listener settings live in ``gateway.config.listeners``; ``gateway.config.load``
+builds all of these from TOML.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gateway.config.listeners import ListenerConfig
+
+LOG_LEVELS = ("debug", "info", "warn", "error")
+LOG_FORMATS = ("text", "json")
+SLOW_CONSUMER_POLICIES = ("disconnect", "drop")
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    name: str = "gateway"
+    workers: int = 1
+    log_level: str = "info"
+    log_format: str = "text"
+    shutdown_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The operator's HTTP listener: /healthz, /metrics, /peers."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    history: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_message_bytes: int = 65536
+    max_pending_bytes: int = 1024 * 1024
+    handshake_timeout: float = 10.0
+    slow_consumer: str = "disconnect"
+    max_messages_per_second: float = 0.0  # 0 = no limit
+    max_total_pending_bytes: int = 256 * 1024 * 1024
+    idle_timeout: float = 0.0  # 0 = off
+    max_connections: int = 10000
+    max_connections_per_ip: int = 0  # 0 = off
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The Redis backplane shared by several gateway nodes."""
+
+    redis: str
+    node: str
+    prefix: str = "gateway"
+
+
+_DEFAULT_CHANNEL = ChannelSettings()
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    gateway: GatewaySettings
+    limits: Limits
+    listeners: tuple[ListenerConfig, ...]
+    cluster: ClusterSettings | None = None
+    admin: AdminSettings | None = None
+    channels: Mapping[str, ChannelSettings] = field(default_factory=dict)
+
+    def channel(self, name: str) -> ChannelSettings:
+        """Settings of channel ``name`` (defaults when it has no table)."""
+        return self.channels.get(name, _DEFAULT_CHANNEL)

@@ -1,0 +1,2 @@
+"""TLS: listener certificate material (``files``), server contexts (``server``), client
+options (``client``) and the development PKI (``pki``, ``devcerts``)."""

@@ -1,0 +1,1 @@
+"""Datagram transports: the ``udp`` listener (``server``) and its wire rules (``wire``)."""

@@ -1,0 +1,289 @@
+"""One peer lifecycle for every transport.
+
+A connection is **admitted** (connection caps), gets a **handshake deadline**
+when its transport has a handshake, **joins** (peer id, origin, attach to the
+bus, the "connected" line, welcome, history), has things **delivered** through
+its backlog (slow-consumer policy, counting per message), and goes: closed,
+aborted, oversize or idle, each with one reason that is logged and counted,
+then **detached**. ``StreamPeer`` is that lifecycle for stream connections
+(tcp, tls, ws, wss); transports add only their framing and handshakes.
+``ListenerRuntime`` is what all peers of one listener share; UDP peers join
+and leave through it too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from gateway.config.listeners import ListenerConfig
+from gateway.config.settings import Limits
+from gateway.core.bus import Bus
+from gateway.core.interfaces import IFramer, IPeer
+from gateway.core.message import Origin
+from gateway.flow.connection import ConnectionFlow, Governor
+from gateway.transports.address import describe
+
+CONNECTION_LIMIT = "connection limit"
+"""The close reason of a connection refused by the caps (never joined, never logged)."""
+
+
+@dataclass(frozen=True)
+class GatewayContext:
+    """What every listener of one gateway shares."""
+
+    bus: Bus
+    governor: Governor
+    clock: IReactorTime
+    gateway_name: str
+
+
+class Closeable(Protocol):
+    """An open connection the gateway may have to cut when it stops."""
+
+    def abort(self, reason: str) -> None: ...
+
+
+class ListenerRuntime:
+    """The live side of one listener: its current settings, the gateway's shared
+    services, and its open connections.
+
+    A config reload replaces ``config`` and ``limits`` (``reconfigure``); peers
+    read them from here, so new connections see the new values.
+    """
+
+    log = Logger(namespace="gateway.peers")
+
+    def __init__(self, config: ListenerConfig, limits: Limits, context: GatewayContext) -> None:
+        self.config = config
+        self.limits = limits
+        self.context = context
+        self.bus = context.bus
+        self.governor = context.governor
+        self.clock = context.clock
+        # Open connections, attached or handshaking or closing; a drain waits for them.
+        self.connections: set[Closeable] = set()
+        # Set while the gateway drains: how long closed peers may take then.
+        self.draining: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def reconfigure(self, config: ListenerConfig, limits: Limits) -> None:
+        self.config = config
+        self.limits = limits
+
+    def close_timeout(self) -> float:
+        """How long a closed peer may take to drain its queued output (and, over TLS,
+        to answer close_notify) before it is cut."""
+        return self.draining if self.draining is not None else self.limits.handshake_timeout
+
+    def new_origin(self, transport: str, subject: str | None = None) -> Origin:
+        """A fresh peer id on this listener (``tls-3``, or ``tls-3:CN`` with a certificate)."""
+        peer_id = self.bus.new_peer_id(self.config.name)
+        if subject:
+            peer_id = f"{peer_id}:{subject}"
+        return Origin(peer_id, self.config.name, transport)
+
+    def attach(self, peer: IPeer, verb: str = "connected", extra: str = "") -> int:
+        """Put ``peer`` on the bus and log it; returns the peers attached."""
+        count = self.bus.attach(peer)
+        self.log.info(
+            '{peer} {verb} from {address} (listener "{listener}", {count} peers{extra})',
+            peer=peer.origin.peer_id,
+            verb=verb,
+            address=peer.address,
+            listener=self.config.name,
+            count=count,
+            extra=extra,
+        )
+        return count
+
+    def welcome_text(self, count: int, peer_id: str) -> bytes | None:
+        """The listener's ``welcome`` for a peer that just joined, or None without one."""
+        welcome = getattr(self.config, "welcome", "")
+        if not welcome:
+            return None
+        text: str = welcome.format(count=count, peer=peer_id, name=self.context.gateway_name)
+        return text.encode("utf-8")
+
+    def gone(self, peer_id: str, why: str, verb: str = "disconnected") -> None:
+        """Log that an attached peer has gone."""
+        self.log.info("{peer} {verb} ({reason})", peer=peer_id, verb=verb, reason=why)
+
+
+class StreamPeer:
+    """The lifecycle of one stream connection, mixed into each transport's protocol.
+
+    The transport calls ``_admit`` when the connection is made, ``_join`` once
+    its handshake (if any) is done, ``_gone`` when the connection is lost, and
+    implements ``deliver``, ``close``, ``abort`` and ``_greet``.
+    """
+
+    # Not ``log``: Autobahn's protocols have a ``log`` of their own.
+    peer_log = Logger(namespace="gateway.peers")
+    framer: IFramer
+    transport: Any
+    transport_name = ""
+
+    def _init_peer(self, runtime: ListenerRuntime, transport_name: str) -> None:
+        self.runtime = runtime
+        self.bus = runtime.bus
+        self.transport_name = transport_name
+        config = runtime.config
+        self.channel = config.channel
+        self.echo = config.echo
+        self.origin = Origin("", config.name, transport_name)
+        self.subject: str | None = None  # the TLS client certificate's subject, if any
+        self.flow: ConnectionFlow | None = None
+        self._closing = False
+        self._close_reason: str | None = None
+        self._deadline: IDelayedCall | None = None
+
+    # What the bus reads (IPeer)
+
+    @property
+    def address(self) -> str:
+        """The remote address (worked out when asked: idle peers stay small)."""
+        return describe(self.transport.getPeer()) if self.transport is not None else ""
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.flow.backlog.pending if self.flow is not None else 0
+
+    @property
+    def dropped_messages(self) -> int:
+        return self.flow.backlog.dropped_total if self.flow is not None else 0
+
+    # Admit
+
+    def _admit(self, write_through: bool = False, counted: bool = False) -> bool:
+        """Count the connection against the caps; False (and aborted) when over one.
+
+        ``counted``: the caps already counted it (a WebSocket that an HTTP
+        connection upgraded); the peer takes that count over.
+        """
+        transport = self.transport
+        self.flow = ConnectionFlow(self.runtime.governor, transport, self, write_through)
+        remote = transport.getPeer()
+        host = getattr(remote, "host", None) or describe(remote)
+        if counted:
+            self.flow.adopt(host)
+        elif not self.flow.admit(host, self.runtime.name):
+            self._closing = True
+            self._close_reason = CONNECTION_LIMIT
+            transport.abortConnection()
+            return False
+        self.runtime.connections.add(self)
+        return True
+
+    # Handshake deadline
+
+    def _arm_deadline(self, seconds: float) -> None:
+        """From connect, not an idle timer: a client trickling handshake bytes is cut all the same."""
+        self._deadline = self.runtime.clock.callLater(seconds, self._handshake_expired)
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _handshake_expired(self) -> None:
+        self._deadline = None
+        self.bus.metrics.disconnect("handshake_timeout")
+        self.abort(f"handshake not finished within {self.runtime.limits.handshake_timeout:g} s")
+
+    # Join
+
+    def _join(self, subject: str | None = None, extra: str = "") -> int:
+        """Attach to the bus: id, origin, flow control, the log line, welcome, history."""
+        self._disarm_deadline()
+        self.subject = subject
+        self.origin = self.runtime.new_origin(self.transport_name, subject)
+        assert self.flow is not None
+        self.flow.start()
+        count = self.runtime.attach(self, extra=extra)  # type: ignore[arg-type]
+        self._greet(count)
+        self.bus.replay_history(self)  # type: ignore[arg-type]
+        return count
+
+    def _greet(self, count: int) -> None:
+        """Send the welcome of a peer that just joined (framing is the transport's)."""
+
+    # Deliver
+
+    def deliver(self, wire: Any) -> None:
+        # Only attached peers get deliveries, and joining started the flow.
+        self.flow.backlog.write(wire)  # type: ignore[union-attr]
+
+    # Go
+
+    def close(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def abort(self, reason: str) -> None:
+        raise NotImplementedError
+
+    def _leave(self, reason: str) -> None:
+        """Stop being a peer now (the connection may linger): the one reason, then detach."""
+        self._closing = True
+        if self._close_reason is None:
+            self._close_reason = reason
+        self.bus.detach(self)  # type: ignore[arg-type]
+
+    def _cut_later(self) -> None:
+        """Queued output may drain, but a peer that never reads (or never answers a
+        close) must not hold the connection open forever."""
+        if self._deadline is None and self.transport is not None:
+            self._deadline = self.runtime.clock.callLater(
+                self.runtime.close_timeout(), self.transport.abortConnection
+            )
+
+    def _oversize(self) -> None:
+        """Count a message over ``max_message_bytes`` (the transport closes the peer)."""
+        self.bus.metrics.drop("oversize")
+        self.bus.metrics.disconnect("oversize")
+
+    def slow_consumer(self) -> None:
+        """FlowOwner: the peer does not read."""
+        self.abort("slow consumer")
+
+    def idle_timeout(self) -> None:
+        """FlowOwner: the peer sent nothing for too long."""
+        self.abort(f"idle for {self.runtime.limits.idle_timeout:g} s")
+
+    def _gone(self, why: str) -> None:
+        """The connection is lost: release everything, log the one reason."""
+        self._release()
+        if self._close_reason != CONNECTION_LIMIT:
+            self._log_gone(why)
+
+    def _release(self) -> None:
+        """Give back what the connection held: the bus, its flow control, its place."""
+        self._disarm_deadline()
+        self.bus.detach(self)  # type: ignore[arg-type]
+        if self.flow is not None:
+            self.flow.stop()
+        self.runtime.connections.discard(self)
+
+    def _log_gone(self, why: str) -> None:
+        if self._close_reason is not None:
+            why = self._close_reason
+        if self.origin.peer_id:
+            self.runtime.gone(self.origin.peer_id, why)
+        else:
+            self._failed_handshake(why)
+
+    def _failed_handshake(self, why: str) -> None:
+        """The connection went before it joined."""
+        self.bus.metrics.handshake_failed(self.runtime.name)
+        self.peer_log.info(
+            '{address} failed the handshake on listener "{listener}" ({reason})',
+            address=self.address,
+            listener=self.runtime.name,
+            reason=why,
+        )

@@ -1,0 +1,210 @@
+"""Line-oriented stream peers (the ``tcp`` listener; ``tls`` is the same under TLS).
+
+Wire rules: ``\\n`` ends a message, one trailing ``\\r`` is removed, empty
+lines are ignored, payloads are any bytes. Outbound messages are written
+followed by ``\\n``. All complete lines of one read go to the bus as one batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHandshakeListener, ISystemHandle, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.config.listeners import TcpListenerConfig
+from gateway.config.settings import Limits
+from gateway.core.interfaces import IFramer, IPeer
+from gateway.core.message import Batch
+from gateway.tls.server import peer_subject
+from gateway.transports.lifecycle import GatewayContext, ListenerRuntime, StreamPeer
+from gateway.transports.listening import ListenerService
+
+
+@implementer(IFramer)
+class LineFramer:
+    """Each payload followed by ``\\n``, all of a batch in one bytes object."""
+
+    name = "line"
+
+    def frame(self, batch: Batch) -> bytes:
+        if batch.lines is not None:
+            return batch.lines
+        return b"\n".join(batch.payloads) + b"\n"
+
+    def count(self, wire: bytes) -> int:
+        return wire.count(b"\n")
+
+
+LINE_FRAMER = LineFramer()
+
+
+@implementer(IPeer, IHandshakeListener)
+class LineProtocol(StreamPeer, Protocol):
+    """One stream peer: splits its bytes into lines and relays them as batches."""
+
+    framer = LINE_FRAMER
+
+    def __init__(self, factory: LineFactory) -> None:
+        runtime = factory.runtime
+        self._init_peer(runtime, runtime.config.type)
+        config = runtime.config
+        assert isinstance(config, TcpListenerConfig)
+        self.max_message_bytes = runtime.limits.max_message_bytes
+        self.quit_command = config.quit_command.encode("utf-8") if config.quit_command else None
+        self._buffer = b""
+
+    # Connection lifecycle
+
+    def connectionMade(self) -> None:
+        transport: Any = self.transport
+        if ITCPTransport.providedBy(transport):
+            transport.setTcpNoDelay(True)
+            transport.setTcpKeepAlive(True)
+        # Plain TCP: only this protocol writes to the socket, so writing
+        # straight to it while nothing is queued is safe (not under TLS).
+        write_through = self.transport_name == "tcp" and ISystemHandle.providedBy(transport)
+        if not self._admit(write_through=write_through):
+            return
+        if self.transport_name == "tls":
+            self._arm_deadline(self.runtime.limits.handshake_timeout)
+        else:
+            self._join()
+
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: the TLS handshake is done; now the peer joins."""
+        if not self._closing:
+            self._join(peer_subject(self.transport))
+
+    def _greet(self, count: int) -> None:
+        text = self.runtime.welcome_text(count, self.origin.peer_id)
+        if text is not None:
+            self.deliver(text + b"\n")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
+        if reason.check(ConnectionDone):
+            why = "closed by the peer"
+        else:
+            why = f"connection lost: {reason.getErrorMessage()}"
+        self._gone(why)
+
+    # Inbound
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if self._buffer:
+            data = self._buffer + data
+        end = data.rfind(b"\n")
+        flow = self.flow
+        assert flow is not None
+        if end < 0:
+            flow.received(0)
+            self._keep_partial(data)
+            return
+        rest = data[end + 1 :]
+        chunk = data[: end + 1]
+        lines = chunk.split(b"\n")
+        lines.pop()  # the empty piece after the last newline
+        flow.received(len(lines))
+        if (
+            max(map(len, lines)) <= self.max_message_bytes
+            and chunk.find(b"\r") < 0
+            and b"" not in lines
+            and (self.quit_command is None or self.quit_command not in lines)
+        ):
+            # The common case: every line is already a payload, and the bytes
+            # read are already the line framing of the batch.
+            self._publish(lines, chunk)
+        elif not self._publish_checked(lines):
+            return
+        self._keep_partial(rest)
+
+    def _publish_checked(self, lines: list[bytes]) -> bool:
+        """Publish lines one by one; False once the connection is being closed."""
+        payloads: list[bytes] = []
+        for raw in lines:
+            line = raw[:-1] if raw.endswith(b"\r") else raw
+            if not line:
+                continue
+            if len(line) > self.max_message_bytes:
+                self._publish(payloads, None)
+                self._too_long(len(line))
+                return False
+            if line == self.quit_command:
+                self._publish(payloads, None)
+                self.close("quit command")
+                return False
+            payloads.append(line)
+        self._publish(payloads, None)
+        return True
+
+    def _keep_partial(self, rest: bytes) -> None:
+        # One byte over the limit is allowed for the '\r' of a '\r\n' ending.
+        if len(rest) > self.max_message_bytes + 1:
+            self._buffer = b""
+            self._too_long(len(rest))
+        else:
+            self._buffer = rest
+
+    def _publish(self, payloads: list[bytes], lines: bytes | None) -> None:
+        if payloads:
+            self.bus.publish(self, Batch(self.origin, self.channel, payloads, None, lines))
+
+    def _too_long(self, size: int) -> None:
+        limit = self.max_message_bytes
+        self.peer_log.warn(
+            "{peer} sent a line of at least {size} bytes (limit {limit}); closing",
+            peer=self.origin.peer_id,
+            size=size,
+            limit=limit,
+        )
+        self._oversize()
+        if self.origin.peer_id:
+            self.deliver(b"gateway: message too long (limit %d bytes), closing\n" % limit)
+        self.close(f"message too long: {size} bytes, limit {limit}")
+
+    # Going
+
+    def close(self, reason: str) -> None:
+        if self._closing:
+            return
+        self._leave(reason)
+        transport: Any = self.transport
+        # A transport waits for its producer to go before it closes (TLS does).
+        transport.unregisterProducer()
+        transport.loseConnection()
+        self._disarm_deadline()
+        self._cut_later()
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, discarding anything not yet sent."""
+        self._leave(reason)
+        transport: Any = self.transport
+        transport.abortConnection()
+
+
+class LineFactory(Factory):
+    """Builds a ``LineProtocol`` per connection of one ``tcp``/``tls`` listener."""
+
+    noisy = False
+
+    def __init__(self, runtime: ListenerRuntime) -> None:
+        self.runtime = runtime
+
+    def buildProtocol(self, addr: Any) -> LineProtocol:
+        return LineProtocol(self)
+
+
+class LineListener(ListenerService):
+    """A ``tcp`` or ``tls`` listener."""
+
+    def protocol_factory(self) -> LineFactory:
+        return LineFactory(self.runtime)
+
+
+def build(config: TcpListenerConfig, limits: Limits, context: GatewayContext) -> LineListener:
+    return LineListener(ListenerRuntime(config, limits, context))

@@ -1,0 +1,268 @@
+"""WebSocket peers (the ``ws`` listener; ``wss`` is the same site behind TLS).
+
+Each WebSocket message is one bus message, text or binary as its opcode says.
+Clients that negotiate the ``gateway.v1.json`` subprotocol get JSON envelopes
+that name each sender, plus welcome and join/leave events.
+
+Fan-out never goes through Autobahn's per-message send path: a framer builds
+the (unmasked, uncompressed) frames of a batch once, and every receiver gets
+those same bytes in one ``transport.write``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.error import ConnectionDone
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from gateway.config.listeners import WsListenerConfig
+from gateway.core.interfaces import IFramer, IPeer
+from gateway.core.message import Batch, Kind
+from gateway.transports.lifecycle import ListenerRuntime, StreamPeer
+from gateway.transports.websocket.envelope import (
+    JSON_FRAMER,
+    JSON_SUBPROTOCOL,
+    MAX_WELCOME_PEERS,
+    json_event,
+    parse_envelope,
+)
+from gateway.transports.websocket.frames import (
+    CLOSE_GOING_AWAY,
+    CLOSE_INVALID_PAYLOAD,
+    CLOSE_MESSAGE_TOO_BIG,
+    CLOSE_POLICY_VIOLATION,
+    OPCODE_TEXT,
+    RAW_FRAMER,
+    frame_message,
+)
+from gateway.transports.websocket.origins import OriginPolicy
+from gateway.transports.websocket.presence import PresenceRelay
+from gateway.transports.websocket.timers import ClockTimer
+
+_TEXT_ONLY = (Kind.TEXT,)
+_BINARY_ONLY = (Kind.BINARY,)
+
+
+@implementer(IPeer)
+class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
+    """One WebSocket client: relays its messages and receives the channel's."""
+
+    framer: IFramer = RAW_FRAMER
+
+    def __init__(self, factory: WebSocketPeerFactory) -> None:
+        super().__init__()
+        self.factory = factory
+        self._init_peer(factory.runtime, factory.runtime.config.type)
+        self._json = False
+
+    # Connection lifecycle
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        # The gateway's own site counted the HTTP connection against the caps;
+        # the WebSocket takes that over. Mounted elsewhere, it counts itself.
+        self._admit(counted=self.factory.counted)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
+        super().connectionLost(reason)
+        self._release()
+
+    def dropConnection(self, abort: bool = False) -> None:
+        """Autobahn ends the connection: leave the bus now, whatever the client does.
+
+        A gentle drop (``abort=False``) waits for the client to close its side;
+        over TLS that wait has no end of its own, so it gets a deadline.
+        """
+        self.factory.presence.discard(self)
+        self.bus.detach(self)
+        if not abort:
+            self._cut_later()
+        super().dropConnection(abort)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.flow is not None:
+            self.flow.received(0)  # any traffic, pongs included, keeps the peer from idling out
+        super().dataReceived(data)
+
+    def onConnect(self, request: ConnectionRequest) -> str | None:
+        origin = request.origin  # "" when the client sent none
+        if not self.factory.origins.allows(origin, request.headers.get("host")):
+            self.peer_log.info(
+                "{address} refused: origin {origin} not allowed "
+                '(listener "{listener}", host {host})',
+                address=self.address,
+                origin=origin,
+                listener=self.runtime.name,
+                host=request.headers.get("host"),
+            )
+            self.bus.metrics.disconnect("origin_refused")
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
+        if JSON_SUBPROTOCOL in request.protocols:
+            self._json = True
+            self.framer = JSON_FRAMER
+            return JSON_SUBPROTOCOL
+        return None
+
+    def onOpen(self) -> None:
+        transport: Any = self.transport
+        # The HTTP channel that read the upgrade request is still the
+        # transport's producer; the slow-consumer signal must come to us.
+        transport.unregisterProducer()
+        self._join(extra=", json" if self._json else "")
+
+    def _greet(self, count: int) -> None:
+        if self._json:
+            self.deliver(self._welcome_event(count))
+            self.factory.presence.add(self)
+            return
+        text = self.runtime.welcome_text(count, self.origin.peer_id)
+        if text is not None:
+            self.deliver(frame_message(text, OPCODE_TEXT))
+
+    def _welcome_event(self, count: int) -> bytes:
+        peers = self.bus.peers(self.channel)
+        return json_event(
+            {
+                "type": "welcome",
+                "peer": self.origin.peer_id,
+                "count": count,
+                "channel": self.channel,
+                "peers": [
+                    {"peer": peer.origin.peer_id, "transport": peer.origin.transport}
+                    for peer in peers[:MAX_WELCOME_PEERS]
+                ],
+                "channel_count": len(peers),
+            }
+        )
+
+    def onClose(self, was_clean: bool, code: int | None, reason: str | None) -> None:
+        self.factory.presence.discard(self)
+        self.bus.detach(self)
+        if not self.origin.peer_id:
+            return  # never opened; Autobahn logged why
+        if self.failedByMe and self._close_reason is None:
+            self._count_failure(self.localCloseCode)
+        self._log_gone(self._why(was_clean, code, reason))
+
+    def _why(self, clean: bool, code: int | None, reason: str | None) -> str:
+        if self.failedByMe:
+            text = (self.localCloseReason or b"").decode("utf-8", "replace")
+            return f"closed with code {self.localCloseCode}: {text}"
+        if clean:
+            return f"closed by the peer, code {code}" + (f": {reason}" if reason else "")
+        return f"connection lost: {reason}"
+
+    def _count_failure(self, code: int | None) -> None:
+        if code == CLOSE_MESSAGE_TOO_BIG:
+            self._oversize()
+        elif code == CLOSE_INVALID_PAYLOAD:
+            self.bus.metrics.drop("invalid_utf8")
+            self.bus.metrics.disconnect("invalid_utf8")
+        else:
+            self.bus.metrics.disconnect("protocol_error")
+
+    # Inbound
+
+    def onMessage(self, payload: bytes, is_binary: bool) -> None:
+        if self._closing:
+            return
+        if self.flow is not None:
+            self.flow.received(1)
+        kinds: tuple[Kind, ...] = _BINARY_ONLY if is_binary else _TEXT_ONLY
+        if self._json and not is_binary:
+            envelope = parse_envelope(payload)
+            if envelope is not None:
+                payload, kind = envelope
+                kinds = _BINARY_ONLY if kind is Kind.BINARY else _TEXT_ONLY
+        self.bus.publish(self, Batch(self.origin, self.channel, (payload,), kinds))
+
+    # Outbound (IPeer)
+
+    def deliver(self, wire: bytes) -> None:
+        # Frames written while the connection is closing would break the
+        # closing handshake, and must never raise into the sender.
+        if self.state != self.STATE_OPEN:
+            return
+        # Past the transport's own 64 KiB, what may wait is bounded by the backlog.
+        self.flow.backlog.write(wire)  # type: ignore[union-attr]
+
+    def _leave(self, reason: str) -> None:
+        self.factory.presence.discard(self)
+        super()._leave(reason)
+
+    def close(self, reason: str, code: int = CLOSE_GOING_AWAY) -> None:
+        """Start the closing handshake with ``code`` and ``reason`` (1001 by default)."""
+        if self._closing:
+            return
+        self._leave(reason)
+        state = getattr(self, "state", self.STATE_CLOSED)
+        if state == self.STATE_OPEN:
+            self.sendCloseFrame(code=code, reasonUtf8=_close_reason(reason), isReply=False)
+        elif state == self.STATE_CONNECTING:
+            self.dropConnection(abort=True)
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now, discarding anything not yet sent."""
+        self._leave(reason)
+        if getattr(self, "state", self.STATE_CLOSED) != self.STATE_CLOSED:
+            self.dropConnection(abort=True)
+        else:
+            transport: Any = self.transport
+            transport.abortConnection()
+
+    def slow_consumer(self) -> None:
+        """FlowOwner: the peer does not read: close 1008, then drop."""
+        self._close_reason = None
+        self._leave("slow consumer")
+        self.sendCloseFrame(code=CLOSE_POLICY_VIOLATION, reasonUtf8=b"slow consumer", isReply=False)
+        self.dropConnection(abort=True)
+
+
+def _close_reason(reason: str) -> bytes:
+    """``reason`` as UTF-8 cut to the 123 bytes a close frame has room for."""
+    return reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
+
+
+class WebSocketPeerFactory(WebSocketServerFactory):
+    """Autobahn's factory for one listener, with the gateway's safe settings."""
+
+    def __init__(self, runtime: ListenerRuntime, counted: bool = False) -> None:
+        super().__init__(server=None, reactor=runtime.clock)  # type: ignore[no-untyped-call]
+        self.runtime = runtime
+        # Whether the HTTP connections that upgrade were already counted against the caps.
+        self.counted = counted
+        self.presence = PresenceRelay(runtime.bus, runtime.config.channel)
+        # Autobahn's only seam for a clock other than txaio's global reactor.
+        self._batched_timer = ClockTimer(runtime.clock)
+        self.configure()
+
+    def configure(self) -> None:
+        """Apply the listener's settings (again, on a config reload) for new connections."""
+        config = self.runtime.config
+        assert isinstance(config, WsListenerConfig)
+        limits = self.runtime.limits
+        self.origins = OriginPolicy(config.allowed_origins)
+        ping = config.ping_interval
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]
+            webStatus=False,
+            utf8validateIncoming=True,
+            maxFramePayloadSize=limits.max_message_bytes,
+            maxMessagePayloadSize=limits.max_message_bytes,
+            failByDrop=False,
+            openHandshakeTimeout=limits.handshake_timeout,
+            closeHandshakeTimeout=limits.handshake_timeout,
+            autoPingInterval=ping,
+            autoPingTimeout=ping,
+            # No extensions: permessage-deflate would make frames differ per receiver.
+            perMessageCompressionAccept=lambda offers: None,
+            # Origins are checked in onConnect, where a refusal is a 403.
+            allowedOrigins=["*"],
+            allowNullOrigin=True,
+        )
+
+    def buildProtocol(self, addr: object) -> WebSocketPeer:
+        return WebSocketPeer(self)
