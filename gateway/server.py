@@ -46,7 +46,7 @@ __all__ = ["GatewayService", "ListenError"]
 class GatewayService(MultiService):
     """The whole gateway. ``listen()`` binds every listener; stopping drains the peers."""
 
-    log = Logger(namespace="gateway.server")
+    log = Logger()
 
     def __init__(
         self,

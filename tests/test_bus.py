@@ -29,7 +29,7 @@ class CountingFramer:
 
 @implementer(IPeer)
 class FakePeer:
-    subject = None
+    subject: str | None = None
     pending_bytes = 0
     dropped_messages = 0
 

@@ -247,7 +247,7 @@ class RecordingFramer:
 @implementer(IPeer)
 class Peer:
     framer = RecordingFramer()
-    subject = None
+    subject: str | None = None
     pending_bytes = 0
     dropped_messages = 0
 

@@ -194,7 +194,7 @@ async def _serve(
         from gateway.ops.workers import worker_started
 
         worker_started(reactor)
-    service.startService()  # type: ignore[no-untyped-call]
+    service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     signal.signal(signal.SIGHUP, lambda signum, frame: reactor.callFromThread(service.reload))
     log.info(

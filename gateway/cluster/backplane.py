@@ -24,9 +24,7 @@ import msgpack
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.ssl import optionsForClientTLS
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +36,7 @@ from gateway.cluster.redis import (
     Subscriber,
     describe_failure,
     parse_redis_url,
+    redis_endpoint,
 )
 from gateway.cluster.wire import (
     EVENT_NAMES,
@@ -89,7 +88,11 @@ class Backplane(Service):
         self.timeout = timeout
         self.min_retry = min_retry
         self.max_retry = max_retry
-        self._endpoint = endpoint if endpoint is not None else self._redis_endpoint()
+        self._endpoint = (
+            endpoint
+            if endpoint is not None
+            else redis_endpoint(reactor, self.address, self.timeout)
+        )
         self._keys: dict[str, bytes] = {}
         self._pattern = f"{settings.prefix}:*"
         # Every frame starts with an array header, the version and the type (one
@@ -345,15 +348,6 @@ class Backplane(Service):
             return await d
         finally:
             self._waiting = None
-
-    def _redis_endpoint(self) -> IStreamClientEndpoint:
-        address = self.address
-        endpoint: IStreamClientEndpoint = HostnameEndpoint(
-            self.reactor, address.host, address.port, timeout=self.timeout
-        )
-        if address.tls:
-            endpoint = wrapClientTLS(optionsForClientTLS(address.host), endpoint)
-        return endpoint
 
     def _connect_failed(self, error: BaseException, failures: int, delay: float) -> None:
         if failures == 1:

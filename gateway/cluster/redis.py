@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.interfaces import IAddress
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
 
 # The Redis address
@@ -130,3 +133,13 @@ def describe_failure(failure: Failure | BaseException) -> str:
     if isinstance(error, CancelledError | TimeoutError):
         return "no answer in time"
     return str(error) or type(error).__name__
+
+
+def redis_endpoint(reactor: Any, address: RedisAddress, timeout: float) -> IStreamClientEndpoint:
+    """Where to connect for ``address`` (under TLS for ``rediss://``)."""
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(
+        reactor, address.host, address.port, timeout=timeout
+    )
+    if address.tls:
+        endpoint = wrapClientTLS(optionsForClientTLS(address.host), endpoint)
+    return endpoint

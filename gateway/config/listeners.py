@@ -176,9 +176,9 @@ LISTENER_CLASSES: dict[str, type[ListenerConfig]] = {
     for cls in (
         TcpListenerConfig,
         TlsListenerConfig,
-        UdpListenerConfig,
         WsListenerConfig,
         WssListenerConfig,
+        UdpListenerConfig,
     )
 }
 LISTENER_TYPES = tuple(LISTENER_CLASSES)

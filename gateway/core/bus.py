@@ -20,7 +20,6 @@ from gateway.core.interfaces import IFramer, IPeer
 from gateway.core.message import Batch, Kind, Origin
 from gateway.core.metrics import Metrics
 
-
 MAX_QUEUED_PUBLISHES = 10_000
 """At most this many batches published from inside one fan-out wait for it (a guard
 against peers that answer each other forever)."""

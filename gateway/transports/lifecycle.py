@@ -55,7 +55,7 @@ class ListenerRuntime:
     read them from here, so new connections see the new values.
     """
 
-    log = Logger(namespace="gateway.peers")
+    log = Logger()
 
     def __init__(self, config: ListenerConfig, limits: Limits, context: GatewayContext) -> None:
         self.config = config
@@ -125,7 +125,7 @@ class StreamPeer:
     """
 
     # Not ``log``: Autobahn's protocols have a ``log`` of their own.
-    peer_log = Logger(namespace="gateway.peers")
+    peer_log = Logger()
     framer: IFramer
     transport: Any
     transport_name = ""

@@ -37,7 +37,7 @@ class ListenError(Exception):
 class ListenerService(Service):
     """One listener of the gateway; the ``GatewayService`` has one per ``[[listeners]]``."""
 
-    log = Logger(namespace="gateway.server")
+    log = Logger()
 
     def __init__(self, runtime: ListenerRuntime) -> None:
         self.runtime = runtime

@@ -134,7 +134,7 @@ class DatagramPeer:
 class DatagramServer(DatagramProtocol):
     """The peers of one UDP port, keyed by source address."""
 
-    log = Logger(namespace="gateway.peers")
+    log = Logger()
     noisy = False
 
     def __init__(self, runtime: ListenerRuntime) -> None:

@@ -201,6 +201,9 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
         self._leave(reason)
         state = getattr(self, "state", self.STATE_CLOSED)
         if state == self.STATE_OPEN:
+            # How long the client may take to answer (and read what is queued):
+            # the same deadline as a closing line peer's, the drain's while draining.
+            self.closeHandshakeTimeout = self.runtime.close_timeout()
             self.sendCloseFrame(code=code, reasonUtf8=_close_reason(reason), isReply=False)
         elif state == self.STATE_CONNECTING:
             self.dropConnection(abort=True)

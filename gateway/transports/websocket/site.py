@@ -39,7 +39,7 @@ class HandshakeDeadlineChannel(HTTPChannel):
     then on Autobahn's own timeouts apply. Slow or silent clients are dropped.
     """
 
-    logger = Logger(namespace="gateway.peers")
+    logger = Logger()
 
     def __init__(self, runtime: ListenerRuntime) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
@@ -158,7 +158,7 @@ class WebSocketSite(Site):
     """The site of one ``ws``/``wss`` listener: the page at ``/``, the WebSocket at ``/ws``."""
 
     noisy = False
-    logger = Logger(namespace="gateway.peers")
+    logger = Logger()
 
     def __init__(self, runtime: ListenerRuntime) -> None:
         self.runtime = runtime
