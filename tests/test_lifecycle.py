@@ -72,9 +72,11 @@ def test_reload_changes_the_message_limit_and_ping_interval_of_a_ws_listener():
     after.sendMessage(b"x" * 11)
     gw.flush()
     assert after.closed is not None and after.closed[1] == 1009
-    # Pings every 2 s now: a client that answers them stays; the old one gets none.
+    # Pings every 2 s for connections made since; the earlier one keeps its settings.
+    pinged = gw.websocket("ws")
     gw.advance(7)
-    assert before.closed is None
+    assert pinged.pings >= 3 and pinged.closed is None
+    assert before.pings == 0 and before.closed is None
     gw.stop()
 
 
@@ -344,4 +346,47 @@ key = "{tmp_path}/server.key"
         info = gw.bus.peer_info(peer)
         assert info is not None
         json.dumps(info)
+    gw.stop()
+
+
+# Listener settings: one class per type, with defaults
+
+
+def test_each_listener_type_has_its_own_keys_and_defaults():
+    from dataclasses import fields
+
+    from gateway.config import (
+        LISTENER_CLASSES,
+        TcpListenerConfig,
+        UdpListenerConfig,
+        WsListenerConfig,
+    )
+
+    assert list(LISTENER_CLASSES) == ["tcp", "tls", "ws", "wss", "udp"]
+    tcp = TcpListenerConfig(name="t")
+    assert (tcp.type, tcp.host, tcp.port, tcp.channel, tcp.welcome, tcp.quit_command) == (
+        "tcp",
+        "127.0.0.1",
+        0,
+        "main",
+        "",
+        "",
+    )
+    assert WsListenerConfig(name="w").ping_interval == 30.0
+    assert UdpListenerConfig(name="u").max_peers == 1024
+    names = {cls.type: {f.name for f in fields(cls)} for cls in LISTENER_CLASSES.values()}
+    assert "ping_interval" not in names["tcp"] and "quit_command" not in names["ws"]
+    assert "tls" in names["tls"] and "tls" in names["wss"] and "tls" not in names["ws"]
+    assert "welcome" not in names["udp"] and "endpoint" not in names["udp"]
+    for kind, cls in LISTENER_CLASSES.items():
+        keys = set(cls.KEYS) - {"type", "cert", "key", "client_ca", "min_tls", "generate_dev_cert"}
+        assert keys == names[kind] - {"tls"}, kind
+
+
+def test_memory_gateway_finds_listeners_by_type_and_connects_websockets():
+    gw = MemoryGateway(WS_ONLY.replace("allowed_origins", "# allowed_origins"))
+    web = gw.connect("ws")
+    line = gw.connect("tcp")
+    line.send(b"both ways\n")
+    assert web.client.texts() == ["both ways"]
     gw.stop()

@@ -111,7 +111,15 @@ class MemoryGateway:
         return self.service.bus
 
     def listener(self, name: str) -> ListenerService:
-        return self.service.listeners[name]
+        """The service of the listener called ``name`` — or of the only listener of type
+        ``name`` (so ``connect("tls")`` works whatever the listener is called)."""
+        listeners = self.service.listeners
+        if name in listeners:
+            return listeners[name]
+        of_type = [service for service in listeners.values() if service.config.type == name]
+        if len(of_type) != 1:
+            raise KeyError(f"no listener called {name!r}, and not exactly one of type {name!r}")
+        return of_type[0]
 
     def start(self) -> None:
         """Listen on every listener and start the service, as ``gateway --config`` does."""
@@ -171,8 +179,14 @@ class MemoryGateway:
     def connect(
         self, listener: str, host: str = "127.0.0.1", ca: Path | None = None
     ) -> StreamConnection:
-        """A line client on a ``tcp`` or ``tls`` listener; ``host`` is its source address."""
+        """A client on a stream listener; ``host`` is its source address.
+
+        On ``tcp``/``tls`` listeners the client is a ``LineClient``; on ``ws``/``wss``
+        ones a ``WebSocketClient`` on ``/ws`` (``websocket_connection``).
+        """
         config = self.listener(listener).config
+        if config.type in ("ws", "wss"):
+            return self.websocket_connection(listener, host=host, ca=ca)
         tls = config.tls_settings
         client = LineClient()
         creator = None

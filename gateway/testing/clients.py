@@ -47,9 +47,14 @@ class WebSocketClient(WebSocketClientProtocol):
         self.opened = False
         self.messages: list[tuple[bytes, bool]] = []
         self.closed: tuple[bool, int | None, str | None] | None = None
+        self.pings = 0
 
     def onOpen(self) -> None:
         self.opened = True
+
+    def onPing(self, payload: bytes) -> None:
+        self.pings += 1
+        super().onPing(payload)  # answers with a pong
 
     def onMessage(self, payload: bytes, is_binary: bool) -> None:
         self.messages.append((payload, is_binary))
