@@ -34,7 +34,7 @@ from gateway.tls.pki import PkiError
 from gateway.transports.address import host_port
 from gateway.transports.app import AppPeer, Message
 from gateway.transports.lifecycle import GatewayContext, ListenerRuntime
-from gateway.transports.listening import ListenError, ListenerService
+from gateway.transports.listening import ListenError, ListenerService, cannot_listen
 from gateway.transports.registry import build_listener
 
 if TYPE_CHECKING:
@@ -144,11 +144,8 @@ class GatewayService(MultiService):
                 admin.port, AdminSite(self, self.reactor), interface=admin.host
             )
         except Exception as e:
-            reason = getattr(e, "socketError", None) or e
-            raise ListenError(
-                f"cannot listen on admin {host_port(admin.host, admin.port)}: "
-                f"{getattr(reason, 'strerror', None) or reason}"
-            ) from e
+            where = f"admin {host_port(admin.host, admin.port)}"
+            raise ListenError(cannot_listen(where, e)) from e
 
     def _generate_dev_certs(self) -> None:
         """Make missing dev certificates first: listeners may share them."""

@@ -84,11 +84,8 @@ _TLS_KEYS = ("cert", "key", "client_ca", "min_tls", "generate_dev_cert")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TlsListenerConfig(TcpListenerConfig):
-    """``type = "tls"``: the lines of ``tcp`` over TLS."""
-
-    type: ClassVar[str] = "tls"
-    KEYS: ClassVar[tuple[str, ...]] = (*TcpListenerConfig.KEYS, *_TLS_KEYS)
+class _Secure(ListenerConfig):
+    """What TLS adds to a stream listener type (``tls`` to ``tcp``, ``wss`` to ``ws``)."""
 
     tls: TlsSettings
 
@@ -99,6 +96,14 @@ class TlsListenerConfig(TcpListenerConfig):
     @classmethod
     def read(cls, table: Table, base: Path) -> dict[str, Any]:
         return {**super().read(table, base), "tls": _tls(table, base)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TlsListenerConfig(_Secure, TcpListenerConfig):
+    """``type = "tls"``: the lines of ``tcp`` over TLS."""
+
+    type: ClassVar[str] = "tls"
+    KEYS: ClassVar[tuple[str, ...]] = (*TcpListenerConfig.KEYS, *_TLS_KEYS)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,21 +130,11 @@ class WsListenerConfig(StreamListenerConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class WssListenerConfig(WsListenerConfig):
+class WssListenerConfig(_Secure, WsListenerConfig):
     """``type = "wss"``: the ``ws`` site over TLS."""
 
     type: ClassVar[str] = "wss"
     KEYS: ClassVar[tuple[str, ...]] = (*WsListenerConfig.KEYS, *_TLS_KEYS)
-
-    tls: TlsSettings
-
-    @property
-    def tls_settings(self) -> TlsSettings:
-        return self.tls
-
-    @classmethod
-    def read(cls, table: Table, base: Path) -> dict[str, Any]:
-        return {**super().read(table, base), "tls": _tls(table, base)}
 
 
 @dataclass(frozen=True, kw_only=True)

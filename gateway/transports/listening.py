@@ -34,6 +34,12 @@ class ListenError(Exception):
     """A listener could not bind; ``str()`` is the message for the user."""
 
 
+def cannot_listen(where: str, error: BaseException) -> str:
+    """``cannot listen on WHERE: Address already in use`` (the OS's words when it has them)."""
+    reason = getattr(error, "socketError", None) or error
+    return f"cannot listen on {where}: {getattr(reason, 'strerror', None) or reason}"
+
+
 class ListenerService(Service):
     """One listener of the gateway; the ``GatewayService`` has one per ``[[listeners]]``."""
 
@@ -95,11 +101,8 @@ class ListenerService(Service):
         except ListenError:
             raise
         except Exception as e:
-            reason = getattr(e, "socketError", None) or e
-            raise ListenError(
-                f'cannot listen on {config.type} {configured_where(config)} (listener "{config.name}"): '
-                f"{getattr(reason, 'strerror', None) or reason}"
-            ) from e
+            where = f'{config.type} {configured_where(config)} (listener "{config.name}")'
+            raise ListenError(cannot_listen(where, e)) from e
         if isinstance(config, StreamListenerConfig) and config.endpoint is not None:
             self.where = f"endpoint {config.endpoint}"
         else:
