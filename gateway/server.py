@@ -78,8 +78,7 @@ class GatewayService(MultiService):
             service.reuse_port = reuse_port
             service.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners[listener.name] = service
-        for name, channel in config.channels.items():
-            self.bus.keep_history(name, channel.history)
+        self.bus.history.resize(self._history_size)
         self.backplane: Backplane | None = None
         if config.cluster is not None:
             from gateway.cluster.backplane import Backplane  # the Redis client only when clustering
@@ -87,6 +86,9 @@ class GatewayService(MultiService):
             self.backplane = Backplane(config.cluster, self.bus, reactor)
             self.bus.backplane = self.backplane
             self.backplane.setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    def _history_size(self, channel: str) -> int:
+        return self.config.channel(channel).history
 
     # Listening
 
@@ -304,6 +306,5 @@ class GatewayService(MultiService):
             self.listeners[listener.name].reconfigure(listener, limits)
         for runtime in self.mounted:
             runtime.reconfigure(runtime.config, limits)
-        for name in set(self.config.channels) | set(new.channels):
-            self.bus.keep_history(name, new.channel(name).history)
         self.config = new
+        self.bus.history.resize()

@@ -237,3 +237,54 @@ def test_check_reports_errors_too(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f'{path}: listeners[0].echo: expected true or false, got "yes"'
+
+
+@pytest.mark.parametrize(
+    ("channel", "ok"),
+    [
+        ("room.42", True),
+        ("user@example.org/x", True),
+        ("x" * 128, True),
+        ("room.*", False),
+        ("room.>", False),
+        ("a..b", False),
+        ("x" * 129, False),
+        ("", False),
+    ],
+)
+def test_a_listener_channel_is_a_channel_name(channel, ok):
+    text = GOOD.replace('channel = "main"', f'channel = "{channel}"')
+    if ok:
+        assert parse(tomllib.loads(text), "c.toml").listeners[0].channel == channel
+    else:
+        with pytest.raises(ConfigError) as error:
+            parse(tomllib.loads(text), "c.toml")
+        assert str(error.value).startswith("c.toml: listeners[0].channel: expected a channel name")
+
+
+def test_channel_tables_may_name_patterns_and_the_most_specific_wins():
+    text = (
+        GOOD
+        + """
+[channels."room.*"]
+history = 5
+[channels."room.>"]
+history = 7
+[channels."room.lobby"]
+history = 9
+[channels.">"]
+history = 1
+"""
+    )
+    config = parse(tomllib.loads(text), "c.toml")
+    assert config.channel("room.lobby").history == 9  # its own table
+    assert config.channel("room.42").history == 5  # "*" is more specific than ">"
+    assert config.channel("room.42.chat").history == 7
+    assert config.channel("elsewhere").history == 1
+    assert parse(tomllib.loads(GOOD), "c.toml").channel("room.42").history == 0
+
+
+def test_a_channel_table_must_be_a_name_or_a_pattern():
+    with pytest.raises(ConfigError) as error:
+        parse(tomllib.loads(GOOD + '[channels."room.>.x"]\nhistory = 1\n'), "c.toml")
+    assert str(error.value).startswith("c.toml: channels.room.>.x: expected a channel name")

@@ -222,3 +222,56 @@ def test_the_fake_backplane_sees_local_batches_and_feeds_remote_ones(start, tmp_
     assert gw.backplane.remote_message(b"from afar") == 2
     assert line.lines() == [b"from afar"]
     assert web.texts() == ["local", "from afar"]
+
+
+ROOMS = """
+[channels."room.*"]
+history = 2
+
+[[listeners]]
+name = "one"
+type = "tcp"
+port = 8006
+channel = "room.1"
+
+[[listeners]]
+name = "two"
+type = "tcp"
+port = 8007
+channel = "room.2"
+
+[[listeners]]
+name = "main"
+type = "tcp"
+port = 8008
+"""
+
+
+def test_a_pattern_table_gives_history_to_every_channel_it_matches(start):
+    gw = start(ROOMS)
+    for listener in ("one", "two", "main"):
+        gw.connect(listener).send(b"a\nb\nc\n")
+    assert gw.connect("one").lines() == [b"b", b"c"]
+    assert gw.connect("two").lines() == [b"b", b"c"]
+    assert gw.connect("main").lines() == []  # "main" matches no table: no history
+
+
+def test_a_reload_resizes_history(start):
+    gw = start(ROOMS)
+    gw.connect("one").send(b"a\nb\nc\n")
+    gw.reload(ROOMS.replace("history = 2", "history = 1"))
+    assert gw.connect("one").lines() == [b"c"]
+    gw.reload(ROOMS.replace("history = 2", "history = 0"))
+    assert gw.connect("one").lines() == []
+
+
+def test_history_remembers_a_bounded_number_of_channels():
+    from gateway.core.history import History
+    from gateway.core.message import Batch, Origin
+
+    history = History(lambda name: 1 if name.startswith("kept") else 0, max_channels=3)
+    origin = Origin("p", "l", "tcp")
+    for name in ["kept.1", "none.1", "none.2", "kept.2", "kept.3", "kept.4"]:
+        history.record(Batch(origin, name, [name.encode()]))
+    assert len(history._kept) <= 3
+    assert [list(b.payloads) for b in history.replay("kept.4")] == [[b"kept.4"]]

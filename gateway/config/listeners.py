@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from gateway.config.tables import Table, show
+from gateway.core.channels import NAME_RULE, is_name
 from gateway.tls.files import TLS_VERSIONS, TlsSettings
 
 WELCOME_FIELDS = ("count", "peer", "name")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-CHANNEL_RE = NAME_RE
 LOOPBACK_ONLY = ("127.0.0.0/8", "::1/128")
 MAX_UDP_PAYLOAD = 65507
 LISTEN_BACKLOG = 4096
@@ -191,17 +191,19 @@ def parse_listener(table: Table, base: Path) -> ListenerConfig:
         "name": table.string("name", pattern=NAME_RE, what="a name of letters, digits, . _ : -"),
         "host": table.host() if endpoint is None else "",
         "port": table.integer("port", None, 0, 65535) if endpoint is None else 0,
-        "channel": table.string(
-            "channel",
-            "main",
-            pattern=CHANNEL_RE,
-            what="a channel name of letters, digits, . _ : -",
-        ),
+        "channel": _channel(table),
         "echo": table.boolean("echo", False),
     }
     if endpoint is not None:
         common["endpoint"] = endpoint
     return cls(**common, **cls.read(table, base))
+
+
+def _channel(table: Table) -> str:
+    name = table.string("channel", "main")
+    if not is_name(name):
+        raise table.error("channel", f"expected {NAME_RULE}, got {show(name)}")
+    return name
 
 
 def _welcome(table: Table) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config.errors import ConfigError
-from gateway.config.listeners import CHANNEL_RE, NAME_RE, ListenerConfig, parse_listener
+from gateway.config.listeners import NAME_RE, ListenerConfig, parse_listener
 from gateway.config.settings import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -28,6 +28,7 @@ from gateway.config.settings import (
     Limits,
 )
 from gateway.config.tables import Table, show
+from gateway.core.channels import PATTERN_RULE, is_pattern
 from gateway.tls.files import TlsFileError, TlsSettings, check_tls_files
 
 
@@ -43,8 +44,8 @@ def _channels(root: Table) -> dict[str, ChannelSettings]:
     table = root.table("channels")
     channels = {}
     for name in table.data:
-        if not CHANNEL_RE.match(name):
-            raise table.error(name, "expected a channel name of letters, digits, . _ : -")
+        if not is_pattern(name):
+            raise table.error(name, f"expected {PATTERN_RULE}")
         channel = table.table(name)
         channel.check_keys(("history",))
         channels[name] = ChannelSettings(history=channel.integer("history", 0, 0, 100_000))

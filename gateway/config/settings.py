@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.config.listeners import ListenerConfig
+from gateway.core.channels import has_wildcard, matches, specificity
 
 LOG_LEVELS = ("debug", "info", "warn", "error")
 LOG_FORMATS = ("text", "json")
@@ -75,5 +76,14 @@ class Config:
     channels: Mapping[str, ChannelSettings] = field(default_factory=dict)
 
     def channel(self, name: str) -> ChannelSettings:
-        """Settings of channel ``name`` (defaults when it has no table)."""
-        return self.channels.get(name, _DEFAULT_CHANNEL)
+        """Settings of channel ``name``: its own table, else the most specific pattern's
+        that matches it (``[channels."room.*"]``), else the defaults."""
+        exact = self.channels.get(name)
+        if exact is not None:
+            return exact
+        found = [
+            pattern for pattern in self.channels if has_wildcard(pattern) and matches(pattern, name)
+        ]
+        if not found:
+            return _DEFAULT_CHANNEL
+        return self.channels[max(found, key=specificity)]

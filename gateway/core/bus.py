@@ -16,8 +16,9 @@ from typing import Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from gateway.core.history import History
 from gateway.core.interfaces import IFramer, IPeer
-from gateway.core.message import Batch, Kind, Origin
+from gateway.core.message import Batch, Origin
 from gateway.core.metrics import Metrics
 
 MAX_QUEUED_PUBLISHES = 10_000
@@ -106,7 +107,7 @@ class Bus:
         self.clock = clock
         self.timer = timer
         self._entries: dict[IPeer, _Entry] = {}
-        self._history: dict[str, deque[tuple[Origin, bytes, Kind | None]]] = {}
+        self.history = History()
         self._channels: dict[str, dict[IFramer, _Group]] = {}
         self._ids: dict[str, itertools.count[int]] = {}
         self._peer_count = 0
@@ -249,10 +250,7 @@ class Bus:
         return self._fan_out(batch, None)
 
     def _fan_out(self, batch: Batch, skip: IPeer | None) -> int:
-        history = self._history.get(batch.channel)
-        if history is not None:
-            kinds = batch.kinds or (None,) * len(batch.payloads)
-            history.extend(zip((batch.origin,) * len(kinds), batch.payloads, kinds, strict=True))
+        self.history.record(batch)
         groups = self._channels.get(batch.channel)
         if not groups:
             return 0
@@ -288,24 +286,11 @@ class Bus:
         self.metrics.messages_delivered += reached * len(batch.payloads)
         return reached
 
-    def keep_history(self, channel: str, size: int) -> None:
-        """Remember the last ``size`` messages of ``channel`` for peers that join later."""
-        if size > 0:
-            self._history[channel] = deque(self._history.get(channel, ()), maxlen=size)
-        else:
-            self._history.pop(channel, None)
-
     def replay_history(self, peer: IPeer) -> int:
         """Send ``peer`` its channel's remembered messages, oldest first; returns how many."""
-        history = self._history.get(peer.channel)
-        if not history:
-            return 0
         framer = peer.framer
         replayed = 0
-        for origin, payload, kind in tuple(history):
-            batch = Batch(
-                origin, peer.channel, (payload,), None if kind is None else (kind,), history=True
-            )
+        for batch in self.history.replay(peer.channel):
             wire = framer.frame(batch)
             if wire is not None:
                 peer.deliver(wire)
