@@ -61,7 +61,13 @@ class GatewayService(MultiService):
         # What a reloaded file goes through before use (a worker's own ports and node id).
         self.prepare = prepare
         self.metrics = Metrics()
-        self.bus = Bus(self.metrics, reactor)
+        limits = config.limits
+        self.bus = Bus(
+            self.metrics,
+            reactor,
+            max_subscriptions=limits.max_subscriptions,
+            max_channels=limits.max_channels,
+        )
         self.governor = Governor(config.limits, self.metrics, reactor)
         self.context = GatewayContext(self.bus, self.governor, reactor, config.gateway.name)
         self.admin_port: IListeningPort | None = None
@@ -302,6 +308,9 @@ class GatewayService(MultiService):
         """Run with ``new`` (which must need no restart), as a reload does."""
         limits = new.limits
         self.governor.reconfigure(limits)
+        self.bus.max_subscriptions = limits.max_subscriptions
+        self.bus.max_channels = limits.max_channels
+        self.bus.history.max_channels = limits.max_channels
         for listener in new.listeners:
             self.listeners[listener.name].reconfigure(listener, limits)
         for runtime in self.mounted:

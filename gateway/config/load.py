@@ -123,6 +123,8 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
             "idle_timeout",
             "max_connections",
             "max_connections_per_ip",
+            "max_subscriptions",
+            "max_channels",
         )
     )
     slow_consumer = limits_table.string("slow_consumer", "disconnect")
@@ -142,6 +144,8 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
         idle_timeout=limits_table.number("idle_timeout", 0.0, 0.0, 86400.0),
         max_connections=limits_table.integer("max_connections", 10000, 1, 1_000_000),
         max_connections_per_ip=limits_table.integer("max_connections_per_ip", 0, 0, 1_000_000),
+        max_subscriptions=limits_table.integer("max_subscriptions", 100, 1, 100_000),
+        max_channels=limits_table.integer("max_channels", 100_000, 1, 10_000_000),
     )
 
     raw_listeners = data.get("listeners")

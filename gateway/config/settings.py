@@ -51,6 +51,8 @@ class Limits:
     idle_timeout: float = 0.0  # 0 = off
     max_connections: int = 10000
     max_connections_per_ip: int = 0  # 0 = off
+    max_subscriptions: int = 100  # per peer, its own channel included
+    max_channels: int = 100_000  # names and patterns subscribed, or keeping history, at once
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,11 @@
-"""The broadcast bus: channels of peers, and fan-out of batches to them.
+"""The broadcast bus: peers, their subscriptions, and fan-out of batches to them.
 
-The bus knows peers only through ``IPeer``. A batch is framed once per framer
-(that is, once per kind of receiver) and each receiver gets one ``deliver``
-call per batch, which is what makes fan-out fast.
+The bus knows peers only through ``IPeer``. Every peer is subscribed to its
+own ``channel`` while attached, and may subscribe to more names and patterns
+(``gateway.core.channels``). A batch on channel C reaches every other peer
+with a subscription matching C, once however many match. It is framed once
+per framer (that is, once per kind of receiver) and each receiver gets one
+``deliver`` call per batch, which is what makes fan-out fast.
 """
 
 from __future__ import annotations
@@ -16,66 +19,29 @@ from typing import Protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from gateway.core.accounting import Entry
+from gateway.core.channels import has_wildcard, is_pattern
 from gateway.core.history import History
-from gateway.core.interfaces import IFramer, IPeer
+from gateway.core.interfaces import IPeer
 from gateway.core.message import Batch, Origin
 from gateway.core.metrics import Metrics
+from gateway.core.presence import Presence, PresenceWatcher, RemotePeer
+from gateway.core.routing import Routes
+
+__all__ = ["Backplane", "Bus", "PresenceWatcher", "RemotePeer", "SubscriptionError"]
 
 MAX_QUEUED_PUBLISHES = 10_000
 """At most this many batches published from inside one fan-out wait for it (a guard
 against peers that answer each other forever)."""
 
 
-class _Group:
-    """The peers of one channel that share a framer."""
+class SubscriptionError(Exception):
+    """A subscription the bus refused: ``code`` (documented) and a ``reason`` for people."""
 
-    __slots__ = ("bytes", "framer", "members", "messages", "snapshot")
-
-    def __init__(self, framer: IFramer) -> None:
-        self.framer = framer
-        self.members: dict[IPeer, None] = {}
-        # Messages and payload bytes framed for this group so far: a member's
-        # "out" counts are these minus what they were when it joined.
-        self.messages = 0
-        self.bytes = 0
-        # Rebuilt lazily after a change, so a receiver that detaches while a
-        # batch is being delivered never disturbs the loop.
-        self.snapshot: tuple[IPeer, ...] | None = ()
-
-
-class _Entry:
-    """What the bus remembers about one attached peer, for ``peer_info``."""
-
-    __slots__ = (
-        "base_bytes",
-        "base_messages",
-        "bytes_in",
-        "group",
-        "messages_in",
-        "since",
-        "skipped_bytes",
-        "skipped_messages",
-    )
-
-    def __init__(self, group: _Group, since: float) -> None:
-        self.group = group
-        self.since = since
-        self.base_messages = group.messages
-        self.base_bytes = group.bytes
-        self.messages_in = 0
-        self.bytes_in = 0
-        self.skipped_messages = 0
-        self.skipped_bytes = 0
-
-
-class RemotePeer:
-    """A peer attached to another node, as presence watchers see it."""
-
-    __slots__ = ("channel", "origin")
-
-    def __init__(self, origin: Origin, channel: str) -> None:
-        self.origin = origin
-        self.channel = channel
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")
 
 
 class Backplane(Protocol):
@@ -88,12 +54,8 @@ class Backplane(Protocol):
         """Tell the other nodes a local peer joined or left ``channel``."""
 
 
-PresenceWatcher = Callable[[str, "IPeer | RemotePeer", int], None]
-"""Called with ("join" or "leave", the peer, peers attached to this node after the change)."""
-
-
 class Bus:
-    """Named channels; every batch goes to every other peer on its channel."""
+    """Subscriptions by name and pattern; every batch goes to every other peer that wants it."""
 
     log = Logger()
 
@@ -102,53 +64,52 @@ class Bus:
         metrics: Metrics | None = None,
         clock: IReactorTime | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        max_subscriptions: int = 100,
+        max_channels: int = 100_000,
     ) -> None:
         self.metrics = metrics if metrics is not None else Metrics()
         self.clock = clock
         self.timer = timer
-        self._entries: dict[IPeer, _Entry] = {}
-        self.history = History()
-        self._channels: dict[str, dict[IFramer, _Group]] = {}
+        # [limits]: subscriptions per peer, and names and patterns subscribed at once.
+        self.max_subscriptions = max_subscriptions
+        self.max_channels = max_channels
+        self.routes = Routes(max_channels)
+        self.history = History(max_channels=max_channels)
+        self.presence = Presence()
+        self._entries: dict[IPeer, Entry] = {}
         self._ids: dict[str, itertools.count[int]] = {}
-        self._peer_count = 0
-        self._watchers: dict[str, dict[PresenceWatcher, None]] = {}
         self.backplane: Backplane | None = None
         # Publishes made while a fan-out runs, delivered right after it.
         self._fanning = False
         self._queued: deque[tuple[IPeer, Batch]] = deque()
 
+    # Presence
+
     def watch_presence(self, channel: str, watcher: PresenceWatcher) -> None:
-        """Call ``watcher`` whenever a peer joins or leaves ``channel``."""
-        self._watchers.setdefault(channel, {})[watcher] = None
+        """Call ``watcher`` whenever a peer subscribes to or leaves exactly ``channel``."""
+        self.presence.watch(channel, watcher)
 
     def unwatch_presence(self, channel: str, watcher: PresenceWatcher) -> None:
         """Stop calling ``watcher``; harmless when it is not watching."""
-        watchers = self._watchers.get(channel)
-        if watchers is not None:
-            watchers.pop(watcher, None)
-            if not watchers:
-                del self._watchers[channel]
+        self.presence.unwatch(channel, watcher)
 
-    def _announce(self, event: str, peer: IPeer) -> None:
-        self._tell_watchers(event, peer, peer.channel)
+    def _announce(self, event: str, peer: IPeer, channel: str) -> None:
+        if has_wildcard(channel):
+            return  # presence is per channel name, never per pattern
+        self.presence.tell(event, peer, channel, len(self._entries))
         if self.backplane is not None:
-            self.backplane.presence(event, peer.origin, peer.channel)
+            self.backplane.presence(event, peer.origin, channel)
 
     def announce_remote(self, event: str, origin: Origin, channel: str) -> None:
         """A peer of another node joined ("join") or left ("leave") ``channel``."""
-        self._tell_watchers(event, RemotePeer(origin, channel), channel)
+        self.presence.tell(event, RemotePeer(origin, channel), channel, len(self._entries))
 
-    def _tell_watchers(self, event: str, peer: IPeer | RemotePeer, channel: str) -> None:
-        for watcher in tuple(self._watchers.get(channel, ())):
-            try:
-                watcher(event, peer, self._peer_count)
-            except Exception:
-                self.log.failure("presence watcher failed")
+    # Peers
 
     @property
     def peer_count(self) -> int:
         """Peers attached, over all channels and transports."""
-        return self._peer_count
+        return len(self._entries)
 
     def new_peer_id(self, prefix: str) -> str:
         """A peer id unique in this process, e.g. ``tcp-7``."""
@@ -156,46 +117,82 @@ class Bus:
         return f"{prefix}-{next(counter)}"
 
     def peers(self, channel: str | None = None) -> list[IPeer]:
-        """The attached peers, of one channel or all."""
-        names = [channel] if channel is not None else list(self._channels)
-        return [
-            peer
-            for name in names
-            for group in self._channels.get(name, {}).values()
-            for peer in group.members
-        ]
+        """The attached peers: all, or those subscribed to exactly ``channel``."""
+        if channel is None:
+            return list(self._entries)
+        return self.routes.members(channel)
 
     def attach(self, peer: IPeer) -> int:
-        """Add ``peer`` to its channel; returns the number of peers attached."""
-        groups = self._channels.setdefault(peer.channel, {})
-        group = groups.get(peer.framer)
-        if group is None:
-            group = groups[peer.framer] = _Group(peer.framer)
-        if peer not in group.members:
-            group.members[peer] = None
-            group.snapshot = None
-            self._peer_count += 1
-            self._entries[peer] = _Entry(group, self.clock.seconds() if self.clock else 0.0)
-            self._announce("join", peer)
-        return self._peer_count
+        """Add ``peer``, subscribed to its channel; returns the number of peers attached."""
+        if peer not in self._entries:
+            self._entries[peer] = Entry(self.clock.seconds() if self.clock else 0.0)
+            self._subscribe(peer, peer.channel)
+        return len(self._entries)
 
     def detach(self, peer: IPeer) -> None:
-        """Remove ``peer``; harmless when it is not attached."""
-        groups = self._channels.get(peer.channel)
-        if groups is None:
+        """Remove ``peer`` and its subscriptions; harmless when it is not attached."""
+        entry = self._entries.get(peer)
+        if entry is None:
             return
-        group = groups.get(peer.framer)
-        if group is None or peer not in group.members:
-            return
-        del group.members[peer]
-        group.snapshot = None
-        self._peer_count -= 1
-        self._retire(peer)
-        if not group.members:
-            del groups[peer.framer]
-            if not groups:
-                del self._channels[peer.channel]
-        self._announce("leave", peer)
+        keys = entry.subscriptions()
+        for key in keys:
+            group = self.routes.remove(key, peer)
+            if group is not None:
+                entry.remove(group)
+        del self._entries[peer]
+        self._retire(peer, entry)
+        for key in keys:
+            self._announce("leave", peer, key)
+
+    def subscribe(self, peer: IPeer, pattern: str) -> bool:
+        """Subscribe an attached ``peer`` to a name or pattern; False if it already was.
+
+        Raises ``SubscriptionError``: ``bad_channel``, ``too_many_subscriptions``
+        (``max_subscriptions``), ``too_many_channels`` (``max_channels``).
+        """
+        entry = self._entries.get(peer)
+        if entry is None:
+            raise SubscriptionError("bad_request", "not attached")
+        if not is_pattern(pattern):
+            raise SubscriptionError("bad_channel", f"not a channel name or pattern: {pattern!r}")
+        if entry.has(pattern):
+            return False
+        if entry.count() >= self.max_subscriptions:
+            raise SubscriptionError(
+                "too_many_subscriptions", f"at most {self.max_subscriptions} per peer"
+            )
+        if self.routes.keys >= self.max_channels and not self.routes.members(pattern):
+            raise SubscriptionError(
+                "too_many_channels", f"the gateway has {self.max_channels} channels in use"
+            )
+        self._subscribe(peer, pattern, entry)
+        return True
+
+    def _subscribe(self, peer: IPeer, pattern: str, entry: Entry | None = None) -> None:
+        group = self.routes.add(pattern, peer)
+        if group is not None:
+            (entry or self._entries[peer]).add(group)
+            self._announce("join", peer, pattern)
+
+    def unsubscribe(self, peer: IPeer, pattern: str) -> None:
+        """End a subscription; raises ``SubscriptionError("not_subscribed", ...)`` without one."""
+        entry = self._entries.get(peer)
+        group = self.routes.remove(pattern, peer) if entry is not None else None
+        if entry is None or group is None:
+            raise SubscriptionError("not_subscribed", f"not subscribed to {pattern!r}")
+        entry.remove(group)
+        self._announce("leave", peer, pattern)
+
+    def subscription_count(self) -> int:
+        """Subscriptions of all attached peers (counted when asked)."""
+        return sum(entry.count() for entry in self._entries.values())
+
+    def subscriptions(self, peer: IPeer) -> list[str]:
+        """The names and patterns ``peer`` is subscribed to, its channel first."""
+        entry = self._entries.get(peer)
+        return entry.subscriptions() if entry is not None else []
+
+    # Publishing
 
     def publish(self, sender: IPeer, batch: Batch) -> int:
         """Deliver ``batch`` from a local peer; returns local receivers reached.
@@ -251,31 +248,29 @@ class Bus:
 
     def _fan_out(self, batch: Batch, skip: IPeer | None) -> int:
         self.history.record(batch)
-        groups = self._channels.get(batch.channel)
-        if not groups:
+        parts = self.routes.parts(batch.channel)
+        if not parts:
             return 0
         reached = 0
         count = len(batch.payloads)
         size = -1
-        for group in tuple(groups.values()):
-            receivers = group.snapshot
-            if receivers is None:
-                receivers = group.snapshot = tuple(group.members)
+        for part in parts:
+            receivers = part.receivers
             if len(receivers) == 1 and receivers[0] is skip:
                 continue
-            wire = group.framer.frame(batch)
+            wire = part.framer.frame(batch)
             if wire is None:
                 continue
             if size < 0:
                 size = batch.byte_count()
-            group.messages += count
-            group.bytes += size
+            for group in part.groups:
+                group.messages += count
+                group.bytes += size
+            for peer in part.duplicates:
+                self._skipped(peer, count, size)
             for peer in receivers:
                 if peer is skip:
-                    entry = self._entries.get(peer)
-                    if entry is not None:
-                        entry.skipped_messages += count
-                        entry.skipped_bytes += size
+                    self._skipped(peer, count, size)
                     continue
                 try:
                     peer.deliver(wire)
@@ -283,26 +278,33 @@ class Bus:
                     self._receiver_failed(peer)
                 else:
                     reached += 1
-        self.metrics.messages_delivered += reached * len(batch.payloads)
+        self.metrics.messages_delivered += reached * count
         return reached
 
-    def replay_history(self, peer: IPeer) -> int:
-        """Send ``peer`` its channel's remembered messages, oldest first; returns how many."""
+    def _skipped(self, peer: IPeer, count: int, size: int) -> None:
+        """A group counted a batch that ``peer`` did not get through it."""
+        entry = self._entries.get(peer)
+        if entry is not None:
+            entry.skipped_messages += count
+            entry.skipped_bytes += size
+
+    def replay_history(self, peer: IPeer, channel: str | None = None) -> int:
+        """Send ``peer`` the remembered messages of ``channel`` (default: its own), oldest
+        first; returns how many."""
         framer = peer.framer
         replayed = 0
-        for batch in self.history.replay(peer.channel):
+        for batch in self.history.replay(channel if channel is not None else peer.channel):
             wire = framer.frame(batch)
             if wire is not None:
                 peer.deliver(wire)
                 replayed += 1
         return replayed
 
-    def _retire(self, peer: IPeer) -> None:
+    # Counting
+
+    def _retire(self, peer: IPeer, entry: Entry) -> None:
         """Fold a leaving peer's counts into the per-listener totals."""
-        entry = self._entries.pop(peer, None)
-        if entry is None:
-            return
-        messages, size = self._out(peer, entry)
+        messages, size = entry.out(peer)
         key = (peer.origin.listener, peer.origin.transport)
         self.metrics.retired_messages_out[key] += messages
         self.metrics.retired_bytes_out[key] += size
@@ -312,22 +314,11 @@ class Bus:
         messages = Counter(self.metrics.retired_messages_out)
         size = Counter(self.metrics.retired_bytes_out)
         for peer, entry in self._entries.items():
-            out_messages, out_bytes = self._out(peer, entry)
+            out_messages, out_bytes = entry.out(peer)
             key = (peer.origin.listener, peer.origin.transport)
             messages[key] += out_messages
             size[key] += out_bytes
         return messages, size
-
-    @staticmethod
-    def _out(peer: IPeer, entry: _Entry) -> tuple[int, int]:
-        """Messages and payload bytes handed to ``peer`` since it joined."""
-        return (
-            entry.group.messages
-            - entry.base_messages
-            - entry.skipped_messages
-            - peer.dropped_messages,
-            entry.group.bytes - entry.base_bytes - entry.skipped_bytes,
-        )
 
     def attached(self, offset: int = 0, limit: int | None = None) -> list[IPeer]:
         """Attached peers in the order they joined (a page of them)."""
@@ -339,13 +330,14 @@ class Bus:
         entry = self._entries.get(peer)
         if entry is None:
             return None
-        messages_out, bytes_out = self._out(peer, entry)
+        messages_out, bytes_out = entry.out(peer)
         origin = peer.origin
         return {
             "id": origin.peer_id,
             "listener": origin.listener,
             "transport": origin.transport,
             "channel": peer.channel,
+            "subscriptions": entry.subscriptions(),
             "address": peer.address,
             "connected_since": entry.since,
             "messages_in": entry.messages_in,

@@ -111,6 +111,17 @@ class GatewayCollector(Collector):
         remote.add_metric([], metrics.remote_messages_received)
         yield remote
 
+        channels = GaugeMetricFamily(
+            "gateway_channels", "Channel names and patterns with at least one subscriber"
+        )
+        channels.add_metric([], bus.routes.keys)
+        yield channels
+        subscriptions = GaugeMetricFamily(
+            "gateway_subscriptions", "Subscriptions of attached peers (their own channel included)"
+        )
+        subscriptions.add_metric([], bus.subscription_count())
+        yield subscriptions
+
         udp = GaugeMetricFamily("gateway_udp_peers", "UDP peers, by listener", labels=["listener"])
         for listener, count in sorted(gateway.udp_peer_counts().items()):
             udp.add_metric([listener], count)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from zope.interface import implementer
 
 from gateway.core.bus import Bus
+from gateway.core.channels import is_name
 from gateway.core.interfaces import IFramer, IPeer
 from gateway.core.message import Batch, Kind, Origin
 
@@ -80,13 +81,26 @@ class AppPeer:
         self.closed: str | None = None
         bus.attach(self)
 
-    def publish(self, *messages: bytes | str) -> int:
-        """Send ``messages`` (str is sent as UTF-8 text) as one batch; returns receivers reached."""
+    def publish(self, *messages: bytes | str, channel: str | None = None) -> int:
+        """Send ``messages`` (str is sent as UTF-8 text) as one batch to ``channel``
+        (default: the peer's own); returns the receivers reached."""
         if self.closed is not None:
             raise RuntimeError(f"{self.origin.peer_id} is closed ({self.closed})")
+        target = self.channel if channel is None else channel
+        if not is_name(target):
+            raise ValueError(f"not a channel name one can publish to: {target!r}")
         payloads = [m.encode("utf-8") if isinstance(m, str) else m for m in messages]
         kinds = [Kind.TEXT if isinstance(m, str) else Kind.of(m) for m in messages]
-        return self.bus.publish(self, Batch(self.origin, self.channel, payloads, kinds))
+        return self.bus.publish(self, Batch(self.origin, target, payloads, kinds))
+
+    def subscribe(self, pattern: str) -> bool:
+        """Also receive the channels ``pattern`` names (``room.42``, ``room.*``,
+        ``sensors.>``); False if already subscribed. Raises ``SubscriptionError``."""
+        return self.bus.subscribe(self, pattern)
+
+    def unsubscribe(self, pattern: str) -> None:
+        """End a subscription. Raises ``SubscriptionError`` (``not_subscribed``)."""
+        self.bus.unsubscribe(self, pattern)
 
     def deliver(self, wire: Batch) -> None:
         if self.on_message is None:
