@@ -27,8 +27,9 @@ from gateway.core.interfaces import IFramer, IPeer
 from gateway.core.message import Batch, Kind, Origin
 from gateway.flow.backlog import Backlog
 from gateway.testing import MemoryGateway, StreamConnection, WebSocketClient
+from gateway.transports.envelopes import RequestError, parse_request
 from gateway.transports.lifecycle import ListenerRuntime
-from gateway.transports.websocket.envelope import JSON_FRAMER, JSON_SUBPROTOCOL, parse_envelope
+from gateway.transports.websocket.envelope import JSON_FRAMER, JSON_SUBPROTOCOL
 from gateway.transports.websocket.frames import (
     RAW_FRAMER,
     count_frames,
@@ -479,12 +480,12 @@ def test_json_clients_hear_joins_and_leaves():
     b.client.sendClose(1000)
     gw.flush()
     assert a.client.events() == [
-        {"type": "join", "peer": "web-2", "transport": "ws", "count": 2},
-        {"type": "join", "peer": "web-3", "transport": "ws", "count": 3},
-        {"type": "join", "peer": "tcp-1", "transport": "tcp", "count": 4},
-        {"type": "leave", "peer": "tcp-1", "transport": "tcp", "count": 3},
-        {"type": "leave", "peer": "web-3", "transport": "ws", "count": 2},
-        {"type": "leave", "peer": "web-2", "transport": "ws", "count": 1},
+        {"type": "join", "peer": "web-2", "transport": "ws", "channel": "main", "count": 2},
+        {"type": "join", "peer": "web-3", "transport": "ws", "channel": "main", "count": 3},
+        {"type": "join", "peer": "tcp-1", "transport": "tcp", "channel": "main", "count": 4},
+        {"type": "leave", "peer": "tcp-1", "transport": "tcp", "channel": "main", "count": 3},
+        {"type": "leave", "peer": "web-3", "transport": "ws", "channel": "main", "count": 2},
+        {"type": "leave", "peer": "web-2", "transport": "ws", "channel": "main", "count": 1},
     ]
     assert raw.client.messages == []
 
@@ -524,23 +525,47 @@ def test_json_clients_send_envelopes_or_raw_frames():
     ws.send_json({"type": "other", "text": "x"})
     ws.send(b"not json")
     ws.send(b"\x01\x02", binary=True)
-    ws.send_json({"type": "message", "base64": "not base64!"})
+    ws.send_json({"type": "message", "base64": "not base64!", "id": "q1"})
+    assert ws.client.events()[-1] == {
+        "type": "error",
+        "code": "bad_request",
+        "reason": '"base64" is not valid base64',
+        "id": "q1",
+    }  # an invalid request is answered, not relayed
     assert tcp.payloads() == [
         (b"from envelope", Kind.TEXT),
         (b"\x00\x01\xff", Kind.BINARY),
         (b'{"type": "other", "text": "x"}', Kind.TEXT),
         (b"not json", Kind.TEXT),
         (b"\x01\x02", Kind.BINARY),
-        (b'{"type": "message", "base64": "not base64!"}', Kind.TEXT),
     ]
 
 
-def test_parse_envelope():
-    assert parse_envelope(b' {"type":"message","text":"a"}') == (b"a", Kind.TEXT)
-    assert parse_envelope(b'{"type":"message","text":"\\ud800"}') is None
-    assert parse_envelope(b"[1]") is None
-    assert parse_envelope(b"{" * 100000) is None
-    assert parse_envelope(b'{"type":"message"}') is None
+def test_parse_request():
+    request = parse_request(b' {"type":"message","text":"a"}')
+    assert request is not None
+    assert (request.payload, request.kind, request.channel) == (b"a", Kind.TEXT, None)
+    binary = parse_request(b'{"type":"message","base64":"AP8=","channel":"room.1","id":7}')
+    assert binary is not None
+    assert (binary.payload, binary.kind, binary.channel) == (b"\x00\xff", Kind.BINARY, "room.1")
+    assert binary.answer(type="x") == {"type": "x", "id": 7}
+    # Not requests: relayed as the text they are.
+    assert parse_request(b"[1]") is None
+    assert parse_request(b"{" * 100000) is None
+    assert parse_request(b'{"type":"chat","text":"a"}') is None
+    # Requests of a known type that are invalid: an error event, with the code.
+    for data, code in [
+        (b'{"type":"message","text":"\\ud800"}', "bad_request"),
+        (b'{"type":"message"}', "bad_request"),
+        (b'{"type":"message","base64":"***"}', "bad_request"),
+        (b'{"type":"message","text":"a","channel":"room.*"}', "bad_channel"),
+        (b'{"type":"subscribe"}', "bad_channel"),
+        (b'{"type":"subscribe","channel":5}', "bad_channel"),
+        (b'{"type":"unsubscribe","channel":"a","id":[1]}', "bad_request"),
+    ]:
+        with pytest.raises(RequestError) as error:
+            parse_request(data)
+        assert error.value.event["code"] == code, data
 
 
 @given(st.lists(st.binary(max_size=300), min_size=1, max_size=5))

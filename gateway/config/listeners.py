@@ -71,13 +71,18 @@ class TcpListenerConfig(StreamListenerConfig):
     """``type = "tcp"``: newline-terminated lines."""
 
     type: ClassVar[str] = "tcp"
-    KEYS: ClassVar[tuple[str, ...]] = (*StreamListenerConfig.KEYS, "quit_command")
+    KEYS: ClassVar[tuple[str, ...]] = (*StreamListenerConfig.KEYS, "quit_command", "format")
 
     quit_command: str = ""
+    format: str = "raw"  # or "json": one JSON envelope per line, both ways
 
     @classmethod
     def read(cls, table: Table, base: Path) -> dict[str, Any]:
-        return {**super().read(table, base), "quit_command": table.string("quit_command", "")}
+        return {
+            **super().read(table, base),
+            "quit_command": table.string("quit_command", ""),
+            "format": _format(table),
+        }
 
 
 _TLS_KEYS = ("cert", "key", "client_ca", "min_tls", "generate_dev_cert")
@@ -149,16 +154,19 @@ class UdpListenerConfig(ListenerConfig):
         "max_peers",
         "allow",
         "challenge",
+        "format",
     )
 
     peer_timeout: float = 60.0
     max_peers: int = 1024
     allow: tuple[IPv4Network | IPv6Network, ...] = tuple(ip_network(n) for n in LOOPBACK_ONLY)
     challenge: bool = False
+    format: str = "raw"  # or "json": one JSON envelope per datagram, both ways
 
     @classmethod
     def read(cls, table: Table, base: Path) -> dict[str, Any]:
         return {
+            "format": _format(table),
             "peer_timeout": table.number("peer_timeout", 60.0, 0.1, 86400.0),
             "max_peers": table.integer("max_peers", 1024, 1, 1_000_000),
             "allow": table.networks("allow", LOOPBACK_ONLY),
@@ -197,6 +205,16 @@ def parse_listener(table: Table, base: Path) -> ListenerConfig:
     if endpoint is not None:
         common["endpoint"] = endpoint
     return cls(**common, **cls.read(table, base))
+
+
+FORMATS = ("raw", "json")
+
+
+def _format(table: Table) -> str:
+    value = table.string("format", "raw")
+    if value not in FORMATS:
+        raise table.error("format", f'expected "raw" or "json", got {show(value)}')
+    return value
 
 
 def _channel(table: Table) -> str:

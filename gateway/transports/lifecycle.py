@@ -13,7 +13,7 @@ and leave through it too.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -23,9 +23,10 @@ from gateway.config.listeners import ListenerConfig
 from gateway.config.settings import Limits
 from gateway.core.bus import Bus
 from gateway.core.interfaces import IFramer, IPeer
-from gateway.core.message import Origin
+from gateway.core.message import Batch, Kind, Origin
 from gateway.flow.connection import ConnectionFlow, Governor
 from gateway.transports.address import describe
+from gateway.transports.sessions import JsonSession, PresenceRelays, Publish
 
 CONNECTION_LIMIT = "connection limit"
 """The close reason of a connection refused by the caps (never joined, never logged)."""
@@ -39,6 +40,11 @@ class GatewayContext:
     governor: Governor
     clock: IReactorTime
     gateway_name: str
+    relays: PresenceRelays = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.relays is None:  # one per gateway: JSON clients of every listener
+            object.__setattr__(self, "relays", PresenceRelays(self.bus))
 
 
 class Closeable(Protocol):
@@ -143,6 +149,8 @@ class StreamPeer:
         self._closing = False
         self._close_reason: str | None = None
         self._deadline: IDelayedCall | None = None
+        # JSON clients only: their requests and presence (``gateway.transports.sessions``).
+        self._session: JsonSession | None = None
 
     # What the bus reads (IPeer)
 
@@ -212,7 +220,31 @@ class StreamPeer:
         return count
 
     def _greet(self, count: int) -> None:
-        """Send the welcome of a peer that just joined (framing is the transport's)."""
+        """The welcome of a peer that just joined: JSON clients' ``welcome`` event, or
+        the listener's ``welcome`` text, framed as a message for the peer's transport."""
+        if self._session is not None:
+            self._session.welcome(count)
+            return
+        text = self.runtime.welcome_text(count, self.origin.peer_id)
+        if text is not None:
+            batch = Batch(self.origin, self.channel, (text,), (Kind.TEXT,))
+            self.deliver(self.framer.frame(batch))
+
+    # JSON clients
+
+    def _speak_json(self, framer: IFramer) -> None:
+        """From now on the client gets JSON events (``framer``) and may send requests."""
+        self.framer = framer
+        self._session = JsonSession(self, self.bus, self.runtime.context.relays)  # type: ignore[arg-type]
+
+    def _request(self, data: bytes) -> Publish | None:
+        """What a JSON client sent: answered here (None), or what to publish."""
+        assert self._session is not None
+        return self._session.handle(data)
+
+    def _stop_events(self) -> None:
+        if self._session is not None:
+            self._session.stop()
 
     # Deliver
 
@@ -233,6 +265,7 @@ class StreamPeer:
         self._closing = True
         if self._close_reason is None:
             self._close_reason = reason
+        self._stop_events()
         self.bus.detach(self)  # type: ignore[arg-type]
 
     def _cut_later(self) -> None:
@@ -265,6 +298,7 @@ class StreamPeer:
     def _release(self) -> None:
         """Give back what the connection held: the bus, its flow control, its place."""
         self._disarm_deadline()
+        self._stop_events()
         self.bus.detach(self)  # type: ignore[arg-type]
         if self.flow is not None:
             self.flow.stop()

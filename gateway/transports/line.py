@@ -18,8 +18,9 @@ from zope.interface import implementer
 from gateway.config.listeners import TcpListenerConfig
 from gateway.config.settings import Limits
 from gateway.core.interfaces import IFramer, IPeer
-from gateway.core.message import Batch
+from gateway.core.message import Batch, Kind
 from gateway.tls.server import peer_subject
+from gateway.transports.envelopes import event, message_envelopes
 from gateway.transports.lifecycle import GatewayContext, ListenerRuntime, StreamPeer
 from gateway.transports.listening import ListenerService
 
@@ -42,6 +43,25 @@ class LineFramer:
 LINE_FRAMER = LineFramer()
 
 
+@implementer(IFramer)
+class JsonLineFramer:
+    """Each message as a JSON envelope on a line of its own (``format = "json"``)."""
+
+    name = "line-json"
+
+    def frame(self, batch: Batch) -> bytes:
+        return b"".join(envelope + b"\n" for envelope in message_envelopes(batch))
+
+    def count(self, wire: bytes) -> int:
+        return wire.count(b"\n")
+
+    def event(self, fields: dict[str, Any]) -> bytes:
+        return event(fields) + b"\n"
+
+
+JSON_LINE_FRAMER = JsonLineFramer()
+
+
 @implementer(IPeer, IHandshakeListener)
 class LineProtocol(StreamPeer, Protocol):
     """One stream peer: splits its bytes into lines and relays them as batches."""
@@ -56,6 +76,12 @@ class LineProtocol(StreamPeer, Protocol):
         self.max_message_bytes = runtime.limits.max_message_bytes
         self.quit_command = config.quit_command.encode("utf-8") if config.quit_command else None
         self._buffer = b""
+        self._json = config.format == "json"
+        # The channel and binary-ness of the run of JSON messages being gathered.
+        self._run_channel = self.channel
+        self._run_binary = False
+        if self._json:
+            self._speak_json(JSON_LINE_FRAMER)
 
     # Connection lifecycle
 
@@ -78,11 +104,6 @@ class LineProtocol(StreamPeer, Protocol):
         """IHandshakeListener: the TLS handshake is done; now the peer joins."""
         if not self._closing:
             self._join(peer_subject(self.transport))
-
-    def _greet(self, count: int) -> None:
-        text = self.runtime.welcome_text(count, self.origin.peer_id)
-        if text is not None:
-            self.deliver(text + b"\n")
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         if reason.check(ConnectionDone):
@@ -111,7 +132,8 @@ class LineProtocol(StreamPeer, Protocol):
         lines.pop()  # the empty piece after the last newline
         flow.received(len(lines))
         if (
-            max(map(len, lines)) <= self.max_message_bytes
+            not self._json
+            and max(map(len, lines)) <= self.max_message_bytes
             and chunk.find(b"\r") < 0
             and b"" not in lines
             and (self.quit_command is None or self.quit_command not in lines)
@@ -138,9 +160,26 @@ class LineProtocol(StreamPeer, Protocol):
                 self._publish(payloads, None)
                 self.close("quit command")
                 return False
-            payloads.append(line)
+            if self._json:
+                payloads = self._request_line(line, payloads)
+            else:
+                payloads.append(line)
         self._publish(payloads, None)
         return True
+
+    def _request_line(self, line: bytes, payloads: list[bytes]) -> list[bytes]:
+        """A JSON client's line: answered, or added to the run of what to publish."""
+        request = self._request(line)
+        if request is None:
+            return payloads
+        channel, payload, kind = request
+        if channel != self._run_channel or kind is Kind.BINARY or self._run_binary:
+            self._publish(payloads, None)
+            payloads = []
+            self._run_channel = channel
+        self._run_binary = kind is Kind.BINARY
+        payloads.append(payload)
+        return payloads
 
     def _keep_partial(self, rest: bytes) -> None:
         # One byte over the limit is allowed for the '\r' of a '\r\n' ending.
@@ -151,8 +190,14 @@ class LineProtocol(StreamPeer, Protocol):
             self._buffer = rest
 
     def _publish(self, payloads: list[bytes], lines: bytes | None) -> None:
-        if payloads:
+        if not payloads:
+            return
+        if not self._json:
             self.bus.publish(self, Batch(self.origin, self.channel, payloads, None, lines))
+            return
+        # A run of one JSON client's messages to one channel (binary ones alone).
+        kinds = (Kind.BINARY,) if self._run_binary else None
+        self.bus.publish(self, Batch(self.origin, self._run_channel, payloads, kinds))
 
     def _too_long(self, size: int) -> None:
         limit = self.max_message_bytes

@@ -50,8 +50,10 @@ from gateway.transports.datagram.wire import (
     is_control,
     parse_control,
 )
+from gateway.transports.envelopes import event, message_envelopes
 from gateway.transports.lifecycle import GatewayContext, ListenerRuntime
 from gateway.transports.listening import ListenerService, listen_shared_datagram
+from gateway.transports.sessions import JsonSession
 
 Address = tuple[str, int]
 Datagrams = tuple[list[bytes], int, int]
@@ -96,11 +98,37 @@ class DatagramFramer:
 DATAGRAM_FRAMER = DatagramFramer()
 
 
+def _fitting(datagrams: list[bytes]) -> Datagrams:
+    fitting = [d for d in datagrams if len(d) <= MAX_UDP_PAYLOAD]
+    return fitting, len(datagrams) - len(fitting), 0
+
+
+@implementer(IFramer)
+class JsonDatagramFramer:
+    """Each message as a JSON envelope in a datagram of its own (``format = "json"``)."""
+
+    name = "datagram-json"
+
+    def frame(self, batch: Batch) -> Datagrams:
+        return _fitting([envelope + b"\n" for envelope in message_envelopes(batch)])
+
+    def count(self, wire: Datagrams) -> int:
+        return len(wire[0])
+
+    def event(self, fields: dict[str, Any]) -> Datagrams:
+        return _fitting([event(fields) + b"\n"])
+
+
+JSON_DATAGRAM_FRAMER = JsonDatagramFramer()
+WELCOME_PEERS = 20
+"""A JSON welcome over UDP lists at most this many peers: it must fit one datagram."""
+
+
 @implementer(IPeer)
 class DatagramPeer:
     """A source address that has sent to a UDP listener recently."""
 
-    framer = DATAGRAM_FRAMER
+    framer: IFramer = DATAGRAM_FRAMER
     subject = None
     pending_bytes = 0  # every datagram goes out at once, or is dropped
     dropped_messages = 0
@@ -116,6 +144,13 @@ class DatagramPeer:
         self.expiry: IDelayedCall | None = None
         rate = server.max_messages_per_second
         self.bucket = TokenBucket(rate, server.runtime.clock) if rate > 0 else None
+        # JSON clients (``format = "json"``): their requests and presence.
+        self.session: JsonSession | None = None
+        if server.config.format == "json":
+            self.framer = JSON_DATAGRAM_FRAMER
+            self.session = JsonSession(
+                self, server.bus, server.runtime.context.relays, WELCOME_PEERS
+            )
 
     def deliver(self, wire: Datagrams) -> None:
         datagrams, too_large, reserved = wire
@@ -209,7 +244,14 @@ class DatagramServer(DatagramProtocol):
                 rate=self.max_messages_per_second,
             )
             return
-        self.bus.publish(peer, Batch(peer.origin, peer.channel, [datagram]))
+        if peer.session is None:
+            self.bus.publish(peer, Batch(peer.origin, peer.channel, [datagram]))
+            return
+        request = peer.session.handle(datagram)
+        if request is not None:
+            channel, payload, kind = request
+            kinds = None if kind is None else (kind,)
+            self.bus.publish(peer, Batch(peer.origin, channel, [payload], kinds))
 
     def _from_stranger(self, datagram: bytes, received: int, address: Address) -> None:
         """A datagram from a source that is not a peer (yet)."""
@@ -296,7 +338,9 @@ class DatagramServer(DatagramProtocol):
         peer = DatagramPeer(self, address)
         peer.expiry = self.clock.callLater(self.config.peer_timeout, self.forget, peer, "timed out")
         self.peers[address] = peer
-        self.runtime.attach(peer, verb="joined")
+        count = self.runtime.attach(peer, verb="joined")
+        if peer.session is not None:
+            peer.session.welcome(count)
         self.bus.replay_history(peer)
         return peer
 
@@ -307,6 +351,8 @@ class DatagramServer(DatagramProtocol):
         del self.peers[peer.remote]
         if peer.expiry is not None and peer.expiry.active():
             peer.expiry.cancel()
+        if peer.session is not None:
+            peer.session.stop()
         self.bus.detach(peer)
         self.runtime.gone(peer.origin.peer_id, reason, verb="left")
 

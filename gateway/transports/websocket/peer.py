@@ -12,6 +12,7 @@ those same bytes in one ``transport.write``.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
@@ -20,27 +21,22 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from gateway.config.listeners import WsListenerConfig
+from gateway.core.channels import is_name
 from gateway.core.interfaces import IFramer, IPeer
 from gateway.core.message import Batch, Kind
 from gateway.transports.lifecycle import ListenerRuntime, StreamPeer
 from gateway.transports.websocket.envelope import (
     JSON_FRAMER,
     JSON_SUBPROTOCOL,
-    MAX_WELCOME_PEERS,
-    json_event,
-    parse_envelope,
 )
 from gateway.transports.websocket.frames import (
     CLOSE_GOING_AWAY,
     CLOSE_INVALID_PAYLOAD,
     CLOSE_MESSAGE_TOO_BIG,
     CLOSE_POLICY_VIOLATION,
-    OPCODE_TEXT,
     RAW_FRAMER,
-    frame_message,
 )
 from gateway.transports.websocket.origins import OriginPolicy
-from gateway.transports.websocket.presence import PresenceRelay
 from gateway.transports.websocket.timers import ClockTimer
 
 _TEXT_ONLY = (Kind.TEXT,)
@@ -77,7 +73,7 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
         A gentle drop (``abort=False``) waits for the client to close its side;
         over TLS that wait has no end of its own, so it gets a deadline.
         """
-        self.factory.presence.discard(self)
+        self._stop_events()
         self.bus.detach(self)
         if not abort:
             self._cut_later()
@@ -101,11 +97,23 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
             )
             self.bus.metrics.disconnect("origin_refused")
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
+        self._start_channel(request.path)
         if JSON_SUBPROTOCOL in request.protocols:
             self._json = True
-            self.framer = JSON_FRAMER
+            self._speak_json(JSON_FRAMER)
             return JSON_SUBPROTOCOL
         return None
+
+    def _start_channel(self, path: str) -> None:
+        """``/ws/room.42`` starts the client on ``room.42`` instead of the listener's channel."""
+        base = self.factory.path
+        if base is None or path == base:
+            return
+        name = unquote(path[len(base) + 1 :]) if path.startswith(base + "/") else ""
+        if not is_name(name):
+            self.bus.metrics.disconnect("bad_channel")
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "not a channel name")
+        self.channel = name
 
     def onOpen(self) -> None:
         transport: Any = self.transport
@@ -114,33 +122,8 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
         transport.unregisterProducer()
         self._join(extra=", json" if self._json else "")
 
-    def _greet(self, count: int) -> None:
-        if self._json:
-            self.deliver(self._welcome_event(count))
-            self.factory.presence.add(self)
-            return
-        text = self.runtime.welcome_text(count, self.origin.peer_id)
-        if text is not None:
-            self.deliver(frame_message(text, OPCODE_TEXT))
-
-    def _welcome_event(self, count: int) -> bytes:
-        peers = self.bus.peers(self.channel)
-        return json_event(
-            {
-                "type": "welcome",
-                "peer": self.origin.peer_id,
-                "count": count,
-                "channel": self.channel,
-                "peers": [
-                    {"peer": peer.origin.peer_id, "transport": peer.origin.transport}
-                    for peer in peers[:MAX_WELCOME_PEERS]
-                ],
-                "channel_count": len(peers),
-            }
-        )
-
     def onClose(self, was_clean: bool, code: int | None, reason: str | None) -> None:
-        self.factory.presence.discard(self)
+        self._stop_events()
         self.bus.detach(self)
         if not self.origin.peer_id:
             return  # never opened; Autobahn logged why
@@ -173,12 +156,14 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
         if self.flow is not None:
             self.flow.received(1)
         kinds: tuple[Kind, ...] = _BINARY_ONLY if is_binary else _TEXT_ONLY
+        channel = self.channel
         if self._json and not is_binary:
-            envelope = parse_envelope(payload)
-            if envelope is not None:
-                payload, kind = envelope
-                kinds = _BINARY_ONLY if kind is Kind.BINARY else _TEXT_ONLY
-        self.bus.publish(self, Batch(self.origin, self.channel, (payload,), kinds))
+            request = self._request(payload)
+            if request is None:
+                return  # answered
+            channel, payload, kind = request
+            kinds = _BINARY_ONLY if kind is Kind.BINARY else _TEXT_ONLY
+        self.bus.publish(self, Batch(self.origin, channel, (payload,), kinds))
 
     # Outbound (IPeer)
 
@@ -189,10 +174,6 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
             return
         # Past the transport's own 64 KiB, what may wait is bounded by the backlog.
         self.flow.backlog.write(wire)  # type: ignore[union-attr]
-
-    def _leave(self, reason: str) -> None:
-        self.factory.presence.discard(self)
-        super()._leave(reason)
 
     def close(self, reason: str, code: int = CLOSE_GOING_AWAY) -> None:
         """Start the closing handshake with ``code`` and ``reason`` (1001 by default)."""
@@ -233,12 +214,15 @@ def _close_reason(reason: str) -> bytes:
 class WebSocketPeerFactory(WebSocketServerFactory):
     """Autobahn's factory for one listener, with the gateway's safe settings."""
 
-    def __init__(self, runtime: ListenerRuntime, counted: bool = False) -> None:
+    def __init__(
+        self, runtime: ListenerRuntime, counted: bool = False, path: str | None = None
+    ) -> None:
         super().__init__(server=None, reactor=runtime.clock)  # type: ignore[no-untyped-call]
         self.runtime = runtime
         # Whether the HTTP connections that upgrade were already counted against the caps.
         self.counted = counted
-        self.presence = PresenceRelay(runtime.bus, runtime.config.channel)
+        # Where the endpoint is mounted, when ``<path>/<channel>`` may name the starting channel.
+        self.path = path
         # Autobahn's only seam for a clock other than txaio's global reactor.
         self._batched_timer = ClockTimer(runtime.clock)
         self.configure()

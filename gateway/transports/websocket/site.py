@@ -162,7 +162,7 @@ class WebSocketSite(Site):
 
     def __init__(self, runtime: ListenerRuntime) -> None:
         self.runtime = runtime
-        self.peer_factory = WebSocketPeerFactory(runtime, counted=True)
+        self.peer_factory = WebSocketPeerFactory(runtime, counted=True, path=WEBSOCKET_PATH)
         root = _Root()  # type: ignore[no-untyped-call]
         for path, (name, content_type) in STATIC_FILES.items():
             root.putChild(path, StaticFile(_static(name), content_type))

@@ -1,0 +1,144 @@
+"""The JSON envelopes (``gateway.v1.json``), sans I/O, the same on every transport.
+
+Gateway → client: ``message`` events (one per message, naming sender and
+channel), ``welcome``, ``join``/``leave``, ``subscribed``/``unsubscribed`` and
+``error``. Client → gateway: ``subscribe``, ``unsubscribe`` and ``message``
+requests; anything else a JSON client sends is relayed as raw text, as before
+requests existed. Each transport wraps these bytes its own way: a WebSocket
+text frame, a line ending in ``\\n``, one datagram. See docs/protocol.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterator
+from typing import Any
+
+from gateway.core.channels import is_name
+from gateway.core.message import Batch, Kind
+
+REQUESTS = ("subscribe", "unsubscribe", "message")
+ERROR_CODES = {
+    "bad_request": "the request is malformed (wrong type of a field, a message without text or base64)",
+    "bad_channel": "the channel is missing, not a name (or pattern, to subscribe), or a pattern to publish to",
+    "too_many_subscriptions": "the peer has max_subscriptions subscriptions already",
+    "too_many_channels": "the gateway has max_channels names and patterns in use already",
+    "not_subscribed": "unsubscribing from what the peer is not subscribed to",
+}
+"""Every ``code`` an ``error`` event may carry, and when."""
+
+compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+"""JSON text of a value, without spaces, not escaping non-ASCII text."""
+
+
+def event(fields: dict[str, Any]) -> bytes:
+    """A gateway → client event as UTF-8 JSON bytes."""
+    return compact(fields).encode("utf-8")
+
+
+def message_envelopes(batch: Batch) -> Iterator[bytes]:
+    """One ``message`` event per message of ``batch``, as UTF-8 JSON bytes."""
+    origin = batch.origin
+    head = (
+        '{"type":"message","from":'
+        + compact(origin.peer_id)
+        + ',"transport":'
+        + compact(origin.transport)
+        + ',"listener":'
+        + compact(origin.listener)
+        + ',"channel":'
+        + compact(batch.channel)
+    )
+    if batch.history:
+        head += ',"history":true'
+    kinds = batch.kinds if batch.kinds is not None else (None,) * len(batch.payloads)
+    for payload, kind in zip(batch.payloads, kinds, strict=True):
+        yield (head + _payload_field(payload, kind) + "}").encode("utf-8")
+
+
+def _payload_field(payload: bytes, kind: Kind | None) -> str:
+    if kind is not Kind.BINARY:
+        try:
+            return ',"text":' + compact(payload.decode("utf-8"))
+        except UnicodeDecodeError:
+            pass
+    return ',"base64":"' + base64.b64encode(payload).decode("ascii") + '"'
+
+
+class Request:
+    """A client request: ``type`` is one of ``REQUESTS``."""
+
+    __slots__ = ("channel", "fields", "kind", "payload", "type")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+        self.type: str = fields["type"]
+        self.channel: str | None = None
+        self.payload = b""
+        self.kind = Kind.TEXT
+
+    def answer(self, **fields: Any) -> dict[str, Any]:
+        """An answer event, carrying the request's ``id`` when it had one."""
+        if "id" in self.fields:
+            fields["id"] = self.fields["id"]
+        return fields
+
+
+class RequestError(Exception):
+    """A request of a known type that is invalid: becomes an ``error`` event."""
+
+    def __init__(self, request: Request, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.event = request.answer(type="error", code=code, reason=reason)
+
+
+def parse_request(data: bytes) -> Request | None:
+    """The request ``data`` is, or None when it is no request (then it is relayed as it is).
+
+    Raises ``RequestError`` for a request of a known type that is invalid.
+    """
+    if data.lstrip(b" \t\r\n")[:1] != b"{":
+        return None
+    try:
+        fields = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(fields, dict) or fields.get("type") not in REQUESTS:
+        return None
+    request = Request(fields)
+    ident = fields.get("id")
+    if "id" in fields and (isinstance(ident, bool) or not isinstance(ident, str | int)):
+        del fields["id"]
+        raise RequestError(request, "bad_request", '"id" must be a string or an integer')
+    channel = fields.get("channel")
+    if channel is not None and not isinstance(channel, str):
+        raise RequestError(request, "bad_channel", '"channel" must be a string')
+    request.channel = channel
+    if request.type == "message":
+        _payload(request)
+        if channel is not None and not is_name(channel):
+            raise RequestError(request, "bad_channel", f"cannot publish to {channel!r}")
+    elif channel is None:
+        raise RequestError(request, "bad_channel", f'{request.type} needs a "channel"')
+    return request
+
+
+def _payload(request: Request) -> None:
+    text = request.fields.get("text")
+    if isinstance(text, str):
+        try:
+            request.payload = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate written as \\udXXX
+            raise RequestError(request, "bad_request", '"text" is not valid Unicode') from None
+        return
+    encoded = request.fields.get("base64")
+    if isinstance(encoded, str):
+        try:
+            request.payload = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(request, "bad_request", '"base64" is not valid base64') from None
+        request.kind = Kind.BINARY
+        return
+    raise RequestError(request, "bad_request", 'a message needs "text" or "base64"')

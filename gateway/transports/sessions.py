@@ -1,0 +1,181 @@
+"""JSON clients on any transport: their requests, and join/leave events for them.
+
+A ``JsonSession`` belongs to one JSON client (a WebSocket on ``gateway.v1.json``,
+a ``tcp``/``tls``/``udp`` peer of a ``format = "json"`` listener): it answers
+``subscribe``/``unsubscribe`` requests, turns ``message`` requests into what
+to publish, and keeps the client in the presence of every channel name it is
+subscribed to. ``PresenceRelays`` frames each join or leave once per kind of
+client. Each transport's JSON framer adds ``event(fields)``: the wire form of
+one event.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from twisted.logger import Logger
+
+from gateway.core.bus import Bus, SubscriptionError
+from gateway.core.channels import has_wildcard
+from gateway.core.interfaces import IFramer, IPeer
+from gateway.core.message import Kind
+from gateway.core.presence import RemotePeer
+from gateway.transports.envelopes import RequestError, parse_request
+
+MAX_WELCOME_PEERS = 1000
+"""At most this many entries in the ``peers`` list of a JSON welcome."""
+
+Publish = tuple[str, bytes, Kind | None]
+"""What a client sent to publish: (channel, payload, kind or None for untyped bytes)."""
+
+
+class EventFramer(Protocol):
+    """A JSON client's framer: batches as ``message`` events, and single events."""
+
+    def event(self, fields: dict[str, Any]) -> Any:
+        """The wire form of one event (``welcome``, ``join``, ``error``, ...)."""
+
+
+def _event(peer: IPeer, fields: dict[str, Any]) -> Any:
+    framer: Any = peer.framer
+    return framer.event(fields)
+
+
+class PresenceRelays:
+    """JSON clients by the channel names they are subscribed to; one bus watcher per name."""
+
+    log = Logger()
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self._clients: dict[str, dict[IPeer, None]] = {}
+        self._watchers: dict[str, Any] = {}
+        self._channels: dict[IPeer, list[str]] = {}
+
+    def add(self, client: IPeer, channel: str) -> None:
+        clients = self._clients.get(channel)
+        if clients is None:
+            clients = self._clients[channel] = {}
+            watcher = self._watchers[channel] = self._announcer(channel)
+            self.bus.watch_presence(channel, watcher)
+        if client not in clients:
+            clients[client] = None
+            self._channels.setdefault(client, []).append(channel)
+
+    def discard(self, client: IPeer, channel: str) -> None:
+        clients = self._clients.get(channel)
+        if clients is None or client not in clients:
+            return
+        del clients[client]
+        channels = self._channels[client]
+        channels.remove(channel)
+        if not channels:
+            del self._channels[client]
+        if not clients:
+            del self._clients[channel]
+            self.bus.unwatch_presence(channel, self._watchers.pop(channel))
+
+    def discard_all(self, client: IPeer) -> None:
+        for channel in list(self._channels.get(client, ())):
+            self.discard(client, channel)
+
+    def _announcer(self, channel: str) -> Any:
+        def announce(event: str, peer: IPeer | RemotePeer, count: int) -> None:
+            fields = {
+                "type": event,
+                "peer": peer.origin.peer_id,
+                "transport": peer.origin.transport,
+                "channel": channel,
+                "count": count,
+            }
+            wires: dict[IFramer, Any] = {}  # framed once per kind of client
+            for client in tuple(self._clients.get(channel, ())):
+                if client is peer:
+                    continue
+                wire = wires.get(client.framer)
+                if wire is None:
+                    wire = wires[client.framer] = _event(client, fields)
+                try:
+                    client.deliver(wire)
+                except Exception:
+                    self.log.failure("presence event to {peer} failed", peer=client.origin.peer_id)
+                    client.close("delivery failed")
+
+        return announce
+
+
+class JsonSession:
+    """The requests and presence of one JSON client."""
+
+    __slots__ = ("bus", "peer", "relays", "welcome_peers")
+
+    def __init__(
+        self,
+        peer: IPeer,
+        bus: Bus,
+        relays: PresenceRelays,
+        welcome_peers: int = MAX_WELCOME_PEERS,
+    ) -> None:
+        self.peer = peer
+        self.bus = bus
+        self.relays = relays
+        # How many peers the welcome lists at most (few over UDP: one datagram).
+        self.welcome_peers = welcome_peers
+
+    def welcome(self, count: int) -> None:
+        """Send the ``welcome`` event, and start hearing about the peer's channel."""
+        peer = self.peer
+        peers = self.bus.peers(peer.channel)
+        self._send(
+            {
+                "type": "welcome",
+                "peer": peer.origin.peer_id,
+                "count": count,
+                "channel": peer.channel,
+                "peers": [
+                    {"peer": other.origin.peer_id, "transport": other.origin.transport}
+                    for other in peers[: self.welcome_peers]
+                ],
+                "channel_count": len(peers),
+            }
+        )
+        self.relays.add(peer, peer.channel)
+
+    def stop(self) -> None:
+        """The client is going: no more events for it."""
+        self.relays.discard_all(self.peer)
+
+    def handle(self, data: bytes) -> Publish | None:
+        """A message from the client: a request answered here, or what to publish."""
+        try:
+            request = parse_request(data)
+        except RequestError as e:
+            self._send(e.event)
+            return None
+        peer = self.peer
+        if request is None:
+            return peer.channel, data, None
+        if request.type == "message":
+            return request.channel or peer.channel, request.payload, request.kind
+        channel = request.channel
+        assert channel is not None
+        try:
+            if request.type == "subscribe":
+                new = self.bus.subscribe(peer, channel)
+            else:
+                self.bus.unsubscribe(peer, channel)
+        except SubscriptionError as e:
+            self._send(request.answer(type="error", code=e.code, reason=e.reason))
+            return None
+        if request.type == "subscribe":
+            self._send(request.answer(type="subscribed", channel=channel))
+            if new and not has_wildcard(channel):
+                self.relays.add(peer, channel)
+                self.bus.replay_history(peer, channel)
+        else:
+            self.relays.discard(peer, channel)
+            self._send(request.answer(type="unsubscribed", channel=channel))
+        return None
+
+    def _send(self, fields: dict[str, Any]) -> None:
+        self.peer.deliver(_event(self.peer, fields))
