@@ -23,9 +23,11 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.cli.speech import Speech, Stdin, StdinLines
 from gateway.tls.client import client_options
 from gateway.tls.files import TlsFileError
 from gateway.transports.datagram import wire as udp
+from gateway.transports.websocket.envelope import JSON_SUBPROTOCOL
 
 SCHEMES = ("tcp", "tls", "udp", "ws", "wss")
 
@@ -53,48 +55,20 @@ def parse_url(url: str) -> tuple[str, str, int]:
     return parts.scheme, parts.hostname, port
 
 
-class _Stdin(Protocol):
-    """Standard input: hands data to ``on_data`` and end of input to ``on_end``."""
-
-    def __init__(self, on_data: Any, on_end: Any) -> None:
-        self.on_data = on_data
-        self.on_end = on_end
-
-    def dataReceived(self, data: bytes) -> None:
-        self.on_data(data)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        self.on_end()
-
-
-class _StdinLines(Protocol):
-    """Standard input as lines: ``on_line`` per line (the last one even without a newline)."""
-
-    def __init__(self, on_line: Any, on_end: Any) -> None:
-        self.on_line = on_line
-        self.on_end = on_end
-        self._partial = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        lines = (self._partial + data).split(b"\n")
-        self._partial = lines.pop()
-        for line in lines:
-            self.on_line(line)
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        if self._partial:
-            self.on_line(self._partial)
-            self._partial = b""
-        self.on_end()
-
-
 @implementer(IHandshakeListener)
 class _StreamClient(Protocol):
     """The network side of a TCP or TLS session: bytes in both directions, unchanged."""
 
     def __init__(
-        self, reactor: Any, out: BinaryIO, done: Deferred[int], secure: bool, hostname: str
+        self,
+        reactor: Any,
+        out: BinaryIO,
+        done: Deferred[int],
+        secure: bool,
+        hostname: str,
+        speech: Speech,
     ) -> None:
+        self.speech = speech
         self.reactor = reactor
         self.secure = secure
         self.hostname = hostname
@@ -112,7 +86,18 @@ class _StreamClient(Protocol):
     def _start_input(self) -> None:
         assert self.transport is not None
         transport = self.transport
-        StandardIO(_Stdin(transport.write, transport.loseConnection), reactor=self.reactor)
+        speech = self.speech
+        if not speech.json:
+            StandardIO(Stdin(transport.write, transport.loseConnection), reactor=self.reactor)
+            return
+        for request in speech.opening():
+            transport.write(request + b"\n")
+        StandardIO(
+            StdinLines(
+                lambda line: transport.write(speech.line(line) + b"\n"), transport.loseConnection
+            ),
+            reactor=self.reactor,
+        )
 
     def dataReceived(self, data: bytes) -> None:
         self.out.write(data)
@@ -153,7 +138,9 @@ class _StreamClientFactory(ClientFactory):
         where: str,
         hostname: str,
         secure: bool = False,
+        speech: Speech | None = None,
     ) -> None:
+        self.speech = speech if speech is not None else Speech()
         self.hostname = hostname
         self.reactor = reactor
         self.out = out
@@ -162,7 +149,9 @@ class _StreamClientFactory(ClientFactory):
         self.secure = secure
 
     def buildProtocol(self, addr: Any) -> _StreamClient:
-        return _StreamClient(self.reactor, self.out, self.done, self.secure, self.hostname)
+        return _StreamClient(
+            self.reactor, self.out, self.done, self.secure, self.hostname, self.speech
+        )
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         print(
@@ -194,7 +183,9 @@ class _DatagramClient(DatagramProtocol):
         out: BinaryIO,
         done: Deferred[int],
         keepalive: float,
+        speech: Speech | None = None,
     ) -> None:
+        self.speech = speech if speech is not None else Speech()
         self.reactor = reactor
         self.address = address
         self.out = out
@@ -214,7 +205,13 @@ class _DatagramClient(DatagramProtocol):
             self.keepalive.start(self.keepalive_interval, now=True)
         else:
             self._register()
-        StandardIO(_StdinLines(self._send_line, self._end), reactor=self.reactor)
+        for request in self.speech.opening():
+            self._send_line(request)
+        speech = self.speech
+        StandardIO(
+            StdinLines(lambda line: self._send_line(speech.line(line)), self._end),
+            reactor=self.reactor,
+        )
 
     def _register(self) -> None:
         # Registers us (or keeps us registered) and is never relayed; padded so a
@@ -286,13 +283,16 @@ class _WebSocketClient(WebSocketClientProtocol):
         self.session = session
 
     def onOpen(self) -> None:
-        StandardIO(_StdinLines(self._send_line, self._end), reactor=self.session.reactor)
+        for request in self.session.speech.opening():
+            self.sendMessage(request, isBinary=False)  # type: ignore[no-untyped-call]
+        StandardIO(StdinLines(self._send_line, self._end), reactor=self.session.reactor)
 
     def _send_line(self, line: bytes) -> None:
         if line.endswith(b"\r"):
             line = line[:-1]
         if not line:
             return
+        line = self.session.speech.line(line)
         try:
             line.decode("utf-8")
         except UnicodeDecodeError:
@@ -322,8 +322,12 @@ class _WebSocketClient(WebSocketClientProtocol):
 class _WebSocketSession(WebSocketClientFactory):
     noisy = False
 
-    def __init__(self, reactor: Any, url: str, out: BinaryIO, done: Deferred[int]) -> None:
-        super().__init__(url)  # type: ignore[no-untyped-call]
+    def __init__(
+        self, reactor: Any, url: str, out: BinaryIO, done: Deferred[int], speech: Speech
+    ) -> None:
+        protocols = [JSON_SUBPROTOCOL] if speech.json else None
+        super().__init__(url, protocols=protocols)  # type: ignore[no-untyped-call]
+        self.speech = speech
         self.reactor = reactor
         self.url = url
         self.out = out
@@ -353,8 +357,10 @@ async def run(
     ca: str | None = None,
     cert: str | None = None,
     key: str | None = None,
+    speech: Speech | None = None,
 ) -> int:
     """Run a client session to ``url``; returns the exit status."""
+    speech = speech if speech is not None else Speech()
     try:
         scheme, host, port = parse_url(url)
     except UsageError as e:
@@ -364,7 +370,10 @@ async def run(
     done: Deferred[int] = Deferred()
     if scheme == "tcp":
         reactor.connectTCP(
-            host, port, _StreamClientFactory(reactor, out, done, url, host), timeout=10
+            host,
+            port,
+            _StreamClientFactory(reactor, out, done, url, host, speech=speech),
+            timeout=10,
         )
     elif scheme == "tls":
         try:
@@ -377,10 +386,10 @@ async def run(
         except TlsFileError as e:
             print(f"gateway client: --{e.key}: {e.problem}", file=sys.stderr)
             return 2
-        factory = _StreamClientFactory(reactor, out, done, url, host, secure=True)
+        factory = _StreamClientFactory(reactor, out, done, url, host, secure=True, speech=speech)
         reactor.connectSSL(host, port, factory, options, timeout=10)
     elif scheme in ("ws", "wss"):
-        session = _WebSocketSession(reactor, url, out, done)
+        session = _WebSocketSession(reactor, url, out, done, speech)
         if scheme == "wss":
             try:
                 options = client_options(host, Path(ca) if ca else None, None, None)
@@ -398,7 +407,7 @@ async def run(
             return 1
         reactor.listenUDP(
             0,
-            _DatagramClient(reactor, (address, port), out, done, keepalive),
+            _DatagramClient(reactor, (address, port), out, done, keepalive, speech),
             interface="::" if ":" in address else "",
             maxPacketSize=65536,
         )

@@ -45,6 +45,20 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument("--cert", metavar="PEM", help="tls: client certificate (mutual TLS)")
     client.add_argument("--key", metavar="PEM", help="tls: private key of --cert")
     client.add_argument(
+        "--json",
+        action="store_true",
+        help="speak JSON envelopes: send each line as a message (JSON objects as they are), "
+        "print events as JSON (ws/wss: the gateway.v1.json subprotocol; tcp/tls/udp: a "
+        'format = "json" listener)',
+    )
+    client.add_argument(
+        "--subscribe",
+        action="append",
+        default=[],
+        metavar="CHANNEL",
+        help="subscribe to a channel name or pattern once connected (repeatable; implies --json)",
+    )
+    client.add_argument(
         "--keepalive",
         type=float,
         default=20.0,
@@ -160,6 +174,7 @@ def _run_client(args: argparse.Namespace) -> NoReturn:
     from twisted.internet.task import react
 
     from gateway.cli import client
+    from gateway.cli.speech import Speech
 
     async def session(reactor: Any) -> None:
         code = await client.run(
@@ -169,6 +184,7 @@ def _run_client(args: argparse.Namespace) -> NoReturn:
             ca=args.ca,
             cert=args.cert,
             key=args.key,
+            speech=Speech(args.json, args.subscribe),
         )
         raise SystemExit(code)
 
