@@ -1,24 +1,37 @@
-"""Shared fixtures: start the real ``gateway`` command and talk to it with real sockets."""
+"""Shared fixtures and helpers: write configurations, start the real ``gateway`` command, and
+talk to it with real sockets and clients (TCP, UDP, TLS, ``websockets``, terminal clients)."""
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import queue
 import re
+import shlex
 import signal
 import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
+from websockets.sync.client import ClientConnection, connect
+from websockets.typing import Subprotocol
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 LISTENING = re.compile(r'listening (\w+) (\S+):(\d+) \(listener "([^"]+)"')
 TIMEOUT = 10.0
+JSON_SUBPROTOCOL = Subprotocol("gateway.v1.json")
+"""The WebSocket subprotocol of JSON envelopes (welcome, join, leave, message)."""
 
 
 class GatewayProcess:
@@ -46,25 +59,27 @@ class GatewayProcess:
             self.log.append(line)
             self.lines.put(line)
 
-    def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> re.Match[str]:
-        """Wait for a log line matching ``pattern`` (lines seen before count too)."""
+    def wait_for(self, pattern: str, timeout: float = TIMEOUT, since: int = 0) -> re.Match[str]:
+        """Wait for a log line matching ``pattern``: the first of ``log[since:]`` (lines seen
+        before the call count too)."""
         regex = re.compile(pattern)
-        for line in list(self.log):
-            if m := regex.search(line):
-                return m
         deadline = time.monotonic() + timeout
+        searched = since
         while True:
+            log = self.log[searched:]
+            for line in log:
+                if m := regex.search(line):
+                    return m
+            searched += len(log)
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(
-                    f"no log line matching {pattern!r}; log:\n" + "\n".join(self.log)
+                    f"no log line matching {pattern!r}; log:\n" + "\n".join(self.log[since:])
                 )
             try:
-                line = self.lines.get(timeout=remaining)
+                self.lines.get(timeout=remaining)  # a new line (or one already searched)
             except queue.Empty:
                 continue
-            if m := regex.search(line):
-                return m
 
     def wait_count(self, pattern: str, count: int, timeout: float = TIMEOUT) -> None:
         """Wait until ``count`` log lines match ``pattern``."""
@@ -224,22 +239,264 @@ class Datagram:
         self.sock.close()
 
 
+def start_gateway(config: Path, toml: str, listeners: int | None = None) -> GatewayProcess:
+    """Write ``toml`` to ``config`` and start a gateway on it; return once it listens.
+
+    ``listeners``: how many ``listening`` lines to wait for (default: one per ``[[listeners]]``).
+    A gateway that does not come up is stopped before the error is raised.
+    """
+    config.write_text(toml)
+    gw = GatewayProcess(config)
+    try:
+        gw.wait_listening(listeners if listeners is not None else toml.count("[[listeners]]"))
+    except BaseException:
+        gw.stop()
+        raise
+    return gw
+
+
+class StartGateway(Protocol):
+    """What the ``run_gateway`` fixture gives a test."""
+
+    def __call__(self, toml: str, listeners: int | None = None) -> GatewayProcess: ...
+
+
 @pytest.fixture
-def run_gateway(tmp_path: Path) -> Iterator[object]:
-    """Start gateways from TOML text; all are stopped at the end of the test."""
+def run_gateway(tmp_path: Path) -> Iterator[StartGateway]:
+    """Start gateways from TOML text (see ``start_gateway``); all are stopped at the end of
+    the test."""
     started: list[GatewayProcess] = []
 
     def start(toml: str, listeners: int | None = None) -> GatewayProcess:
-        path = tmp_path / f"gateway{len(started)}.toml"
-        path.write_text(toml)
-        gw = GatewayProcess(path)
+        gw = start_gateway(tmp_path / f"gateway{len(started)}.toml", toml, listeners)
         started.append(gw)
-        gw.wait_listening(listeners if listeners is not None else toml.count("[[listeners]]"))
         return gw
 
     yield start
     for gw in started:
         gw.stop(signal.SIGKILL if os.environ.get("GATEWAY_TEST_KILL") else signal.SIGTERM)
+
+
+# Configuration text
+
+TomlValue = str | int | float | bool | Path | list[str]
+"""What ``toml_table`` and ``toml_listener`` write: JSON's strings, numbers, booleans and
+arrays are TOML's too (a ``Path`` is written as a string)."""
+
+
+def toml_table(header: str, /, **settings: TomlValue | None) -> str:
+    """A TOML table: ``toml_table("limits", idle_timeout=1)`` is ``[limits]``, then
+    ``idle_timeout = 1``. A setting given as ``None`` is left out."""
+    lines = [
+        f"{key} = {json.dumps(str(value) if isinstance(value, Path) else value)}\n"
+        for key, value in settings.items()
+        if value is not None
+    ]
+    return f"\n[{header}]\n" + "".join(lines)
+
+
+def toml_listener(
+    name: str,
+    kind: str | None = None,
+    *,
+    port: int | None = 0,
+    certs: Path | str | None = None,
+    **settings: TomlValue | None,
+) -> str:
+    """One ``[[listeners]]`` table named ``name``, of type ``kind`` (default: the name).
+
+    ``port`` 0 (any free port) unless given; ``None`` for none (an ``endpoint`` listener).
+    ``certs``: the folder whose ``server.pem`` and ``server.key`` are its ``cert`` and ``key``.
+    """
+    head: dict[str, TomlValue | None] = {"name": name, "type": kind or name}
+    if port is not None:
+        head["port"] = port
+    if certs is not None:
+        head.update(cert=f"{certs}/server.pem", key=f"{certs}/server.key")
+    return toml_table("[listeners]", **head, **settings)
+
+
+def make_certs(folder: Path, *args: str) -> str:
+    """Make a dev PKI in ``folder`` with the real ``gateway certs`` command; what it printed."""
+    made = subprocess.run(
+        [*GATEWAY, "certs", "--dir", str(folder), *args], capture_output=True, text=True, timeout=30
+    )
+    assert made.returncode == 0, made.stderr
+    return made.stdout
+
+
+# Clients
+
+
+def dev_ca(gw: GatewayProcess) -> Path:
+    """The dev CA's certificate, made beside the gateway's config (``certs/ca.pem``)."""
+    return gw.config.parent / "certs" / "ca.pem"
+
+
+def tls_context(gw: GatewayProcess) -> ssl.SSLContext:
+    """A client context that trusts the gateway's dev CA (see ``dev_ca``)."""
+    return ssl.create_default_context(cafile=str(dev_ca(gw)))
+
+
+def tls_connect(gw: GatewayProcess, listener: str = "tls") -> ssl.SSLSocket:
+    """A TLS connection to ``listener`` that verified the dev certificate for ``localhost``."""
+    raw = socket.create_connection(("127.0.0.1", gw.ports[listener]), timeout=TIMEOUT)
+    return tls_context(gw).wrap_socket(raw, server_hostname="localhost")
+
+
+def ws_url(gw: GatewayProcess, listener: str = "ws") -> str:
+    """The URL of WebSocket ``listener``: ``wss://localhost`` for wss, else ``ws://127.0.0.1``."""
+    if listener == "wss":
+        return f"wss://localhost:{gw.ports[listener]}/ws"
+    return f"ws://127.0.0.1:{gw.ports[listener]}/ws"
+
+
+def websocket(gw: GatewayProcess, listener: str = "ws", **kwargs: Any) -> ClientConnection:
+    """A ``websockets`` client of ``listener`` (``wss``: trusting the dev CA); ``kwargs`` go to
+    ``connect``."""
+    if listener == "wss":
+        kwargs["ssl"] = tls_context(gw)
+    client: ClientConnection = connect(ws_url(gw, listener), open_timeout=TIMEOUT, **kwargs)
+    return client
+
+
+def websocket_upgrade(sock: socket.socket, host: str = "127.0.0.1") -> None:
+    """Complete the WebSocket handshake for ``/ws`` on ``sock`` by hand; reads the response's
+    head and not a byte more."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(1)
+        assert chunk, head
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101 "), head
+
+
+def masked_frame(first: int, payload: bytes, length: int | None = None) -> bytes:
+    """A client frame: first byte ``first`` (FIN, RSV, opcode), a mask key, and ``length``
+    (default: the payload's) declared."""
+    size = len(payload) if length is None else length
+    if size < 126:
+        head = struct.pack("!BB", first, 0x80 | size)
+    elif size < 65536:
+        head = struct.pack("!BBH", first, 0x80 | 126, size)
+    else:
+        head = struct.pack("!BBQ", first, 0x80 | 127, size)
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def close_code(sock: socket.socket) -> int:
+    """Read the gateway's close frame (and nothing before it) from a raw WebSocket; its code."""
+    data = b""
+    while len(data) < 4:
+        chunk = sock.recv(4 - len(data))
+        assert chunk, f"closed without a close frame; got {data!r}"
+        data += chunk
+    assert data[0] == 0x88, data  # a FIN close frame
+    code: int = struct.unpack("!H", data[2:4])[0]
+    return code
+
+
+def read_until_closed(
+    sock: socket.socket, size: int = 65536, into: bytearray | None = None
+) -> bytes:
+    """Read until the other end closes; all it sent. An error (a reset, a timeout) is raised,
+    and what came before it is in ``into`` when one is given."""
+    data = bytearray() if into is None else into
+    while chunk := sock.recv(size):
+        data += chunk
+    return bytes(data)
+
+
+def stalled_reader(port: int) -> socket.socket:
+    """A TCP client with a 4 KiB receive buffer: one that never reads soon fills it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+class Interactive:
+    """A command driven like a terminal: lines in on its stdin, its output gathered from stdout
+    (``stderr``: ``subprocess.STDOUT`` to gather that too, ``None`` to leave it to the test's)."""
+
+    def __init__(self, argv: list[str], stderr: int | None = subprocess.STDOUT) -> None:
+        self.argv = argv
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr
+        )
+        self.output = b""
+
+    def send(self, line: bytes) -> None:
+        """Type ``line`` and Enter."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + b"\n")
+        self.proc.stdin.flush()
+
+    def readline(self) -> bytes:
+        """The next line of output (empty once the output has ended)."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        self.output += line
+        return line
+
+    def wait_for(self, needle: bytes) -> bytes:
+        """Read lines until the output holds ``needle``; all the output so far."""
+        while needle not in self.output:
+            if not self.readline():
+                said = self.output.decode(errors="replace")
+                raise AssertionError(f"{shlex.join(self.argv)} ended before {needle!r}:\n{said}")
+        return self.output
+
+    def finish(self) -> bytes:
+        """End the input, wait for the command to exit (killing it after ``TIMEOUT``); all its
+        output."""
+        try:
+            out, _ = self.proc.communicate(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        self.output += out
+        return self.output
+
+
+def gateway_client(url: str, *args: str, stderr: int | None = None) -> Interactive:
+    """The real ``gateway client URL`` terminal client."""
+    return Interactive([*GATEWAY, "client", url, *args], stderr=stderr)
+
+
+# The admin HTTP server
+
+
+def admin_get(gw: GatewayProcess, path: str) -> tuple[int, str]:
+    """GET ``path`` from the gateway's admin listener: the status and the body."""
+    url = f"http://127.0.0.1:{gw.ports['admin']}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The value of one Prometheus sample in exposition text."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        family, _, rest = head.partition("{")
+        if family != name:
+            continue
+        found = dict(part.split("=", 1) for part in rest.rstrip("}").split(",") if part)
+        if {k: v.strip('"') for k, v in found.items()} == labels:
+            return float(value)
+    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

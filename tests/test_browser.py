@@ -11,7 +11,6 @@ import base64
 import hashlib
 import json
 import re
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 from playwright.sync_api import Browser, Error, Page, expect, sync_playwright
-from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import GATEWAY, TIMEOUT, Datagram, GatewayProcess, Line
+from tests.conftest import (
+    TIMEOUT,
+    Datagram,
+    GatewayProcess,
+    Line,
+    make_certs,
+    toml_listener,
+    websocket,
+    ws_url,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -49,37 +56,17 @@ pytestmark = [
 def certs(tmp_path: Path) -> Path:
     """A dev PKI made by the real ``gateway certs`` command."""
     folder = tmp_path / "certs"
-    made = subprocess.run(
-        [*GATEWAY, "certs", "--dir", str(folder)], capture_output=True, text=True, timeout=30
-    )
-    assert made.returncode == 0, made.stderr
+    make_certs(folder)
     return folder
 
 
 def gateway_config(certs: Path) -> str:
-    return f"""
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-
-[[listeners]]
-name = "ws"
-type = "ws"
-port = 0
-
-[[listeners]]
-name = "wss"
-type = "wss"
-port = 0
-cert = "{certs / "server.pem"}"
-key = "{certs / "server.key"}"
-
-[[listeners]]
-name = "udp"
-type = "udp"
-port = 0
-"""
+    return (
+        toml_listener("tcp")
+        + toml_listener("ws")
+        + toml_listener("wss", certs=certs)
+        + toml_listener("udp")
+    )
 
 
 @pytest.fixture
@@ -183,7 +170,7 @@ def test_ws_page_talks_with_tcp_udp_and_websocket_peers(gateway, chromium):
     (tcp_id,) = peer_ids(gw, r"(tcp-\d+) connected from")
     expect(page.locator("#log")).to_contain_text(f"{tcp_id} joined via tcp")
 
-    with ws_connect(f"ws://127.0.0.1:{port}/ws", open_timeout=TIMEOUT) as other:
+    with websocket(gw) as other:
         expect_online(page, 3, {"tcp": 1, "ws": 2})
         (other_id,) = [p for p in peer_ids(gw, r"(ws-\d+) connected from", 2) if p != me]
 
@@ -339,7 +326,7 @@ def test_page_loads_nothing_from_other_origins(gateway, chromium):
     outside = [url for url in network if not url.startswith(origin + "/")]
     assert not outside, f"requests to other origins: {outside}"
     assert {urlsplit(url).path for url in network} == {"/", "/app.js", "/style.css"}
-    assert sockets == [f"ws://127.0.0.1:{port}/ws"]
+    assert sockets == [ws_url(gw)]
     assert not failed
     # The page's own account of what it loaded agrees.
     loaded = page.evaluate("performance.getEntriesByType('resource').map((e) => e.name)")

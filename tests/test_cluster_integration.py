@@ -10,7 +10,6 @@ import collections
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
@@ -19,19 +18,22 @@ from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import TIMEOUT, Datagram, GatewayProcess, Line
-from tests.test_operations import get, sample
+from tests.conftest import (
+    TIMEOUT,
+    Datagram,
+    GatewayProcess,
+    Line,
+    admin_get,
+    free_port,
+    metric,
+    tls_connect,
+    toml_listener,
+    toml_table,
+    websocket,
+)
 
 REDIS_SERVER = shutil.which("redis-server")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class RedisServer:
@@ -121,38 +123,16 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def node_toml(redis: RedisServer, node: str, extra: str = "") -> str:
-    return f"""
-[cluster]
-redis = "{redis.url}"
-node = "{node}"
-prefix = "test"
-{extra}
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-
-[[listeners]]
-name = "udp"
-type = "udp"
-port = 0
-
-[[listeners]]
-name = "ws"
-type = "ws"
-port = 0
-"""
+    return (
+        toml_table("cluster", redis=redis.url, node=node, prefix="test")
+        + extra
+        + toml_listener("tcp")
+        + toml_listener("udp")
+        + toml_listener("ws")
+    )
 
 
-TLS_LISTENER = """
-[[listeners]]
-name = "tls"
-type = "tls"
-port = 0
-cert = "certs/server.pem"
-key = "certs/server.key"
-generate_dev_cert = true
-"""
+TLS_LISTENER = toml_listener("tls", certs="certs", generate_dev_cert=True)
 
 
 def start_nodes(
@@ -262,9 +242,7 @@ def udp_client(name: str, gw: GatewayProcess) -> Client:
 
 
 def ws_client(name: str, gw: GatewayProcess) -> Client:
-    connection: ClientConnection = connect(
-        f"ws://127.0.0.1:{gw.ports['ws']}/ws", open_timeout=TIMEOUT
-    )
+    connection = websocket(gw)
 
     def read() -> list[bytes]:
         message = connection.recv(timeout=0.2)
@@ -277,9 +255,7 @@ def ws_client(name: str, gw: GatewayProcess) -> Client:
 
 
 def tls_client(name: str, gw: GatewayProcess) -> Client:
-    context = ssl.create_default_context(cafile=str(gw.config.parent / "certs" / "ca.pem"))
-    raw = socket.create_connection(("127.0.0.1", gw.ports["tls"]), timeout=TIMEOUT)
-    sock = context.wrap_socket(raw, server_hostname="localhost")
+    sock = tls_connect(gw)
     sock.settimeout(0.2)
     buffer = [b""]
 
@@ -359,13 +335,13 @@ def test_nodes_see_every_transport_exactly_once_in_order(run_gateway, redis_serv
 
 
 def test_redis_killed_and_restarted_mid_stream(run_gateway, redis_server):
-    a = run_gateway(node_toml(redis_server, "gw-a", "[admin]\nport = 0\n"), listeners=4)
+    a = run_gateway(node_toml(redis_server, "gw-a", toml_table("admin", port=0)), listeners=4)
     b = run_gateway(node_toml(redis_server, "gw-b"))
     a.wait_for("backplane up")
     b.wait_for("backplane up")
     sender, local = attach(a, "tcp", "ws", tag="a")
     (remote,) = attach(b, "tcp", tag="b")
-    assert get(a, "/healthz") == (200, "ok\n")
+    assert admin_get(a, "/healthz") == (200, "ok\n")
     sent = 0
     stop = threading.Event()
 
@@ -383,7 +359,7 @@ def test_redis_killed_and_restarted_mid_stream(run_gateway, redis_server):
         redis_server.kill()
         a.wait_for("backplane down")
         b.wait_for("backplane down")
-        status, body = get(a, "/healthz")
+        status, body = admin_get(a, "/healthz")
         assert status == 503 and "backplane: down" in body
         during = sent
         local.wait(lambda c: c.count("a-tcp") >= during + 100)  # local delivery goes on
@@ -403,10 +379,10 @@ def test_redis_killed_and_restarted_mid_stream(run_gateway, redis_server):
     assert numbers == sorted(set(numbers)), "duplicates or disorder across the outage"
     assert numbers[:100] == list(range(100))
     assert len(numbers) < sent  # the outage lost some, as documented
-    assert get(a, "/healthz") == (200, "ok\n")
-    metrics = get(a, "/metrics")[1]
-    assert sample(metrics, "gateway_backplane_up") == 1
-    assert sample(metrics, "gateway_backplane_unforwarded_total") > 0
+    assert admin_get(a, "/healthz") == (200, "ok\n")
+    metrics = admin_get(a, "/metrics")[1]
+    assert metric(metrics, "gateway_backplane_up") == 1
+    assert metric(metrics, "gateway_backplane_unforwarded_total") > 0
 
 
 def test_stalled_redis_never_blocks_local_delivery(run_gateway, redis_server):

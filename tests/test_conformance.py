@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GatewayProcess
+from tests.conftest import GatewayProcess, toml_listener, toml_table, ws_url
 
 KOSOKU = Path(sys.executable).parent / "kosoku"
 EXCLUDED = ("9.*", "12.*", "13.*")
@@ -26,16 +26,7 @@ PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
 GROUPS = {"1", "2", "3", "4", "5", "6", "7", "10"}
 RUN_TIMEOUT = 180
 
-CONFIG = """
-[limits]
-max_message_bytes = 16777216
-
-[[listeners]]
-name = "ws"
-type = "ws"
-port = 0
-echo = true
-"""
+CONFIG = toml_table("limits", max_message_bytes=16777216) + toml_listener("ws", echo=True)
 
 
 @pytest.mark.timeout(RUN_TIMEOUT + 60)
@@ -53,7 +44,7 @@ def test_autobahn_cases_pass_against_an_echoing_ws_listener(run_gateway, tmp_pat
             *excludes,
             "-o",
             str(report),
-            f"ws://127.0.0.1:{gw.ports['ws']}/ws",
+            ws_url(gw),
         ],
         capture_output=True,
         text=True,

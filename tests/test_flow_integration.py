@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
 
 import pytest
 
-from tests.conftest import TIMEOUT, GatewayProcess, Line
+from tests.conftest import (
+    TIMEOUT,
+    GatewayProcess,
+    Line,
+    read_until_closed,
+    stalled_reader,
+    toml_listener,
+    toml_table,
+)
 
 MiB = 1024 * 1024
 LINE = 1000  # bytes per message, newline included
@@ -21,15 +30,6 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def stalled_reader(port: int) -> socket.socket:
-    """A reader with a 4 KiB receive buffer that never reads."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(TIMEOUT)
-    sock.connect(("127.0.0.1", port))
-    return sock
 
 
 class FastReader(threading.Thread):
@@ -101,22 +101,13 @@ def flood(
 @pytest.mark.parametrize("policy", ["disconnect", "drop"])
 def test_stalled_reader_costs_bounded_memory_and_honest_readers_lose_nothing(run_gateway, policy):
     gw = run_gateway(
-        f"""
-[limits]
-max_message_bytes = 4096
-max_pending_bytes = {MiB}
-slow_consumer = "{policy}"
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-"""
+        toml_table("limits", max_message_bytes=4096, max_pending_bytes=MiB, slow_consumer=policy)
+        + toml_listener("tcp")
     )
     port = gw.ports["tcp"]
     publisher = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     reader = FastReader(port)
-    stalled = stalled_reader(port)
+    stalled = stalled_reader(port)  # and it never reads
     gw.wait_for("tcp-3 connected")
     baseline = rss_kib(gw.proc.pid)
     reader.start()
@@ -132,21 +123,16 @@ port = 0
     if policy == "disconnect":
         gw.wait_for("tcp-3 is not reading: over 1048576 bytes pending; disconnecting")
         stalled.settimeout(TIMEOUT)
-        data = b""
         with pytest.raises(ConnectionResetError):
-            while chunk := stalled.recv(1 << 20):
-                data += chunk
+            read_until_closed(stalled, 1 << 20)
     else:
         gw.wait_for("tcp-3 is not reading: over 1048576 bytes pending; dropping its messages")
         # Once it reads again it gets only whole messages, in order, then everything new.
         stalled.settimeout(0.5)
-        data = b""
-        try:
-            while chunk := stalled.recv(1 << 20):
-                data += chunk
-        except TimeoutError:
-            pass
-        lines = data.split(b"\n")
+        data = bytearray()
+        with contextlib.suppress(TimeoutError):
+            read_until_closed(stalled, 1 << 20, into=data)
+        lines = bytes(data).split(b"\n")
         assert lines.pop() == b""
         numbers = [int(line[:12]) for line in lines]
         assert all(len(line) == LINE - 1 for line in lines)
@@ -164,17 +150,8 @@ port = 0
 
 def test_idle_timeout_and_connection_caps(run_gateway):
     gw = run_gateway(
-        """
-[limits]
-idle_timeout = 1
-max_connections = 4
-max_connections_per_ip = 2
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-"""
+        toml_table("limits", idle_timeout=1, max_connections=4, max_connections_per_ip=2)
+        + toml_listener("tcp")
     )
     port = gw.ports["tcp"]
     first, second = Line(port), Line(port)

@@ -17,62 +17,52 @@ run time); each test looks only at the log lines written since it began.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
 import socket
 import ssl
 import struct
-import subprocess
-import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.sync.client import ClientConnection, connect
-from websockets.typing import Subprotocol
+from websockets.sync.client import ClientConnection
 
 from gateway.transports.datagram.wire import CHALLENGE, CHALLENGE_SIZE, hello, response
-from tests.conftest import GATEWAY, TIMEOUT, Datagram, GatewayProcess, Line
+from tests.conftest import (
+    JSON_SUBPROTOCOL,
+    TIMEOUT,
+    Datagram,
+    GatewayProcess,
+    Line,
+    close_code,
+    make_certs,
+    masked_frame,
+    read_until_closed,
+    start_gateway,
+    tls_context,
+    toml_listener,
+    toml_table,
+    websocket,
+    websocket_upgrade,
+)
 
 MAX_MESSAGE = 1000
-CONFIG = """
-[limits]
-handshake_timeout = 1.0
-max_message_bytes = {max_message}
 
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
 
-[[listeners]]
-name = "tls"
-type = "tls"
-port = 0
-cert = "{certs}/server.pem"
-key = "{certs}/server.key"
+def config(certs: Path) -> str:
+    return (
+        toml_table("limits", handshake_timeout=1.0, max_message_bytes=MAX_MESSAGE)
+        + toml_listener("tcp")
+        + toml_listener("tls", certs=certs)
+        + toml_listener("udp", challenge=True, peer_timeout=5.0)
+        + toml_listener("ws")
+        + toml_listener("wss", certs=certs)
+    )
 
-[[listeners]]
-name = "udp"
-type = "udp"
-port = 0
-challenge = true
-peer_timeout = 5.0
 
-[[listeners]]
-name = "ws"
-type = "ws"
-port = 0
-
-[[listeners]]
-name = "wss"
-type = "wss"
-port = 0
-cert = "{certs}/server.pem"
-key = "{certs}/server.key"
-"""
 TROUBLE = re.compile(r"Traceback|Unhandled|\[critical\]|\[error\]")
 DROP_WITHIN = 3.0
 """Seconds for the gateway to drop a peer: three times limits.handshake_timeout."""
@@ -82,22 +72,12 @@ DROP_WITHIN = 3.0
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     folder = tmp_path_factory.mktemp("hostile")
     certs = folder / "certs"
-    made = subprocess.run(
-        [*GATEWAY, "certs", "--dir", str(certs)], capture_output=True, text=True, timeout=30
-    )
-    assert made.returncode == 0, made.stderr
-    config = folder / "gateway.toml"
-    config.write_text(CONFIG.format(certs=certs, max_message=MAX_MESSAGE))
-    gateway = GatewayProcess(config)
+    make_certs(certs)
+    gateway = start_gateway(folder / "gateway.toml", config(certs))
     try:
-        gateway.wait_listening(CONFIG.count("[[listeners]]"))
         yield gateway
     finally:
         gateway.stop()
-
-
-def tls_context(gw: GatewayProcess) -> ssl.SSLContext:
-    return ssl.create_default_context(cafile=str(gw.config.parent / "certs" / "ca.pem"))
 
 
 class Net:
@@ -109,9 +89,7 @@ class Net:
         self.opened: list[Any] = []
         self.tcp = self.line()
         self.tcp_id = self.peer_id(self.tcp.sock)
-        self.ws: ClientConnection = connect(
-            f"ws://127.0.0.1:{gw.ports['ws']}/ws", open_timeout=TIMEOUT
-        )
+        self.ws = websocket(gw)
         self.opened.append(self.ws)
         self.ws_id = self.peer_id(self.ws.socket)
         self.rounds = 0
@@ -123,15 +101,7 @@ class Net:
 
     def wait(self, pattern: str, timeout: float = TIMEOUT) -> re.Match[str]:
         """The first line since the test began matching ``pattern``; waits for it."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        while True:
-            for line in self.log():
-                if match := regex.search(line):
-                    return match
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no log line matching {pattern!r}:\n" + "\n".join(self.log()))
-            time.sleep(0.01)
+        return self.gw.wait_for(pattern, timeout, since=self.since)
 
     def peer_id(self, sock: socket.socket) -> str:
         """The id the gateway gave the connection of ``sock``, once it has joined the bus."""
@@ -144,11 +114,7 @@ class Net:
 
     def on_the_bus(self) -> list[str]:
         """The peer ids the gateway lists to a new JSON client."""
-        with connect(
-            f"ws://127.0.0.1:{self.gw.ports['ws']}/ws",
-            subprotocols=[Subprotocol("gateway.v1.json")],
-            open_timeout=TIMEOUT,
-        ) as viewer:
+        with websocket(self.gw, subprotocols=[JSON_SUBPROTOCOL]) as viewer:
             welcome = json.loads(viewer.recv(timeout=TIMEOUT))
         return [entry["peer"] for entry in welcome["peers"]]
 
@@ -170,8 +136,7 @@ class Net:
         return line
 
     def websocket(self, **kwargs: Any) -> ClientConnection:
-        url = f"ws://127.0.0.1:{self.gw.ports['ws']}/ws"
-        client: ClientConnection = connect(url, open_timeout=TIMEOUT, **kwargs)
+        client = websocket(self.gw, **kwargs)
         self.opened.append(client)
         return client
 
@@ -220,17 +185,16 @@ def net(gw: GatewayProcess) -> Iterator[Net]:
 def dropped(sock: socket.socket | ssl.SSLSocket) -> bytes:
     """Read until the gateway closes the connection; what it sent first."""
     sock.settimeout(DROP_WITHIN)
-    data = b""
+    data = bytearray()
     try:
-        while chunk := sock.recv(65536):
-            data += chunk
+        read_until_closed(sock, into=data)
     except (ConnectionResetError, ssl.SSLError):
         pass
     except TimeoutError:
         raise AssertionError(
-            f"the gateway kept the connection open; it sent {data[:100]!r}"
+            f"the gateway kept the connection open; it sent {bytes(data[:100])!r}"
         ) from None
-    return data
+    return bytes(data)
 
 
 def reset(sock: socket.socket) -> None:
@@ -255,14 +219,18 @@ def line_model(data: bytes) -> list[bytes]:
 # TCP
 
 
-def test_random_bytes_on_tcp_drop_the_sender_as_a_too_long_line(net):
-    hostile = net.raw("tcp")
+def too_long_a_line(net: Net, hostile: socket.socket) -> None:
+    """Random bytes without a newline: the gateway drops the sender for a too long line."""
     peer = net.peer_id(hostile)
     hostile.sendall(random_without(b"\n"))
     said = dropped(hostile)
     assert said == b"" or said.startswith(b"gateway: message too long")
     net.gone(peer, "message too long")
     net.healthy()
+
+
+def test_random_bytes_on_tcp_drop_the_sender_as_a_too_long_line(net):
+    too_long_a_line(net, net.raw("tcp"))
 
 
 def test_random_lines_on_tcp_arrive_exactly_as_sent(net):
@@ -316,13 +284,7 @@ def test_random_bytes_instead_of_a_client_hello(net, listener):
 
 
 def test_random_bytes_through_tls_drop_the_sender_as_a_too_long_line(net):
-    hostile = net.tls("tls")
-    peer = net.peer_id(hostile)
-    hostile.sendall(random_without(b"\n"))
-    said = dropped(hostile)
-    assert said == b"" or said.startswith(b"gateway: message too long")
-    net.gone(peer, "message too long")
-    net.healthy()
+    too_long_a_line(net, net.tls("tls"))
 
 
 def test_random_lines_through_tls_arrive_exactly_as_sent(net):
@@ -422,43 +384,8 @@ def test_incomplete_requests_are_dropped_at_the_handshake_timeout(net):
 def upgraded(net: Net, listener: str) -> tuple[Any, str]:
     """A raw socket (TLS for wss) that has completed the WebSocket handshake, and its id."""
     sock: Any = net.tls(listener) if listener == "wss" else net.raw(listener)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
-    )
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = sock.recv(1)
-        assert chunk, head
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101 "), head
+    websocket_upgrade(sock)
     return sock, net.peer_id(sock)
-
-
-def masked(first: int, payload: bytes, length: int | None = None) -> bytes:
-    """A client frame with a mask key and ``length`` (default: the payload's) declared."""
-    size = len(payload) if length is None else length
-    if size < 126:
-        head = struct.pack("!BB", first, 0x80 | size)
-    elif size < 65536:
-        head = struct.pack("!BBH", first, 0x80 | 126, size)
-    else:
-        head = struct.pack("!BBQ", first, 0x80 | 127, size)
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
-
-
-def close_frame(sock: Any) -> int:
-    """Read the gateway's close frame (and nothing before it); its code."""
-    data = b""
-    while len(data) < 4:
-        chunk = sock.recv(4 - len(data))
-        assert chunk, f"closed without a close frame; got {data!r}"
-        data += chunk
-    assert data[0] == 0x88, data  # a FIN close frame
-    code: int = struct.unpack("!H", data[2:4])[0]
-    return code
 
 
 def garbage_frames() -> bytes:
@@ -471,10 +398,10 @@ def garbage_frames() -> bytes:
 HOSTILE_FRAMES = {
     "random bytes": (garbage_frames, 1002),
     "unmasked frame": (lambda: struct.pack("!BB", 0x81, 5) + b"hello", 1002),
-    "2**62 byte frame": (lambda: masked(0x82, b"", length=2**62), 1009),
-    "invalid UTF-8 text": (lambda: masked(0x81, b"caf\xc3 \xff\xfe"), 1007),
-    "over max_message_bytes": (lambda: masked(0x82, bytes(MAX_MESSAGE + 1)), 1009),
-    "fragmented ping": (lambda: masked(0x09, b"ping"), 1002),
+    "2**62 byte frame": (lambda: masked_frame(0x82, b"", length=2**62), 1009),
+    "invalid UTF-8 text": (lambda: masked_frame(0x81, b"caf\xc3 \xff\xfe"), 1007),
+    "over max_message_bytes": (lambda: masked_frame(0x82, bytes(MAX_MESSAGE + 1)), 1009),
+    "fragmented ping": (lambda: masked_frame(0x09, b"ping"), 1002),
 }
 
 
@@ -488,7 +415,7 @@ def test_hostile_frames_are_refused_with_a_close_code_and_dropped(net, listener,
     hostile, peer = upgraded(net, listener)
     hostile.sendall(frames())
     # failByDrop is off: the gateway says why (a close frame)...
-    assert close_frame(hostile) == expected
+    assert close_code(hostile) == expected
     # ...and drops the peer, even though this client never answers nor closes.
     net.gone(peer, f"closed with code {expected}")
     net.healthy()
@@ -497,8 +424,8 @@ def test_hostile_frames_are_refused_with_a_close_code_and_dropped(net, listener,
 @pytest.mark.parametrize("listener", ["ws", "wss"])
 def test_a_client_that_closes_but_holds_the_connection_is_dropped(net, listener):
     hostile, peer = upgraded(net, listener)
-    hostile.sendall(masked(0x88, struct.pack("!H", 1000)))  # a close frame...
-    assert close_frame(hostile) == 1000  # ...answered; the client never closes its end
+    hostile.sendall(masked_frame(0x88, struct.pack("!H", 1000)))  # a close frame...
+    assert close_code(hostile) == 1000  # ...answered; the client never closes its end
     try:
         net.gone(peer, "closed by the peer, code 1000")
     finally:
@@ -512,7 +439,7 @@ def test_a_websocket_client_reset_mid_frame_relays_nothing_of_it(net):
     peer = net.peer_id(client.socket)
     client.send("a whole message first")
     net.got([b"a whole message first"])
-    frame = masked(0x81, b"half of this message never arrives" * 10)
+    frame = masked_frame(0x81, b"half of this message never arrives" * 10)
     client.socket.sendall(frame[: len(frame) // 2])
     reset(client.socket)
     net.gone(peer, "connection lost")

@@ -12,28 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GATEWAY, Datagram, GatewayProcess, Line
+from tests.conftest import (
+    GATEWAY,
+    Datagram,
+    GatewayProcess,
+    Interactive,
+    Line,
+    free_port,
+    gateway_client,
+    toml_listener,
+    toml_table,
+)
 
-TCP_UDP = """
-[gateway]
-name = "testgw"
-
-[limits]
-max_message_bytes = 1000
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-welcome = "hello {peer}, you are number {count} on {name}"
-quit_command = "close"
-
-[[listeners]]
-name = "udp"
-type = "udp"
-port = 0
-peer_timeout = 60
-"""
+WELCOME = "hello {peer}, you are number {count} on {name}"
+TCP_UDP = (
+    toml_table("gateway", name="testgw")
+    + toml_table("limits", max_message_bytes=1000)
+    + toml_listener("tcp", welcome=WELCOME, quit_command="close")
+    + toml_listener("udp", peer_timeout=60)
+)
 
 
 def test_tcp_peers_see_each_other_with_welcome_and_no_echo(run_gateway):
@@ -78,15 +75,7 @@ def test_udp_to_udp_one_datagram_per_message(run_gateway):
 
 
 def test_echo_true_sends_messages_back_to_the_sender(run_gateway):
-    gw = run_gateway(
-        """
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-echo = true
-"""
-    )
+    gw = run_gateway(toml_listener("tcp", echo=True))
     a, b = Line(gw.ports["tcp"]), Line(gw.ports["tcp"])
     gw.wait_for("tcp-2 connected")
     a.send(b"ping\n")
@@ -111,25 +100,9 @@ def test_non_utf8_payloads_pass_unchanged(run_gateway):
 
 def test_channels_are_kept_apart(run_gateway):
     gw = run_gateway(
-        """
-[[listeners]]
-name = "red"
-type = "tcp"
-port = 0
-channel = "red"
-
-[[listeners]]
-name = "blue"
-type = "tcp"
-port = 0
-channel = "blue"
-
-[[listeners]]
-name = "red-udp"
-type = "udp"
-port = 0
-channel = "red"
-"""
+        toml_listener("red", "tcp", channel="red")
+        + toml_listener("blue", "tcp", channel="blue")
+        + toml_listener("red-udp", "udp", channel="red")
     )
     red1, red2 = Line(gw.ports["red"]), Line(gw.ports["red"])
     blue = Line(gw.ports["blue"])
@@ -220,20 +193,7 @@ def test_per_sender_order_over_10000_messages(run_gateway):
 
 
 def test_udp_peer_expires_after_peer_timeout(run_gateway):
-    gw = run_gateway(
-        """
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-
-[[listeners]]
-name = "udp"
-type = "udp"
-port = 0
-peer_timeout = 0.5
-"""
-    )
+    gw = run_gateway(toml_listener("tcp") + toml_listener("udp", peer_timeout=0.5))
     tcp = Line(gw.ports["tcp"])
     udp = Datagram(gw.ports["udp"])
     udp.send(b"")
@@ -264,19 +224,7 @@ def test_ipv6_loopback_listener(run_gateway):
     if not socket.has_ipv6:
         pytest.fail("IPv6 is required on loopback")
     gw = run_gateway(
-        """
-[[listeners]]
-name = "tcp6"
-type = "tcp"
-host = "::1"
-port = 0
-
-[[listeners]]
-name = "udp6"
-type = "udp"
-host = "::1"
-port = 0
-"""
+        toml_listener("tcp6", "tcp", host="::1") + toml_listener("udp6", "udp", host="::1")
     )
     assert gw.hosts["tcp6"] == "::1"
     a = Line(gw.ports["tcp6"], "::1")
@@ -306,7 +254,7 @@ def test_port_in_use_exits_1_with_a_clear_message(tmp_path: Path):
     holder.listen()
     port = holder.getsockname()[1]
     config = tmp_path / "busy.toml"
-    config.write_text(f'[[listeners]]\nname = "tcp"\ntype = "tcp"\nport = {port}\n')
+    config.write_text(toml_listener("tcp", port=port))
     result = subprocess.run(
         [*GATEWAY, "--config", str(config)], capture_output=True, timeout=20, text=True
     )
@@ -337,23 +285,8 @@ def test_shipped_config_is_valid():
     assert result.returncode == 0, result.stderr
 
 
-def _client(url: str, stdin: bytes = b"") -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [*GATEWAY, "client", url, "--keepalive", "0.2"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
-def _read_until(client: subprocess.Popen[bytes], last: bytes) -> bytes:
-    assert client.stdout is not None
-    seen = b""
-    while not seen.endswith(last):
-        line = client.stdout.readline()
-        assert line, f"client output ended before {last!r}: {seen!r}"
-        seen += line
-    return seen
+def _client(url: str) -> Interactive:
+    return gateway_client(url, "--keepalive", "0.2", stderr=subprocess.PIPE)
 
 
 def test_terminal_clients_for_tcp_and_udp(run_gateway):
@@ -364,20 +297,16 @@ def test_terminal_clients_for_tcp_and_udp(run_gateway):
     gw.wait_for("udp-1 joined")
     observer = Line(gw.ports["tcp"])
     observer.line()
-    assert tcp_client.stdin is not None and udp_client.stdin is not None
-    tcp_client.stdin.write(b"from the tcp client\n")
-    tcp_client.stdin.flush()
+    tcp_client.send(b"from the tcp client")
     assert observer.line() == b"from the tcp client"
-    udp_client.stdin.write(b"from the udp client\n")
-    udp_client.stdin.flush()
+    udp_client.send(b"from the udp client")
     assert observer.line() == b"from the udp client"
     observer.send(b"to both clients\n")
-    tcp_seen = _read_until(tcp_client, b"to both clients\n")
-    udp_seen = _read_until(udp_client, b"to both clients\n")
-    tcp_rest, _ = tcp_client.communicate(timeout=10)  # end of input: the client exits
-    udp_rest, _ = udp_client.communicate(timeout=10)
-    tcp_out, udp_out = tcp_seen + tcp_rest, udp_seen + udp_rest
-    assert tcp_client.returncode == 0 and udp_client.returncode == 0
+    tcp_client.wait_for(b"to both clients\n")
+    udp_client.wait_for(b"to both clients\n")
+    tcp_out = tcp_client.finish()  # end of input: the client exits
+    udp_out = udp_client.finish()
+    assert tcp_client.proc.returncode == 0 and udp_client.proc.returncode == 0
     assert b"to both clients\n" in tcp_out
     assert b"from the udp client\n" in tcp_out
     assert b"hello tcp-1" in tcp_out
@@ -389,17 +318,13 @@ def test_terminal_client_exits_when_the_server_closes(run_gateway):
     gw = run_gateway(TCP_UDP)
     client = _client(f"tcp://127.0.0.1:{gw.ports['tcp']}")
     gw.wait_for("tcp-1 connected")
-    assert client.stdin is not None
-    client.stdin.write(b"close\n")
-    client.stdin.flush()
-    client.communicate(timeout=10)
-    assert client.returncode == 0
+    client.send(b"close")
+    client.finish()
+    assert client.proc.returncode == 0
 
 
 def test_terminal_client_reports_refused_connection():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     result = subprocess.run(
         [*GATEWAY, "client", f"tcp://127.0.0.1:{port}"],
         capture_output=True,

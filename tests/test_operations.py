@@ -7,69 +7,39 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import connect
-from websockets.typing import Subprotocol
 
-from tests.conftest import GATEWAY, TIMEOUT, Datagram, GatewayProcess, Line
+from tests.conftest import (
+    GATEWAY,
+    JSON_SUBPROTOCOL,
+    TIMEOUT,
+    Datagram,
+    GatewayProcess,
+    Line,
+    admin_get,
+    metric,
+    read_until_closed,
+    stalled_reader,
+    toml_listener,
+    toml_table,
+    websocket,
+)
 
-BASE = """
-[gateway]
-name = "ops"
-
-[admin]
-port = 0
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-welcome = "hello {peer}"
-
-[[listeners]]
-name = "udp"
-type = "udp"
-port = 0
-
-[[listeners]]
-name = "ws"
-type = "ws"
-port = 0
-"""
-
-
-def get(gw: GatewayProcess, path: str) -> tuple[int, str]:
-    url = f"http://127.0.0.1:{gw.ports['admin']}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-
-
-def sample(text: str, name: str, **labels: str) -> float:
-    """The value of one Prometheus sample in exposition text."""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        head, _, value = line.rpartition(" ")
-        metric, _, rest = head.partition("{")
-        if metric != name:
-            continue
-        found = dict(part.split("=", 1) for part in rest.rstrip("}").split(",") if part)
-        if {k: v.strip('"') for k, v in found.items()} == labels:
-            return float(value)
-    raise AssertionError(f"no sample {name}{labels} in:\n{text}")
+BASE = (
+    toml_table("gateway", name="ops")
+    + toml_table("admin", port=0)
+    + toml_listener("tcp", welcome="hello {peer}")
+    + toml_listener("udp")
+    + toml_listener("ws")
+)
 
 
 def test_healthz_metrics_and_peers_after_known_traffic(run_gateway):
     gw = run_gateway(BASE, listeners=4)
-    assert get(gw, "/healthz") == (200, "ok\n")
+    assert admin_get(gw, "/healthz") == (200, "ok\n")
     a, b = Line(gw.ports["tcp"]), Line(gw.ports["tcp"])
     a.line(), b.line()
     udp = Datagram(gw.ports["udp"])
@@ -82,25 +52,25 @@ def test_healthz_metrics_and_peers_after_known_traffic(run_gateway):
     udp.send(b"four")
     assert a.line() == b"four" and b.line() == b"four"
 
-    status, text = get(gw, "/metrics")
+    status, text = admin_get(gw, "/metrics")
     assert status == 200
-    assert sample(text, "gateway_connections", listener="tcp", transport="tcp") == 2
-    assert sample(text, "gateway_connections", listener="udp", transport="udp") == 1
-    assert sample(text, "gateway_messages_received_total", listener="tcp", transport="tcp") == 3
-    assert sample(text, "gateway_messages_received_total", listener="udp", transport="udp") == 1
-    assert sample(text, "gateway_bytes_received_total", listener="tcp", transport="tcp") == 11
+    assert metric(text, "gateway_connections", listener="tcp", transport="tcp") == 2
+    assert metric(text, "gateway_connections", listener="udp", transport="udp") == 1
+    assert metric(text, "gateway_messages_received_total", listener="tcp", transport="tcp") == 3
+    assert metric(text, "gateway_messages_received_total", listener="udp", transport="udp") == 1
+    assert metric(text, "gateway_bytes_received_total", listener="tcp", transport="tcp") == 11
     # tcp: 3 to b, 1 to a, 1 to b; udp: 3
-    assert sample(text, "gateway_messages_delivered_total", listener="tcp", transport="tcp") == 5
-    assert sample(text, "gateway_messages_delivered_total", listener="udp", transport="udp") == 3
-    assert sample(text, "gateway_bytes_delivered_total", listener="udp", transport="udp") == 11
-    assert sample(text, "gateway_udp_peers", listener="udp") == 1
-    assert sample(text, "gateway_fan_out_seconds_count") == 2
+    assert metric(text, "gateway_messages_delivered_total", listener="tcp", transport="tcp") == 5
+    assert metric(text, "gateway_messages_delivered_total", listener="udp", transport="udp") == 3
+    assert metric(text, "gateway_bytes_delivered_total", listener="udp", transport="udp") == 11
+    assert metric(text, "gateway_udp_peers", listener="udp") == 1
+    assert metric(text, "gateway_fan_out_seconds_count") == 2
     assert "gateway_messages_dropped_total" in text and "gateway_disconnects_total" in text
     assert (
         "gateway_tls_handshake_failures_total" in text or "gateway_tls_handshake_failures" in text
     )
 
-    status, body = get(gw, "/peers")
+    status, body = admin_get(gw, "/peers")
     peers = json.loads(body)
     assert status == 200 and peers["total"] == 3
     first = peers["peers"][0]
@@ -109,30 +79,21 @@ def test_healthz_metrics_and_peers_after_known_traffic(run_gateway):
     assert (first["messages_in"], first["bytes_in"], first["messages_out"]) == (3, 11, 1)
     assert first["pending_bytes"] == 0 and first["tls_subject"] is None
     assert first["connected_since"] > 1.7e9
-    page = json.loads(get(gw, "/peers?limit=1&offset=2")[1])
+    page = json.loads(admin_get(gw, "/peers?limit=1&offset=2")[1])
     assert page["total"] == 3 and [p["id"] for p in page["peers"]] == ["udp-1"]
-    assert get(gw, "/peers?limit=x")[0] == 400
+    assert admin_get(gw, "/peers?limit=x")[0] == 400
 
     # One peer leaves: its deliveries stay counted.
     b.close()
     gw.wait_for("tcp-2 disconnected")
-    text = get(gw, "/metrics")[1]
-    assert sample(text, "gateway_messages_delivered_total", listener="tcp", transport="tcp") == 5
-    assert sample(text, "gateway_connections", listener="tcp", transport="tcp") == 1
+    text = admin_get(gw, "/metrics")[1]
+    assert metric(text, "gateway_messages_delivered_total", listener="tcp", transport="tcp") == 5
+    assert metric(text, "gateway_connections", listener="tcp", transport="tcp") == 1
 
 
 def test_json_logs_parse(run_gateway):
     gw = run_gateway(
-        """
-[gateway]
-log_format = "json"
-log_level = "debug"
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-""",
+        toml_table("gateway", log_format="json", log_level="debug") + toml_listener("tcp"),
         listeners=0,
     )
     gw.wait_for('"message": "listening tcp')
@@ -149,8 +110,7 @@ def test_log_level_hides_info(tmp_path):
     config = tmp_path / "quiet.toml"
     # A UDP listener open to every source without the challenge logs a warning at start.
     config.write_text(
-        '[gateway]\nlog_level = "warn"\n'
-        '[[listeners]]\nname = "udp"\ntype = "udp"\nport = 0\nallow = ["0.0.0.0/0"]\n'
+        toml_table("gateway", log_level="warn") + toml_listener("udp", allow=["0.0.0.0/0"])
     )
     gw = GatewayProcess(config)
     gw.wait_for(r"\[warn\].*reflector")
@@ -161,31 +121,15 @@ def test_log_level_hides_info(tmp_path):
 
 def test_sigterm_drains_queued_output_then_exits_0(run_gateway):
     gw = run_gateway(
-        """
-[gateway]
-shutdown_timeout = 10
-
-[admin]
-port = 0
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-
-[[listeners]]
-name = "ws"
-type = "ws"
-port = 0
-""",
+        toml_table("gateway", shutdown_timeout=10)
+        + toml_table("admin", port=0)
+        + toml_listener("tcp")
+        + toml_listener("ws"),
         listeners=3,
     )
     sender = Line(gw.ports["tcp"])
-    reader = socket.socket()
-    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    reader.settimeout(TIMEOUT)
-    reader.connect(("127.0.0.1", gw.ports["tcp"]))
-    with connect(f"ws://127.0.0.1:{gw.ports['ws']}/ws", open_timeout=TIMEOUT, max_queue=None) as ws:
+    reader = stalled_reader(gw.ports["tcp"])
+    with websocket(gw, max_queue=None) as ws:
         gw.wait_for("ws-1 connected")
         gw.wait_for("tcp-2 connected")
         lines = [b"%06d" % i + b"q" * 500 for i in range(1000)]  # ~500 KB: queued in the gateway
@@ -194,11 +138,8 @@ port = 0
             assert ws.recv(timeout=TIMEOUT) == expected.decode()
         gw.proc.send_signal(signal.SIGTERM)
         gw.wait_for("shutting down")
-        assert get(gw, "/healthz") == (503, "gateway: shutting down\n")
-        received = b""
-        while chunk := reader.recv(65536):
-            received += chunk
-        got = received.split(b"\n")
+        assert admin_get(gw, "/healthz") == (503, "gateway: shutting down\n")
+        got = read_until_closed(reader).split(b"\n")
         assert got.pop() == b""
         assert got == lines  # every queued message, then a clean close
         with pytest.raises(ConnectionClosed) as closed:
@@ -247,16 +188,14 @@ def test_history_replays_the_last_messages_after_the_welcome(run_gateway):
     sender.line()
     sender.send(b"m1\nm2\nm3\nm4\n")
     deadline = time.monotonic() + TIMEOUT
-    while json.loads(get(gw, "/peers")[1])["peers"][0]["messages_in"] < 4:  # the gateway has them
+    while (
+        json.loads(admin_get(gw, "/peers")[1])["peers"][0]["messages_in"] < 4
+    ):  # the gateway has them
         assert time.monotonic() < deadline
         time.sleep(0.02)
     late = Line(gw.ports["tcp"])
     assert late.lines(4) == [b"hello tcp-2", b"m2", b"m3", b"m4"]
-    with connect(
-        f"ws://127.0.0.1:{gw.ports['ws']}/ws",
-        subprotocols=[Subprotocol("gateway.v1.json")],
-        open_timeout=TIMEOUT,
-    ) as client:
+    with websocket(gw, subprotocols=[JSON_SUBPROTOCOL]) as client:
         assert json.loads(client.recv(timeout=TIMEOUT))["type"] == "welcome"
         replayed = [json.loads(client.recv(timeout=TIMEOUT)) for _ in range(3)]
     assert [m["text"] for m in replayed] == ["m2", "m3", "m4"]
@@ -266,17 +205,7 @@ def test_history_replays_the_last_messages_after_the_welcome(run_gateway):
 def test_unix_socket_listener_from_an_endpoint_string(run_gateway, tmp_path):
     path = tmp_path / "gw.sock"
     gw = run_gateway(
-        f"""
-[[listeners]]
-name = "local"
-type = "tcp"
-endpoint = "unix:{path}"
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-""",
+        toml_listener("local", "tcp", port=None, endpoint=f"unix:{path}") + toml_listener("tcp"),
         listeners=1,
     )
     gw.wait_for(f'listening tcp endpoint unix:{path} \\(listener "local"')
@@ -294,7 +223,7 @@ port = 0
 
 def test_bad_endpoint_is_a_config_error(tmp_path: Path):
     config = tmp_path / "bad.toml"
-    config.write_text('[[listeners]]\nname = "x"\ntype = "tcp"\nendpoint = "carrier-pigeon:1"\n')
+    config.write_text(toml_listener("x", "tcp", port=None, endpoint="carrier-pigeon:1"))
     result = subprocess.run(
         [*GATEWAY, "--config", str(config), "--check"],
         capture_output=True,

@@ -16,7 +16,18 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.tls.pki import issue_certificate, make_ca, pem, pem_key
-from tests.conftest import GATEWAY, TIMEOUT, Datagram, GatewayProcess, Line
+from tests.conftest import (
+    GATEWAY,
+    TIMEOUT,
+    Datagram,
+    GatewayProcess,
+    Interactive,
+    Line,
+    TomlValue,
+    make_certs,
+    toml_listener,
+    toml_table,
+)
 
 OPENSSL = shutil.which("openssl") or "openssl"
 
@@ -25,45 +36,27 @@ OPENSSL = shutil.which("openssl") or "openssl"
 def certs(tmp_path: Path) -> Path:
     """A dev PKI made by the real ``gateway certs`` command, with a client 'alice'."""
     folder = tmp_path / "certs"
-    made = subprocess.run(
-        [*GATEWAY, "certs", "--dir", str(folder), "--client", "alice"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert made.returncode == 0, made.stderr
-    assert "dev CA SHA-256 fingerprint" in made.stdout
+    assert "dev CA SHA-256 fingerprint" in make_certs(folder, "--client", "alice")
     for key in ("ca.key", "server.key", "alice.key"):
         assert (folder / key).stat().st_mode & 0o777 == 0o600
     return folder
 
 
-def config(certs: Path, mtls: bool, extra_limits: str = "") -> str:
-    client_ca = f'client_ca = "{certs / "ca.pem"}"' if mtls else ""
-    return f"""
-[limits]
-handshake_timeout = 1.0
-{extra_limits}
+def config(certs: Path, mtls: bool, **extra_limits: TomlValue) -> str:
+    client_ca = certs / "ca.pem" if mtls else None
+    return (
+        toml_table("limits", handshake_timeout=1.0, **extra_limits)
+        + toml_listener("tls", certs=certs, client_ca=client_ca, welcome="welcome {peer}")
+        + toml_listener("tcp")
+        + toml_listener("udp")
+    )
 
-[[listeners]]
-name = "tls"
-type = "tls"
-port = 0
-cert = "{certs / "server.pem"}"
-key = "{certs / "server.key"}"
-{client_ca}
-welcome = "welcome {{peer}}"
 
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-
-[[listeners]]
-name = "udp"
-type = "udp"
-port = 0
-"""
+@pytest.fixture
+def gw(run_gateway, certs: Path) -> GatewayProcess:
+    """A gateway with its TLS listener (no client certificates asked), a tcp and a udp one."""
+    gateway: GatewayProcess = run_gateway(config(certs, mtls=False))
+    return gateway
 
 
 def s_client(port: int, certs: Path, *extra: str) -> list[str]:
@@ -81,41 +74,6 @@ def s_client(port: int, certs: Path, *extra: str) -> list[str]:
     ]
 
 
-class Session:
-    """An interactive ``openssl s_client``: lines in on stdin, lines out on stdout."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-        self.output = b""
-
-    def send(self, line: bytes) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + b"\n")
-        self.proc.stdin.flush()
-
-    def wait_for(self, needle: bytes) -> bytes:
-        assert self.proc.stdout is not None
-        while needle not in self.output:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise AssertionError(
-                    f"s_client ended before {needle!r}:\n{self.output.decode(errors='replace')}"
-                )
-            self.output += line
-        return self.output
-
-    def finish(self) -> bytes:
-        try:
-            out, _ = self.proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-        self.output += out
-        return self.output
-
-
 def refused(gw: GatewayProcess, argv: list[str], tcp: Line) -> str:
     """Run s_client that should be refused; prove nothing it sent reached a TCP peer."""
     failures = sum(1 for line in gw.log if "failed the handshake" in line)
@@ -128,13 +86,12 @@ def refused(gw: GatewayProcess, argv: list[str], tcp: Line) -> str:
     return (result.stdout + result.stderr).decode(errors="replace")
 
 
-def test_s_client_verifies_the_server_and_talks_to_tcp_and_udp_peers(run_gateway, certs):
-    gw = run_gateway(config(certs, mtls=False))
+def test_s_client_verifies_the_server_and_talks_to_tcp_and_udp_peers(gw, certs):
     tcp = Line(gw.ports["tcp"])
     udp = Datagram(gw.ports["udp"])
     udp.send(b"")
     gw.wait_for("udp-1 joined")
-    session = Session(s_client(gw.ports["tls"], certs))
+    session = Interactive(s_client(gw.ports["tls"], certs))
     out = session.wait_for(b"welcome tls-1")
     assert b"Verify return code: 0 (ok)" in out
     assert re.search(rb"Cipher is (?!\(NONE\))", out)
@@ -148,18 +105,16 @@ def test_s_client_verifies_the_server_and_talks_to_tcp_and_udp_peers(run_gateway
     session.finish()
 
 
-def test_s_client_offering_alpn_connects(run_gateway, certs):
-    gw = run_gateway(config(certs, mtls=False))
+def test_s_client_offering_alpn_connects(gw, certs):
     tcp = Line(gw.ports["tcp"])
-    session = Session(s_client(gw.ports["tls"], certs, "-alpn", "http/1.1"))
+    session = Interactive(s_client(gw.ports["tls"], certs, "-alpn", "http/1.1"))
     session.wait_for(b"welcome tls-1")
     session.send(b"with alpn")
     assert tcp.line() == b"with alpn"
     assert b"ALPN protocol: http/1.1" in session.finish()
 
 
-def test_tls_1_1_is_refused_by_the_server(run_gateway, certs):
-    gw = run_gateway(config(certs, mtls=False))
+def test_tls_1_1_is_refused_by_the_server(gw, certs):
     tcp = Line(gw.ports["tcp"])
     # SECLEVEL=0 makes the client willing, so the refusal is the server's.
     out = refused(
@@ -218,7 +173,7 @@ def test_mutual_tls_with_a_good_certificate_carries_the_subject(run_gateway, cer
     udp = Datagram(gw.ports["udp"])
     udp.send(b"")
     gw.wait_for("udp-1 joined")
-    session = Session(
+    session = Interactive(
         s_client(
             gw.ports["tls"],
             certs,
@@ -240,14 +195,13 @@ def test_mutual_tls_with_a_good_certificate_carries_the_subject(run_gateway, cer
     session.finish()
 
 
-def test_plain_bytes_on_the_tls_port_are_dropped_and_the_gateway_keeps_serving(run_gateway, certs):
-    gw = run_gateway(config(certs, mtls=False))
+def test_plain_bytes_on_the_tls_port_are_dropped_and_the_gateway_keeps_serving(gw, certs):
     tcp = Line(gw.ports["tcp"])
     garbage = Line(gw.ports["tls"])
     garbage.send(b"GET / HTTP/1.0\r\n\r\nhello in the clear\n")
     assert garbage.closed()
     assert tcp.nothing_within(0.3)
-    session = Session(s_client(gw.ports["tls"], certs))
+    session = Interactive(s_client(gw.ports["tls"], certs))
     session.wait_for(b"welcome tls-")
     session.send(b"still serving")
     assert tcp.line() == b"still serving"
@@ -261,8 +215,8 @@ def _closed_by_server(sock: socket.socket) -> bool:
         return True
 
 
-def test_handshake_deadline_closes_silent_and_trickling_clients(run_gateway, certs):
-    gw = run_gateway(config(certs, mtls=False))  # handshake_timeout = 1.0
+def test_handshake_deadline_closes_silent_and_trickling_clients(gw, certs):
+    # The fixture's gateway has handshake_timeout = 1.0.
     started = time.monotonic()
     silent = socket.create_connection(("127.0.0.1", gw.ports["tls"]), timeout=TIMEOUT)
     trickle = socket.create_connection(("127.0.0.1", gw.ports["tls"]), timeout=0.3)
@@ -296,12 +250,11 @@ def _served_fingerprint(port: int, certs: Path) -> str:
     return x509.load_pem_x509_certificate(leaf.group(0)).serial_number.to_bytes(20, "big").hex()
 
 
-def test_sighup_reloads_the_certificate_for_new_connections(run_gateway, certs):
-    gw = run_gateway(config(certs, mtls=False))
+def test_sighup_reloads_the_certificate_for_new_connections(gw, certs):
     port = gw.ports["tls"]
     tcp = Line(gw.ports["tcp"])
     before = _served_fingerprint(port, certs)
-    old_session = Session(s_client(port, certs))
+    old_session = Interactive(s_client(port, certs))
     old_session.wait_for(b"welcome tls-")
 
     ca, ca_key = _load_ca(certs)
@@ -326,16 +279,7 @@ def test_sighup_reloads_the_certificate_for_new_connections(run_gateway, certs):
 
 def test_generate_dev_cert_creates_ca_and_certificate_on_first_start(run_gateway, tmp_path):
     folder = tmp_path / "fresh"
-    toml = f"""
-[[listeners]]
-name = "tls"
-type = "tls"
-port = 0
-cert = "{folder / "server.pem"}"
-key = "{folder / "server.key"}"
-generate_dev_cert = true
-welcome = "dev {{peer}}"
-"""
+    toml = toml_listener("tls", certs=folder, generate_dev_cert=True, welcome="dev {peer}")
     gw = run_gateway(toml)
     match = gw.wait_for(r"SHA-256 fingerprint ([0-9A-F:]+)")
     assert (folder / "server.key").stat().st_mode & 0o777 == 0o600
@@ -347,13 +291,12 @@ welcome = "dev {{peer}}"
         timeout=TIMEOUT,
     ).stdout
     assert match.group(1) in fingerprint
-    session = Session(s_client(gw.ports["tls"], folder))
+    session = Interactive(s_client(gw.ports["tls"], folder))
     session.wait_for(b"dev tls-1")
     assert b"Verify return code: 0 (ok)" in session.finish()
 
 
-def test_tls_client_verifies_the_hostname(run_gateway, certs, tmp_path):
-    gw = run_gateway(config(certs, mtls=False))
+def test_tls_client_verifies_the_hostname(gw, certs, tmp_path):
     port = gw.ports["tls"]
     ok = subprocess.run(
         [*GATEWAY, "client", f"tls://localhost:{port}", "--ca", str(certs / "ca.pem")],
@@ -375,12 +318,7 @@ def test_tls_client_verifies_the_hostname(run_gateway, certs, tmp_path):
 
 def test_tls_client_refuses_a_certificate_for_another_host(run_gateway, tmp_path):
     other = tmp_path / "other"
-    made = subprocess.run(
-        [*GATEWAY, "certs", "--dir", str(other), "--host", "elsewhere.test"],
-        capture_output=True,
-        timeout=30,
-    )
-    assert made.returncode == 0
+    make_certs(other, "--host", "elsewhere.test")
     gw = run_gateway(config(other, mtls=False))
     mismatch = subprocess.run(
         [*GATEWAY, "client", f"tls://localhost:{gw.ports['tls']}", "--ca", str(other / "ca.pem")],

@@ -4,77 +4,48 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import socket
 import ssl
-import struct
-import subprocess
 from pathlib import Path
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import GATEWAY, TIMEOUT, Datagram, Line
+from tests.conftest import (
+    JSON_SUBPROTOCOL,
+    TIMEOUT,
+    Datagram,
+    Line,
+    close_code,
+    dev_ca,
+    gateway_client,
+    masked_frame,
+    read_until_closed,
+    tls_connect,
+    toml_listener,
+    toml_table,
+    websocket,
+    websocket_upgrade,
+    ws_url,
+)
 
-ALL = """
-[limits]
-max_message_bytes = 1000
 
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 0
-
-[[listeners]]
-name = "tls"
-type = "tls"
-port = 0
-cert = "{certs}/server.pem"
-key = "{certs}/server.key"
-
-[[listeners]]
-name = "udp"
-type = "udp"
-port = 0
-
-[[listeners]]
-name = "ws"
-type = "ws"
-port = 0
-
-[[listeners]]
-name = "wss"
-type = "wss"
-port = 0
-cert = "{certs}/server.pem"
-key = "{certs}/server.key"
-generate_dev_cert = true  # also serves the tls listener above, which starts first
-"""
+def config(certs: Path) -> str:
+    return (
+        toml_table("limits", max_message_bytes=1000)
+        + toml_listener("tcp")
+        + toml_listener("tls", certs=certs)
+        + toml_listener("udp")
+        + toml_listener("ws")
+        # generate_dev_cert also serves the tls listener above, which starts first.
+        + toml_listener("wss", certs=certs, generate_dev_cert=True)
+    )
 
 
 @pytest.fixture
 def gw(run_gateway, tmp_path):
-    return run_gateway(ALL.format(certs=tmp_path / "certs"))
-
-
-def ws(gw, listener: str = "ws", **kwargs) -> ClientConnection:
-    port = gw.ports[listener]
-    if listener == "wss":
-        context = ssl.create_default_context(cafile=str(gw.config.parent / "certs" / "ca.pem"))
-        secure: ClientConnection = connect(
-            f"wss://localhost:{port}/ws", ssl=context, open_timeout=TIMEOUT, **kwargs
-        )
-        return secure
-    plain: ClientConnection = connect(f"ws://127.0.0.1:{port}/ws", open_timeout=TIMEOUT, **kwargs)
-    return plain
-
-
-def tls_line(gw) -> ssl.SSLSocket:
-    context = ssl.create_default_context(cafile=str(gw.config.parent / "certs" / "ca.pem"))
-    raw = socket.create_connection(("127.0.0.1", gw.ports["tls"]), timeout=TIMEOUT)
-    return context.wrap_socket(raw, server_hostname="localhost")
+    return run_gateway(config(tmp_path / "certs"))
 
 
 def read_line(sock: ssl.SSLSocket) -> bytes:
@@ -90,8 +61,8 @@ def test_ws_relays_to_and_from_tcp_tls_and_udp(gw):
     tcp = Line(gw.ports["tcp"])
     udp = Datagram(gw.ports["udp"])
     udp.send(b"")
-    tls = tls_line(gw)
-    with ws(gw) as client:
+    tls = tls_connect(gw)
+    with websocket(gw) as client:
         gw.wait_for("ws-1 connected")
         gw.wait_for("udp-1 joined")
         gw.wait_for("tls-1 connected")
@@ -112,7 +83,7 @@ def test_ws_relays_to_and_from_tcp_tls_and_udp(gw):
 
 def test_wss_relays_with_the_dev_ca(gw):
     tcp = Line(gw.ports["tcp"])
-    with ws(gw, "wss") as client:
+    with websocket(gw, "wss") as client:
         gw.wait_for("wss-1 connected")
         client.send("over wss")
         assert tcp.line() == b"over wss"
@@ -121,7 +92,7 @@ def test_wss_relays_with_the_dev_ca(gw):
 
 
 def test_websocket_to_websocket_keeps_the_opcode(gw):
-    with ws(gw) as a, ws(gw, "wss") as b:
+    with websocket(gw) as a, websocket(gw, "wss") as b:
         gw.wait_for("wss-1 connected")
         a.send("text stays text")
         assert b.recv(timeout=TIMEOUT) == "text stays text"
@@ -134,17 +105,17 @@ def test_websocket_to_websocket_keeps_the_opcode(gw):
 def test_origin_policy(gw):
     port = gw.ports["ws"]
     with pytest.raises(InvalidStatus) as refused:
-        ws(gw, origin="http://evil.example")
+        websocket(gw, origin="http://evil.example")
     assert refused.value.response.status_code == 403
-    with ws(gw, origin=f"http://127.0.0.1:{port}") as same_origin:
+    with websocket(gw, origin=f"http://127.0.0.1:{port}") as same_origin:
         same_origin.send("same origin ok")
-    with ws(gw) as no_origin:  # non-browser clients send no Origin
+    with websocket(gw) as no_origin:  # non-browser clients send no Origin
         no_origin.send("no origin ok")
 
 
 def test_oversize_message_closes_with_1009_and_others_are_unaffected(gw):
     tcp = Line(gw.ports["tcp"])
-    with ws(gw) as big, ws(gw) as other:
+    with websocket(gw) as big, websocket(gw) as other:
         gw.wait_for("ws-2 connected")
         big.send("x" * 1001)
         with pytest.raises(ConnectionClosed) as closed:
@@ -155,52 +126,18 @@ def test_oversize_message_closes_with_1009_and_others_are_unaffected(gw):
         assert tcp.nothing_within(0.2)
 
 
-def _raw_handshake(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall(
-        (
-            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        ).encode()
-    )
-    response = b""
-    while b"\r\n\r\n" not in response:
-        response += sock.recv(4096)
-    assert response.startswith(b"HTTP/1.1 101"), response
-    return sock
-
-
-def _masked_frame(opcode: int, payload: bytes) -> bytes:
-    mask = os.urandom(4)
-    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-    return struct.pack("!BB", 0x80 | opcode, 0x80 | len(payload)) + mask + masked
-
-
-def _close_code(sock: socket.socket) -> int:
-    data = b""
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-        if len(data) >= 4 and data[0] & 0x0F == 0x8:
-            break
-    assert data and data[0] & 0x0F == 0x8, data
-    code: int = struct.unpack("!H", data[2:4])[0]
-    return code
-
-
 def test_invalid_utf8_text_frame_closes_with_1007(gw):
     tcp = Line(gw.ports["tcp"])
-    sock = _raw_handshake(gw.ports["ws"])
-    sock.sendall(_masked_frame(0x1, b"bad \xff\xfe text"))
-    assert _close_code(sock) == 1007
+    port = gw.ports["ws"]
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    websocket_upgrade(sock, host=f"127.0.0.1:{port}")
+    sock.sendall(masked_frame(0x81, b"bad \xff\xfe text"))
+    assert close_code(sock) == 1007
     assert tcp.nothing_within(0.3)
 
 
 def test_json_subprotocol_envelopes_welcome_and_presence(gw):
-    with ws(gw, subprotocols=["gateway.v1.json"]) as client:
+    with websocket(gw, subprotocols=[JSON_SUBPROTOCOL]) as client:
         assert client.subprotocol == "gateway.v1.json"
         welcome = json.loads(client.recv(timeout=TIMEOUT))
         assert welcome["type"] == "welcome"
@@ -241,9 +178,7 @@ def test_page_is_served_at_root(gw):
         sock.sendall(
             f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n".encode()
         )
-        response = b""
-        while chunk := sock.recv(65536):
-            response += chunk
+        response = read_until_closed(sock)
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert re.search(rb"(?i)content-type: text/html", head)
@@ -252,31 +187,19 @@ def test_page_is_served_at_root(gw):
 
 def test_terminal_client_over_ws_and_wss(gw):
     tcp = Line(gw.ports["tcp"])
-    ca = gw.config.parent / "certs" / "ca.pem"
-    ws_client = subprocess.Popen(
-        [*GATEWAY, "client", f"ws://127.0.0.1:{gw.ports['ws']}/ws"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    wss_client = subprocess.Popen(
-        [*GATEWAY, "client", f"wss://localhost:{gw.ports['wss']}/ws", "--ca", str(ca)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
+    ws_client = gateway_client(ws_url(gw))
+    wss_client = gateway_client(ws_url(gw, "wss"), "--ca", str(dev_ca(gw)))
     gw.wait_for("ws-1 connected")
     gw.wait_for("wss-1 connected")
-    assert ws_client.stdin is not None and wss_client.stdin is not None
-    ws_client.stdin.write(b"typed into ws\n")
-    ws_client.stdin.flush()
+    ws_client.send(b"typed into ws")
     assert tcp.line() == b"typed into ws"
     tcp.send(b"to both\n")
-    assert wss_client.stdout is not None and ws_client.stdout is not None
-    assert wss_client.stdout.readline() == b"typed into ws\n"
-    assert wss_client.stdout.readline() == b"to both\n"
-    assert ws_client.stdout.readline() == b"to both\n"
-    ws_client.communicate(timeout=TIMEOUT)
-    wss_client.communicate(timeout=TIMEOUT)
-    assert ws_client.returncode == 0 and wss_client.returncode == 0
+    assert wss_client.readline() == b"typed into ws\n"
+    assert wss_client.readline() == b"to both\n"
+    assert ws_client.readline() == b"to both\n"
+    ws_client.finish()
+    wss_client.finish()
+    assert ws_client.proc.returncode == 0 and wss_client.proc.returncode == 0
 
 
 def test_shipped_config_runs_on_a_fresh_checkout(run_gateway, tmp_path):
@@ -289,6 +212,6 @@ def test_shipped_config_runs_on_a_fresh_checkout(run_gateway, tmp_path):
     assert (tmp_path / "certs" / "server.key").stat().st_mode & 0o777 == 0o600
     tcp = Line(gw.ports["tcp"])
     assert tcp.line() == b"Welcome to the gateway, you are client number 1!"
-    with ws(gw, "wss") as client:
+    with websocket(gw, "wss") as client:
         client.send("quick start works")
         assert tcp.line() == b"quick start works"
