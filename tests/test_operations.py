@@ -6,7 +6,6 @@ import json
 import signal
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,6 @@ from websockets.exceptions import ConnectionClosed
 
 from tests.conftest import (
     GATEWAY,
-    JSON_SUBPROTOCOL,
     TIMEOUT,
     Datagram,
     GatewayProcess,
@@ -177,29 +175,6 @@ def test_sighup_reloads_welcome_and_limits_and_refuses_listener_changes(run_gate
     gw.proc.send_signal(signal.SIGHUP)
     gw.wait_for("reload: .*invalid TOML.*keeping the running configuration")
     assert Line(gw.ports["tcp"]).line() == b"reloaded tcp-4"
-
-
-def test_history_replays_the_last_messages_after_the_welcome(run_gateway):
-    gw = run_gateway(
-        BASE + "\n[channels.main]\nhistory = 3\n",
-        listeners=4,
-    )
-    sender = Line(gw.ports["tcp"])
-    sender.line()
-    sender.send(b"m1\nm2\nm3\nm4\n")
-    deadline = time.monotonic() + TIMEOUT
-    while (
-        json.loads(admin_get(gw, "/peers")[1])["peers"][0]["messages_in"] < 4
-    ):  # the gateway has them
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    late = Line(gw.ports["tcp"])
-    assert late.lines(4) == [b"hello tcp-2", b"m2", b"m3", b"m4"]
-    with websocket(gw, subprotocols=[JSON_SUBPROTOCOL]) as client:
-        assert json.loads(client.recv(timeout=TIMEOUT))["type"] == "welcome"
-        replayed = [json.loads(client.recv(timeout=TIMEOUT)) for _ in range(3)]
-    assert [m["text"] for m in replayed] == ["m2", "m3", "m4"]
-    assert all(m["history"] is True and m["from"] == "tcp-1" for m in replayed)
 
 
 def test_unix_socket_listener_from_an_endpoint_string(run_gateway, tmp_path):

@@ -275,3 +275,21 @@ def test_history_remembers_a_bounded_number_of_channels():
         history.record(Batch(origin, name, [name.encode()]))
     assert len(history._kept) <= 3
     assert [list(b.payloads) for b in history.replay("kept.4")] == [[b"kept.4"]]
+
+
+def test_history_comes_after_the_welcome_and_names_its_sender(start):
+    gw = start(
+        '[channels.main]\nhistory = 3\n[[listeners]]\nname = "tcp"\ntype = "tcp"\nport = 1\n'
+        'welcome = "hello {peer}"\n[[listeners]]\nname = "ws"\ntype = "ws"\nport = 2\n'
+        "ping_interval = 0\n"
+    )
+    sender = gw.connect("tcp")
+    sender.send(b"m1\nm2\nm3\nm4\n")
+    assert gw.connect("tcp").lines() == [b"hello tcp-2", b"m2", b"m3", b"m4"]
+    events = gw.websocket("ws", protocols=[JSON_SUBPROTOCOL]).events()
+    assert events[0]["type"] == "welcome"
+    assert [(e["text"], e["history"], e["from"]) for e in events[1:]] == [
+        ("m2", True, "tcp-1"),
+        ("m3", True, "tcp-1"),
+        ("m4", True, "tcp-1"),
+    ]
