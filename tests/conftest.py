@@ -19,13 +19,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 from websockets.sync.client import ClientConnection, connect
 from websockets.typing import Subprotocol
+
+from gateway.testing import MemoryGateway
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 LISTENING = re.compile(r'listening (\w+) (\S+):(\d+) \(listener "([^"]+)"')
@@ -497,6 +499,55 @@ def metric(text: str, name: str, **labels: str) -> float:
         if {k: v.strip('"') for k, v in found.items()} == labels:
             return float(value)
     raise AssertionError(f"no sample {name}{labels} in:\n{text}")
+
+
+# In-memory gateways (gateway.testing)
+
+
+StartMemory = Callable[..., MemoryGateway]
+
+
+@pytest.fixture
+def memory_gateways() -> Iterator[StartMemory]:
+    """``start(toml, **options)``: in-memory gateways, all stopped (drained) at the end."""
+    started: list[MemoryGateway] = []
+
+    def start(config: str, **options: Any) -> MemoryGateway:
+        gateway = MemoryGateway(config, **options)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+def one_tcp_listener(listener: str = "", limits: str = "", more: str = "") -> str:
+    """A gateway named "gw" with one ``tcp`` listener (``listener``: its extra keys)."""
+    return f"""
+[gateway]
+name = "gw"
+
+[limits]
+{limits}
+
+[[listeners]]
+name = "tcp"
+type = "tcp"
+port = 8006
+{listener}
+{more}
+"""
+
+
+@pytest.fixture
+def start(memory_gateways: StartMemory) -> StartMemory:
+    """``start(listener="", limits="", more="")``: an in-memory gateway of ``one_tcp_listener``."""
+
+    def start(listener: str = "", limits: str = "", more: str = "") -> MemoryGateway:
+        return memory_gateways(one_tcp_listener(listener, limits, more))
+
+    return start
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogLevel, capturedLogs
@@ -18,22 +16,7 @@ from gateway.flow.caps import TokenBucket
 from gateway.flow.ratelog import RateLimitedLog
 from gateway.testing import MemoryGateway, StreamConnection
 from gateway.transports.line import LINE_FRAMER
-from tests.test_tcp import Start, config, take
-
-
-@pytest.fixture
-def start() -> Iterator[Start]:
-    """Start in-memory gateways from ``config(...)``; all are stopped at the end."""
-    started: list[MemoryGateway] = []
-
-    def start(listener: str = "", limits: str = "", more: str = "") -> MemoryGateway:
-        gateway = MemoryGateway(config(listener, limits, more))
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
+from tests.test_tcp import take
 
 
 class Reading:

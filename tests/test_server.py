@@ -3,28 +3,18 @@ the drain, caps over mixed transports, history and presence."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from gateway.testing import MemoryGateway
 from gateway.tls.pki import fingerprint
 from gateway.transports.websocket.envelope import JSON_SUBPROTOCOL
+from tests.conftest import StartMemory
 
 
 @pytest.fixture
-def start() -> Iterator[object]:
-    started: list[MemoryGateway] = []
-
-    def make(config: str, **options: object) -> MemoryGateway:
-        gateway = MemoryGateway(config, **options)  # type: ignore[arg-type]
-        started.append(gateway)
-        return gateway
-
-    yield make
-    for gateway in started:
-        gateway.stop()
+def start(memory_gateways: StartMemory) -> StartMemory:
+    return memory_gateways
 
 
 def every_type(tmp_path: Path, **keys: str) -> str:

@@ -2,48 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.testing import MemoryGateway, StreamConnection
+from tests.conftest import one_tcp_listener
 
-Start = Callable[..., MemoryGateway]
-
-
-def config(listener: str = "", limits: str = "", more: str = "") -> str:
-    """A gateway named "gw" with one ``tcp`` listener (``listener``: its extra keys)."""
-    return f"""
-[gateway]
-name = "gw"
-
-[limits]
-{limits}
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = 8006
-{listener}
-{more}
-"""
-
-
-@pytest.fixture
-def start() -> Iterator[Start]:
-    """Start in-memory gateways from ``config(...)``; all are stopped at the end."""
-    started: list[MemoryGateway] = []
-
-    def start(listener: str = "", limits: str = "", more: str = "") -> MemoryGateway:
-        gateway = MemoryGateway(config(listener, limits, more))
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
+config = one_tcp_listener
 
 
 def take(connection: StreamConnection) -> bytes:
