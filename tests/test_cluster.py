@@ -146,7 +146,7 @@ class FakeRedis:
 
     def kill(self, subscribers_only: bool = False) -> None:
         for connection in list(self.connections):
-            if connection.patterns or not subscribers_only:
+            if connection.subscribed or not subscribers_only:
                 assert connection.transport is not None
                 connection.transport.loseConnection()
         self.settle()
@@ -163,7 +163,12 @@ class RedisConnection(Protocol):
         self.redis = redis
         self.reader = hiredis.Reader()
         self.patterns: list[bytes] = []
+        self.channels: list[bytes] = []
         self.authenticated = redis.password is None
+
+    @property
+    def subscribed(self) -> bool:
+        return bool(self.patterns or self.channels)
 
     def connectionMade(self) -> None:
         self.redis.connections.append(self)
@@ -187,15 +192,25 @@ class RedisConnection(Protocol):
         if not self.authenticated:
             return b"-NOAUTH Authentication required.\r\n"
         if name == b"PING":
-            return _array(_bulk(b"pong"), _bulk(b"")) if self.patterns else b"+PONG\r\n"
-        if name == b"PSUBSCRIBE":
-            self.patterns.append(command[1])
-            return _array(_bulk(b"psubscribe"), _bulk(command[1]), b":%d\r\n" % len(self.patterns))
+            return _array(_bulk(b"pong"), _bulk(b"")) if self.subscribed else b"+PONG\r\n"
+        if name in (b"SUBSCRIBE", b"PSUBSCRIBE", b"UNSUBSCRIBE", b"PUNSUBSCRIBE"):
+            names = self.patterns if name.startswith(b"P") else self.channels
+            if name.endswith(b"UNSUBSCRIBE"):
+                if command[1] in names:
+                    names.remove(command[1])
+            elif command[1] not in names:
+                names.append(command[1])
+            count = len(self.patterns) + len(self.channels)
+            return _array(_bulk(name.lower()), _bulk(command[1]), b":%d\r\n" % count)
         if name == b"PUBLISH":
             channel, message = command[1], command[2]
             self.redis.published.append((channel, message))
             reached = 0
             for other in self.redis.connections:
+                if channel in other.channels:
+                    push = _array(_bulk(b"message"), _bulk(channel), _bulk(message))
+                    other.transport.write(push)  # type: ignore[union-attr]
+                    reached += 1
                 for pattern in other.patterns:
                     if fnmatch.fnmatchcase(channel.decode(), pattern.decode()):
                         push = _array(
@@ -308,6 +323,7 @@ def test_a_batch_reaches_every_other_node_once_in_order_never_the_sender(redis):
     up(redis, a, b, c)
     sender, beside = Peer(a.bus, "tcp-1"), Peer(a.bus, "tcp-2")
     on_b, on_c = Peer(b.bus, "tcp-1"), Peer(c.bus, "tcp-1")
+    redis.settle()  # their nodes now listen for "main" on Redis
     for i in range(100):
         sender.send(b"m%d" % i, b"n%d" % i)
     redis.settle()
@@ -318,7 +334,7 @@ def test_a_batch_reaches_every_other_node_once_in_order_never_the_sender(redis):
     remote = on_b.batches[0]
     assert remote.origin.peer_id == "tcp-1@a"
     assert (remote.origin.listener, remote.origin.transport) == ("test", "tcp")
-    assert a.backplane.forwarded_batches == 100 and b.backplane.received_batches == 100
+    assert a.backplane.forwarded_batches == 100 and b.backplane.inbox.batches == 100
 
 
 def test_channels_stay_apart_and_other_prefixes_are_ignored(redis, clock):
@@ -334,7 +350,9 @@ def test_channels_stay_apart_and_other_prefixes_are_ignored(redis, clock):
     other_cluster.startService()
     redis.settle()
     on_main, on_news = Peer(b.bus, "p1"), Peer(b.bus, "p2", channel="news")
-    # "gw:sub" + "main" is the Redis channel "gw:sub:main", which "gw:*" also matches.
+    Peer(b.bus, "p3", channel="sub.>")  # listens with the Redis glob "gw:sub.*"
+    redis.settle()
+    # "gw:sub" + "main" is the Redis channel "gw:sub:main"; no node of ours wants it.
     Peer(other_cluster.bus, "q").send(b"elsewhere")
     Peer(a.bus, "s", channel="news").send(b"news")
     redis.settle()
@@ -349,6 +367,9 @@ def test_presence_crosses_nodes(redis):
     b.bus.watch_presence(
         "main", lambda event, peer, count: seen.append((event, peer.origin.peer_id))
     )
+    Peer(b.bus, "watcher")  # a peer on "main" at b: b listens for "main"
+    redis.settle()
+    seen.clear()
     peer = Peer(a.bus, "tcp-5")
     peer.close("bye")
     redis.settle()
@@ -359,6 +380,7 @@ def test_stopping_tells_the_others_our_peers_left(redis):
     a, b = Node(redis, "a"), Node(redis, "b")
     up(redis, a, b)
     Peer(a.bus, "tcp-1")
+    Peer(b.bus, "watcher")  # b listens for "main"
     redis.settle()
     events: list[Any] = []
     b.bus.watch_presence("main", lambda event, peer, count: events.append((event, peer)))
@@ -397,6 +419,7 @@ def test_redis_lost_mid_run_drops_and_counts_then_resumes(redis, clock):
     a, b = Node(redis, "a"), Node(redis, "b")
     up(redis, a, b)
     sender, local, remote = Peer(a.bus, "s"), Peer(a.bus, "l"), Peer(b.bus, "r")
+    redis.settle()
     sender.send(b"before")
     redis.settle()
     redis.refusing = True
@@ -487,14 +510,15 @@ def test_malformed_publications_are_counted_not_fatal(redis):
     a, b = Node(redis, "a"), Node(redis, "b")
     up(redis, a, b)
     remote = Peer(b.bus, "r")
-    subscriber = next(c for c in redis.connections if c.patterns)
-    junk = _array(_bulk(b"pmessage"), _bulk(b"gw:*"), _bulk(b"gw:main"), _bulk(b"junk"))
+    redis.settle()
+    subscriber = next(c for c in redis.connections if c.subscribed)
+    junk = _array(_bulk(b"message"), _bulk(b"gw:main"), _bulk(b"junk"))
     subscriber.transport.write(junk)
     redis.settle()
     Peer(a.bus, "s").send(b"fine")
     redis.settle()
     assert remote.payloads() == [b"fine"]
-    assert sum(node.backplane.malformed for node in (a, b)) == 1
+    assert sum(node.backplane.inbox.malformed for node in (a, b)) == 1
 
 
 @given(node=st.text(min_size=1, max_size=80), other=st.text(min_size=1, max_size=80))
@@ -507,3 +531,34 @@ def test_own_frames_are_recognised_before_decoding(node, other):
         assert frame.startswith(mark, 3)
     theirs = encode_batch(other, Batch(Origin("p", "l", "t"), "c", [b"x"]))
     assert theirs.startswith(mark, 3) == (decode(theirs).node == node)
+
+
+def test_a_node_listens_on_redis_only_for_what_its_peers_want(redis):
+    a, b = Node(redis, "a"), Node(redis, "b")
+    up(redis, a, b)
+    room = Peer(b.bus, "r", channel="room.1")
+    wide = Peer(b.bus, "w", channel="elsewhere")
+    b.bus.subscribe(wide, "room.*")
+    b.bus.subscribe(wide, "room.>")  # the same Redis glob as room.*: one PSUBSCRIBE
+    redis.settle()
+    listening = next(c for c in redis.connections if c.subscribed)
+    assert sorted(listening.channels) == [b"gw:elsewhere", b"gw:room.1"]
+    assert listening.patterns == [b"gw:room.*"]
+    sender = Peer(a.bus, "s", channel="room.1")
+    redis.settle()
+    sender.send(b"once")  # Redis sends b a message and a pmessage: b takes one
+    redis.settle()
+    assert room.payloads() == [b"once"] and wide.payloads() == [b"once"]
+    Peer(a.bus, "t", channel="room.2").send(b"by pattern")
+    redis.settle()
+    assert wide.payloads() == [b"once", b"by pattern"] and room.payloads() == [b"once"]
+    b.bus.unsubscribe(wide, "room.*")
+    redis.settle()
+    assert listening.patterns == [b"gw:room.*"]  # room.> still wants it
+    b.bus.unsubscribe(wide, "room.>")
+    room.close("bye")
+    redis.settle()
+    assert listening.patterns == [] and listening.channels == [b"gw:elsewhere"]
+    Peer(a.bus, "u", channel="room.1").send(b"nobody")
+    redis.settle()
+    assert wide.payloads() == [b"once", b"by pattern"]

@@ -469,3 +469,49 @@ def test_unreachable_redis_at_start_then_joins(run_gateway, tmp_path, redis_serv
     sender.send("a-tcp:1")
     remote.wait(lambda c: c.count("a-tcp") == 1)
     assert sum("cannot reach Redis" in line for line in a.log) == 1  # logged once
+
+
+def _numsub(redis: RedisServer, channel: str) -> int:
+    """``PUBSUB NUMSUB channel``: how many connections (nodes) are subscribed to it."""
+    request = b"*3\r\n$6\r\nPUBSUB\r\n$6\r\nNUMSUB\r\n$%d\r\n%s\r\n" % (
+        len(channel),
+        channel.encode(),
+    )
+    with socket.create_connection(("127.0.0.1", redis.port), timeout=TIMEOUT) as sock:
+        sock.sendall(request)
+        reply = b""
+        while reply.count(b"\r\n") < 4:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return int(reply.split(b"\r\n")[3][1:])  # *2, $len, channel, :count
+
+
+def test_nodes_listen_only_for_the_channels_their_peers_want(run_gateway, redis_server):
+    json_lines = toml_listener("json", "tcp", format="json")
+    nodes = [run_gateway(node_toml(redis_server, name) + json_lines) for name in ("a", "b", "c")]
+    for node in nodes:
+        node.wait_for("backplane up")
+    a, b, c = nodes
+    on_a, on_b = Line(a.ports["json"]), Line(b.ports["json"])
+    for client in (on_a, on_b):
+        client.send(b'{"type":"subscribe","channel":"room.42"}\n')
+        answer = b'{"type":"subscribed","channel":"room.42"}'
+        while (line := client.line()) != answer:  # the welcome, presence of main
+            assert b'"type":"message"' not in line
+    bystander = Line(c.ports["tcp"])  # c has peers, none of them on room.42
+    deadline = time.monotonic() + TIMEOUT
+    while _numsub(redis_server, "test:room.42") != 2:  # a and b, not c
+        assert time.monotonic() < deadline, "the nodes did not subscribe"
+        time.sleep(0.02)
+    on_b.send(b'{"type":"message","channel":"room.42","text":"only a and b"}\n')
+    while b'"type":"message"' not in (event := on_a.line()):
+        pass
+    assert b'"channel":"room.42"' in event and b'"text":"only a and b"' in event
+    assert bystander.nothing_within(0.3)
+    on_a.close()
+    on_b.close()
+    while _numsub(redis_server, "test:room.42") != 0:  # the last subscribers left
+        assert time.monotonic() < deadline, "the nodes did not unsubscribe"
+        time.sleep(0.02)

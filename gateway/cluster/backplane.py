@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgpack
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import CancelledError, Deferred, gatherResults
@@ -29,6 +28,8 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from gateway.cluster.inbox import Inbox
+from gateway.cluster.interest import Command, Interest
 from gateway.cluster.redis import (
     Link,
     OneConnection,
@@ -39,16 +40,12 @@ from gateway.cluster.redis import (
     redis_endpoint,
 )
 from gateway.cluster.wire import (
-    EVENT_NAMES,
-    MESSAGE,
-    WireError,
-    decode,
     encode_batch,
     encode_presence,
-    remote_origin,
 )
 from gateway.config import ClusterSettings
 from gateway.core.bus import Bus
+from gateway.core.channels import has_wildcard
 from gateway.core.message import Batch, Origin
 
 
@@ -94,10 +91,12 @@ class Backplane(Service):
             else redis_endpoint(reactor, self.address, self.timeout)
         )
         self._keys: dict[str, bytes] = {}
-        self._pattern = f"{settings.prefix}:*"
+        # What this node's peers want from Redis (SUBSCRIBE / PSUBSCRIBE), and which
+        # copy of a publication it takes.
+        self.interest = Interest(settings.prefix)
+        self.inbox = Inbox(bus, self.node, self.interest)
         # Every frame starts with an array header, the version and the type (one
         # byte each), then the node id: this is how ours looks there.
-        self._own_mark: bytes = msgpack.packb(self.node)
         self._link: Link | None = None
         self._up: Link | None = None
         self._waiting: Deferred[Any] | None = None  # a Redis step or a backoff pause
@@ -107,15 +106,12 @@ class Backplane(Service):
         # Counters (the admin endpoint shows them).
         self.forwarded_batches = 0
         self.forwarded_messages = 0
-        self.received_batches = 0
-        self.received_messages = 0
         self.unforwarded = 0  # batches not forwarded (either reason below)
         self.dropped_down = 0  # messages not forwarded: Redis unreachable
         self.dropped_overflow = 0  # messages not forwarded: too many bytes awaiting Redis
         self.unconfirmed = (
             0  # batches written when a connection went (may or may not have gone out)
         )
-        self.malformed = 0  # publications on our prefix that were not frames we read
         self.connects = 0
         self.outages = 0
 
@@ -139,13 +135,13 @@ class Backplane(Service):
             "redis": self.address.describe(),
             "forwarded_batches": self.forwarded_batches,
             "forwarded_messages": self.forwarded_messages,
-            "received_batches": self.received_batches,
-            "received_messages": self.received_messages,
+            "received_batches": self.inbox.batches,
+            "received_messages": self.inbox.messages,
             "unforwarded_batches": self.unforwarded,
             "dropped_down": self.dropped_down,
             "dropped_overflow": self.dropped_overflow,
             "unconfirmed_batches": self.unconfirmed,
-            "malformed": self.malformed,
+            "malformed": self.inbox.malformed,
             "pending_bytes": self._pending_bytes,
             "connects": self.connects,
             "outages": self.outages,
@@ -185,6 +181,30 @@ class Backplane(Service):
         if self._pending_bytes + len(data) <= self.max_pending_bytes:
             self._publish(link, self._key(channel), data)
 
+    def subscribed(self, subscription: str) -> None:
+        """The first local peer subscribed to ``subscription``: listen for it on Redis."""
+        self._send_interest(self.interest.want(subscription))
+
+    def unsubscribed(self, subscription: str) -> None:
+        """The last local subscriber of ``subscription`` left: stop listening for it."""
+        self._send_interest(self.interest.unwant(subscription))
+
+    def _send_interest(self, command: Command | None) -> None:
+        link = self._link
+        if command is None or link is None or link.ended.called or link.subscriber is None:
+            return  # a new connection subscribes to everything wanted then
+        if link.subscriber.transport is None:
+            return  # still connecting: it subscribes to what is wanted once connected
+        self._subscribe(link, command).addErrback(
+            lambda f: link.end(f"Redis refused {command[0]}: {describe_failure(f)}")
+        )
+
+    def _subscribe(self, link: Link, command: Command) -> Deferred[None]:
+        assert link.subscriber is not None
+        verb, name = command
+        reply: Deferred[Any] = link.subscriber.execute_command(verb, name, apply_timeout=False)
+        return reply.addCallback(lambda _: self.interest.confirmed(command))
+
     def _key(self, channel: str) -> bytes:
         key = self._keys.get(channel)
         if key is None:
@@ -207,52 +227,6 @@ class Backplane(Service):
         if isinstance(result, Failure):
             self.unconfirmed += 1
 
-    # Incoming
-
-    def _received(self, channel: bytes, data: bytes) -> None:
-        if data.startswith(self._own_mark, 3):
-            return  # our own publication (Redis sends them back to us): not even decoded
-        try:
-            frame = decode(data)
-        except WireError as e:
-            self._malformed(channel, str(e))
-            return
-        if frame.node == self.node:
-            return  # our own publication
-        if channel != self._key(frame.channel):
-            # Another cluster whose prefix starts with ours and a colon.
-            return
-        try:
-            if frame.type == MESSAGE:
-                self.received_batches += 1
-                self.received_messages += len(frame.payloads)
-                self.bus.publish_remote(
-                    Batch(
-                        remote_origin(frame),
-                        frame.channel,
-                        frame.payloads,
-                        frame.kinds,
-                        frame.lines,
-                    )
-                )
-            else:
-                self.bus.announce_remote(
-                    EVENT_NAMES[frame.type], remote_origin(frame), frame.channel
-                )
-        except Exception:
-            self.log.failure("delivering a batch from node {node} failed", node=frame.node)
-
-    def _malformed(self, channel: bytes, problem: str) -> None:
-        self.malformed += 1
-        if self.malformed == 1 or self.malformed % 1000 == 0:
-            self.log.warn(
-                "backplane: ignored {count} publication(s) on {channel} that are not gateway "
-                "frames ({problem}); is another program using the prefix?",
-                count=self.malformed,
-                channel=channel.decode("utf-8", "replace"),
-                problem=problem,
-            )
-
     # Lifecycle
 
     def startService(self) -> None:
@@ -271,7 +245,9 @@ class Backplane(Service):
         if link is not None:
             # Tell the other nodes our peers are leaving, then close.
             for peer in self.bus.peers():
-                self.presence("leave", peer.origin, peer.channel)
+                for channel in self.bus.subscriptions(peer):
+                    if not has_wildcard(channel):
+                        self.presence("leave", peer.origin, channel)
             self._went_down(link, "")
             try:
                 assert link.publisher is not None
@@ -327,11 +303,12 @@ class Backplane(Service):
         link.publisher = publisher
         await self._in_time(self._endpoint.connect(OneConnection(publisher)))
         await self._prepare(publisher)
-        subscriber = Subscriber(self._received, link.lost)
+        subscriber = Subscriber(self.inbox.received, link.lost)
         link.subscriber = subscriber
         await self._in_time(self._endpoint.connect(OneConnection(subscriber)))
         await self._prepare(subscriber)
-        await self._in_time(subscriber.psubscribe(self._pattern))
+        for command in self.interest.wanted():
+            await self._in_time(self._subscribe(link, command))
         if link.ended.called:
             raise ConnectionError(link.ended.result)
 
@@ -369,10 +346,10 @@ class Backplane(Service):
         self._up = link
         self.connects += 1
         self.log.info(
-            "backplane up: node {node} on {redis}, channels {pattern}",
+            "backplane up: node {node} on {redis}, listening for {count} channels and patterns",
             node=self.node,
             redis=self.address.describe(),
-            pattern=self._pattern,
+            count=len(self.interest.wanted()),
         )
         health = self._health = LoopingCall(self._check, link)
         health.clock = self.reactor
@@ -384,6 +361,7 @@ class Backplane(Service):
         if self._up is not link:
             return
         self._up = None
+        self.interest.reset()
         if self._health is not None and self._health.running:
             self._health.stop()
         self._health = None

@@ -77,14 +77,16 @@ class Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
     """The subscribed connection; hands each publication to ``received``."""
 
     def __init__(
-        self, received: Callable[[bytes, bytes], None], lost: Callable[[Failure], None]
+        self,
+        received: Callable[[bytes, bytes, bytes | None], None],
+        lost: Callable[[Failure], None],
     ) -> None:
         super().__init__(charset=None, convertNumbers=False)
         self._received = received
         self._lost = lost
 
     def messageReceived(self, pattern: bytes | None, channel: bytes, message: bytes) -> None:
-        self._received(channel, message)
+        self._received(channel, message, pattern)
 
     def connectionLost(self, why: Failure) -> None:
         super().connectionLost(why)

@@ -53,6 +53,12 @@ class Backplane(Protocol):
     def presence(self, event: str, origin: Origin, channel: str) -> None:
         """Tell the other nodes a local peer joined or left ``channel``."""
 
+    def subscribed(self, subscription: str) -> None:
+        """The first local peer subscribed to ``subscription`` (a name or pattern)."""
+
+    def unsubscribed(self, subscription: str) -> None:
+        """The last local subscriber of ``subscription`` has gone."""
+
 
 class Bus:
     """Subscriptions by name and pattern; every batch goes to every other peer that wants it."""
@@ -139,6 +145,7 @@ class Bus:
             group = self.routes.remove(key, peer)
             if group is not None:
                 entry.remove(group)
+                self._unsubscribed(key)
         del self._entries[peer]
         self._retire(peer, entry)
         for key in keys:
@@ -169,10 +176,17 @@ class Bus:
         return True
 
     def _subscribe(self, peer: IPeer, pattern: str, entry: Entry | None = None) -> None:
+        first = not self.routes.has(pattern)
         group = self.routes.add(pattern, peer)
         if group is not None:
             (entry or self._entries[peer]).add(group)
+            if first and self.backplane is not None:
+                self.backplane.subscribed(pattern)
             self._announce("join", peer, pattern)
+
+    def _unsubscribed(self, pattern: str) -> None:
+        if self.backplane is not None and not self.routes.has(pattern):
+            self.backplane.unsubscribed(pattern)
 
     def unsubscribe(self, peer: IPeer, pattern: str) -> None:
         """End a subscription; raises ``SubscriptionError("not_subscribed", ...)`` without one."""
@@ -181,6 +195,7 @@ class Bus:
         if entry is None or group is None:
             raise SubscriptionError("not_subscribed", f"not subscribed to {pattern!r}")
         entry.remove(group)
+        self._unsubscribed(pattern)
         self._announce("leave", peer, pattern)
 
     def subscription_count(self) -> int:

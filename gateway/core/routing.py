@@ -62,6 +62,10 @@ class Routes:
         """Names and patterns with at least one subscriber."""
         return len(self.exact) + len(self.wildcard)
 
+    def has(self, key: str) -> bool:
+        """Whether any peer is subscribed to exactly ``key``."""
+        return key in (self.wildcard if has_wildcard(key) else self.exact)
+
     def add(self, key: str, peer: IPeer) -> Group | None:
         """Subscribe ``peer`` to ``key``; its group, or None if it was subscribed already."""
         wildcard = has_wildcard(key)

@@ -69,6 +69,8 @@ class FakeBackplane:
         self.flush = flush  # moves what remote messages made (MemoryGateway.flush)
         self.forwarded: list[Batch] = []
         self.presence_events: list[tuple[str, str, str]] = []
+        # What the node would listen to on Redis: ("subscribe" | "unsubscribe", name or pattern).
+        self.interest: list[tuple[str, str]] = []
         bus.backplane = self
 
     def forward(self, batch: Batch) -> None:
@@ -76,6 +78,12 @@ class FakeBackplane:
 
     def presence(self, event: str, origin: Origin, channel: str) -> None:
         self.presence_events.append((event, origin.peer_id, channel))
+
+    def subscribed(self, subscription: str) -> None:
+        self.interest.append(("subscribe", subscription))
+
+    def unsubscribed(self, subscription: str) -> None:
+        self.interest.append(("unsubscribe", subscription))
 
     def remote_message(
         self, payload: bytes, channel: str = "main", peer: str = "remote-1", node: str = "other"
