@@ -332,3 +332,44 @@ def test_page_loads_nothing_from_other_origins(gateway, chromium):
     loaded = page.evaluate("performance.getEntriesByType('resource').map((e) => e.name)")
     assert all(name.startswith(origin + "/") for name in loaded), loaded
     tcp.close()
+
+
+def test_page_joins_and_leaves_channels_and_sends_to_a_chosen_one(run_gateway, chromium):
+    gw = run_gateway(
+        toml_listener("one", "tcp", channel="room.1")
+        + toml_listener("two", "tcp", channel="room.2")
+        + toml_listener("ws")
+    )
+    page = new_page(chromium())
+    page.goto(f"http://127.0.0.1:{gw.ports['ws']}/")
+    wait_connected(page)
+    expect(page.locator("#channels li .name")).to_have_text(["main"])
+    one, two = Line(gw.ports["one"]), Line(gw.ports["two"])
+    (one_id, two_id) = peer_ids(gw, r"((?:one|two)-\d+) connected from", 2)
+
+    for channel in ("room.1", "room.2"):
+        page.locator("#channel").fill(channel)
+        page.locator("#channel").press("Enter")
+    expect(page.locator("#channels li .name")).to_have_text(["main", "room.1", "room.2"])
+
+    one.send(b"in room 1\n")
+    expect_message(page, "in room 1", one_id, "tcp")
+    entry = page.locator("#log li.message").filter(has_text="in room 1")
+    expect(entry.locator(".channel")).to_have_text("room.1")
+
+    page.locator("#target").select_option("room.2")
+    browser_says(page, "to room 2")
+    assert two.line() == b"to room 2"
+    assert one.nothing_within(0.3)
+
+    page.get_by_role("button", name="Leave room.1").click()
+    expect(page.locator("#channels li .name")).to_have_text(["main", "room.2"])
+    one.send(b"after leaving\n")
+    two.send(b"still in room 2\n")
+    expect_message(page, "still in room 2", two_id, "tcp")
+    expect(page.locator("#log li.message").filter(has_text="after leaving")).to_have_count(0)
+
+    page.locator("#channel").fill("a..b")
+    page.locator("#channel").press("Enter")
+    expect(page.locator("#channel-error")).to_contain_text("not a channel name or pattern")
+    screenshot(page, "browser-channels.png")

@@ -18,6 +18,12 @@
   const form = $("composer");
   const input = $("message");
   const sendButton = $("send");
+  const channelsEl = $("channels");
+  const joinForm = $("join");
+  const channelInput = $("channel");
+  const joinButton = $("join-button");
+  const channelError = $("channel-error");
+  const targetEl = $("target");
 
   let socket = null;
   let myId = null;
@@ -25,6 +31,11 @@
   let retryTimer = null;
   // Peers on our channel (id -> transport), from the welcome list and join/leave events.
   const peers = new Map();
+  // Our own channel (from the welcome), and the channels and patterns we joined: those
+  // are joined again after a reconnect.
+  let home = null;
+  const joined = new Set();
+  let nextId = 1;
 
   function socketUrl() {
     const url = new URL("ws", location.href);
@@ -42,6 +53,9 @@
   function setConnected(connected) {
     input.disabled = !connected;
     sendButton.disabled = !connected;
+    channelInput.disabled = !connected;
+    joinButton.disabled = !connected;
+    targetEl.disabled = !connected;
     if (connected && document.activeElement === document.body) {
       input.focus();
     }
@@ -78,6 +92,7 @@
     item.appendChild(span("when", timeNow()));
     item.appendChild(span("who", from));
     item.appendChild(span("via", transport));
+    item.appendChild(span("channel", options.channel || ""));
     item.appendChild(span(options.binary ? "text binary" : "text", body));
     append(item);
   }
@@ -119,6 +134,48 @@
     countEl.textContent = String(count);
   }
 
+  function isPattern(name) {
+    return name.split(".").some((token) => token === "*" || token === ">");
+  }
+
+  function renderChannels() {
+    channelsEl.replaceChildren();
+    const names = home === null ? [...joined] : [home, ...[...joined].filter((c) => c !== home)];
+    for (const name of names) {
+      const item = document.createElement("li");
+      item.appendChild(span("name", name));
+      if (name !== home) {
+        const leave = document.createElement("button");
+        leave.type = "button";
+        leave.className = "leave";
+        leave.textContent = "Leave";
+        leave.setAttribute("aria-label", "Leave " + name);
+        leave.addEventListener("click", () => request({ type: "unsubscribe", channel: name }));
+        item.appendChild(leave);
+      }
+      channelsEl.appendChild(item);
+    }
+    const chosen = targetEl.value;
+    targetEl.replaceChildren();
+    for (const name of names.filter((n) => !isPattern(n))) {
+      const option = document.createElement("option");
+      option.value = name;
+      option.textContent = name;
+      targetEl.appendChild(option);
+    }
+    if ([...targetEl.options].some((o) => o.value === chosen)) {
+      targetEl.value = chosen;
+    }
+  }
+
+  function request(fields) {
+    if (socket === null || socket.readyState !== WebSocket.OPEN) {
+      return;
+    }
+    fields.id = nextId++;
+    socket.send(JSON.stringify(fields));
+  }
+
   function handle(event) {
     switch (event.type) {
       case "welcome":
@@ -133,28 +190,60 @@
         meEl.textContent = "as " + myId;
         setStatus("open", "Connected");
         setConnected(true);
+        home = event.channel || null;
+        renderChannels();
         addEvent("Connected as " + myId + (event.channel ? " on channel " + event.channel : ""));
+        for (const channel of joined) {
+          request({ type: "subscribe", channel: channel }); // again, after a reconnect
+        }
         break;
       case "join":
-        peers.set(event.peer, event.transport);
         setCount(event.count);
-        renderOnline();
-        addEvent(event.peer + " joined via " + event.transport);
+        if (event.channel === undefined || event.channel === home) {
+          peers.set(event.peer, event.transport);
+          renderOnline();
+          addEvent(event.peer + " joined via " + event.transport);
+        } else {
+          addEvent(event.peer + " joined " + event.channel + " via " + event.transport);
+        }
         break;
       case "leave":
-        peers.delete(event.peer);
         setCount(event.count);
-        renderOnline();
-        addEvent(event.peer + " left");
+        if (event.channel === undefined || event.channel === home) {
+          peers.delete(event.peer);
+          renderOnline();
+          addEvent(event.peer + " left");
+        } else {
+          addEvent(event.peer + " left " + event.channel);
+        }
+        break;
+      case "subscribed":
+        if (!joined.has(event.channel)) {
+          joined.add(event.channel);
+          addEvent("Joined " + event.channel);
+        }
+        renderChannels();
+        break;
+      case "unsubscribed":
+        joined.delete(event.channel);
+        renderChannels();
+        addEvent("Left " + event.channel);
+        break;
+      case "error":
+        channelError.hidden = false;
+        channelError.textContent = event.reason || event.code;
         break;
       case "message":
         if (event.from === myId) {
           return; // already shown when sent
         }
         if (typeof event.text === "string") {
-          addMessage(event.from, event.transport, event.text, {});
+          addMessage(event.from, event.transport, event.text, { channel: event.channel });
         } else if (typeof event.base64 === "string") {
-          addMessage(event.from, event.transport, binaryLabel(event.base64), { binary: true });
+          addMessage(event.from, event.transport, binaryLabel(event.base64), {
+            binary: true,
+            channel: event.channel,
+          });
         }
         break;
       default:
@@ -231,10 +320,22 @@
     if (!text || socket === null || socket.readyState !== WebSocket.OPEN || myId === null) {
       return;
     }
-    socket.send(JSON.stringify({ type: "message", text: text }));
-    addMessage("you (" + myId + ")", peers.get(myId) || (location.protocol === "https:" ? "wss" : "ws"), text, { mine: true });
+    const channel = targetEl.value || home;
+    socket.send(JSON.stringify({ type: "message", channel: channel, text: text }));
+    addMessage("you (" + myId + ")", peers.get(myId) || (location.protocol === "https:" ? "wss" : "ws"), text, { mine: true, channel: channel });
     input.value = "";
     input.focus();
+  });
+
+  joinForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const name = channelInput.value.trim();
+    if (!name) {
+      return;
+    }
+    channelError.hidden = true;
+    request({ type: "subscribe", channel: name });
+    channelInput.value = "";
   });
 
   input.addEventListener("keydown", (ev) => {
