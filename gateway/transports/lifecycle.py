@@ -126,8 +126,9 @@ class StreamPeer:
     """The lifecycle of one stream connection, mixed into each transport's protocol.
 
     The transport calls ``_admit`` when the connection is made, ``_join`` once
-    its handshake (if any) is done, ``_gone`` when the connection is lost, and
-    implements ``deliver``, ``close``, ``abort`` and ``_greet``.
+    its handshake (if any) is done, ``_speak_json`` for a JSON client and
+    ``_request`` with what it sends, ``_gone`` (or ``_release``) when the
+    connection is lost, and implements ``close`` and ``abort``.
     """
 
     # Not ``log``: Autobahn's protocols have a ``log`` of their own.
