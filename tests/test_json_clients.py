@@ -233,3 +233,31 @@ def _upgrade(path: str) -> bytes:
         "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         "Sec-WebSocket-Version: 13\r\n\r\n"
     ).encode()
+
+
+def test_a_json_tls_listener_and_too_many_channels(tmp_path: Path):
+    config = f"""
+[limits]
+max_channels = 2
+
+[[listeners]]
+name = "secure"
+type = "tls"
+port = 8007
+format = "json"
+cert = "{tmp_path}/server.pem"
+key = "{tmp_path}/server.key"
+generate_dev_cert = true
+"""
+    gw = MemoryGateway(config, base=tmp_path)
+    client = gw.connect("secure")
+    assert events(client)[0]["type"] == "welcome"
+    send(client, {"type": "subscribe", "channel": "one"}, {"type": "subscribe", "channel": "two"})
+    answers = events(client)
+    assert answers[0] == {"type": "subscribed", "channel": "one"}
+    assert answers[1]["type"] == "error" and answers[1]["code"] == "too_many_channels"
+    other = gw.connect("secure")
+    events(other)
+    send(other, {"type": "message", "channel": "one", "text": "over tls"})
+    assert [e["text"] for e in events(client) if e["type"] == "message"] == ["over tls"]
+    gw.stop()
