@@ -205,26 +205,24 @@ class GatewayService(MultiService):
         await self._stop_listening(admin=False)
         await children_stopped
         timeout = self.config.gateway.shutdown_timeout
-        for service in self.listeners.values():
-            service.drain(timeout)
-        for runtime in self.mounted:
+        for runtime in self._runtimes():
             runtime.draining = timeout
         self.bus.close_all("gateway shutting down")
         deadline = self.reactor.seconds() + timeout
         while self._open_connections() and self.reactor.seconds() < deadline:
             await deferLater(self.reactor, 0.05, lambda: None)
-        for service in self.listeners.values():
-            service.abort_all("gateway shutting down")
-        for runtime in self.mounted:
-            for connection in list(runtime.connections):
-                connection.abort("gateway shutting down")
+        for runtime in self._runtimes():
+            runtime.abort_all("gateway shutting down")
         await self._stop_listening()
         self.listening = False
         self.log.info("stopped")
 
+    def _runtimes(self) -> list[ListenerRuntime]:
+        """Every listener's runtime, and those of WebSocket endpoints mounted elsewhere."""
+        return [service.runtime for service in self.listeners.values()] + self.mounted
+
     def _open_connections(self) -> int:
-        listening = sum(service.open_connections() for service in self.listeners.values())
-        return listening + sum(len(runtime.connections) for runtime in self.mounted)
+        return sum(len(runtime.connections) for runtime in self._runtimes())
 
     # Embedding
 

@@ -15,7 +15,6 @@ subscriptions there are.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 MAX_NAME_BYTES = 128
 _TOKEN = r"[A-Za-z0-9_\-:@/]+"
@@ -110,6 +109,3 @@ class PatternIndex:
                 self._cache.clear()
             self._cache[name] = found
         return found
-
-    def patterns(self) -> Iterable[str]:
-        return iter(self._patterns)

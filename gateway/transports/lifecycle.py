@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from gateway.config.listeners import ListenerConfig
+from gateway.config.listeners import ListenerConfig, StreamListenerConfig
 from gateway.config.settings import Limits
 from gateway.core.bus import Bus
 from gateway.core.interfaces import IFramer, IPeer
@@ -83,6 +83,11 @@ class ListenerRuntime:
         self.config = config
         self.limits = limits
 
+    def abort_all(self, reason: str) -> None:
+        """Cut every connection still open (the end of a drain)."""
+        for connection in list(self.connections):
+            connection.abort(reason)
+
     def close_timeout(self) -> float:
         """How long a closed peer may take to drain its queued output (and, over TLS,
         to answer close_notify) before it is cut."""
@@ -111,10 +116,10 @@ class ListenerRuntime:
 
     def welcome_text(self, count: int, peer_id: str) -> bytes | None:
         """The listener's ``welcome`` for a peer that just joined, or None without one."""
-        welcome = getattr(self.config, "welcome", "")
-        if not welcome:
+        config = self.config
+        if not isinstance(config, StreamListenerConfig) or not config.welcome:
             return None
-        text: str = welcome.format(count=count, peer=peer_id, name=self.context.gateway_name)
+        text = config.welcome.format(count=count, peer=peer_id, name=self.context.gateway_name)
         return text.encode("utf-8")
 
     def gone(self, peer_id: str, why: str, verb: str = "disconnected") -> None:

@@ -158,17 +158,6 @@ class ListenerService(Service):
                 fingerprint=server_tls.fingerprint,
             )
 
-    def drain(self, timeout: float) -> None:
-        """The gateway stops: peers closed from now on may take ``timeout`` to flush."""
-        self.runtime.draining = timeout
-
-    def open_connections(self) -> int:
-        return len(self.runtime.connections)
-
-    def abort_all(self, reason: str) -> None:
-        for connection in list(self.runtime.connections):
-            connection.abort(reason)
-
     def peer_count(self) -> int | None:
         """Peers a datagram listener knows (None: stream listeners count connections)."""
         return None
