@@ -362,13 +362,16 @@ def websocket(gw: GatewayProcess, listener: str = "ws", **kwargs: Any) -> Client
     return client
 
 
-def websocket_upgrade(sock: socket.socket, host: str = "127.0.0.1") -> None:
-    """Complete the WebSocket handshake for ``/ws`` on ``sock`` by hand; reads the response's
-    head and not a byte more."""
+def websocket_upgrade(
+    sock: socket.socket, host: str = "127.0.0.1", protocol: str | None = None
+) -> None:
+    """Complete the WebSocket handshake for ``/ws`` on ``sock`` by hand (offering subprotocol
+    ``protocol``, if given); reads the response's head and not a byte more."""
     key = base64.b64encode(os.urandom(16)).decode()
+    offer = f"Sec-WebSocket-Protocol: {protocol}\r\n" if protocol else ""
     sock.sendall(
         f"GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n".encode()
     )
     head = b""
     while b"\r\n\r\n" not in head:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -14,8 +16,10 @@ from tests.conftest import (
     Line,
     read_until_closed,
     stalled_reader,
+    tls_connect,
     toml_listener,
     toml_table,
+    websocket_upgrade,
 )
 
 MiB = 1024 * 1024
@@ -145,3 +149,52 @@ def test_stalled_reader_costs_bounded_memory_and_honest_readers_lose_nothing(run
         assert tail.startswith(b"%012d" % 10**9)
     stalled.close()
     publisher.close()
+
+
+FLOOD_LINES = 40_000  # of 100 bytes: 4 MB read, about 10 MB of JSON envelopes out
+
+PUBLISHER = f"""
+import socket, sys
+sock = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+for start in range(0, {FLOOD_LINES}, 500):
+    sock.sendall(b"".join(b"%012d" % i + b"p" * 87 + b"\\n" for i in range(start, start + 500)))
+sock.shutdown(socket.SHUT_WR)
+sock.recv(1)
+"""
+
+
+@pytest.mark.parametrize("receiver", ["ws", "tcp", "tls"])
+def test_a_json_receiver_that_reads_at_once_keeps_up_with_a_flood(run_gateway, receiver):
+    """A JSON envelope is over twice the size of the line it carries: a receiver that
+    reads everything at once must get it all, and never be cut as a slow consumer."""
+    gw = run_gateway(
+        toml_listener("in", "tcp")
+        + toml_listener("tcp", format="json")
+        + toml_listener("tls", certs="certs", generate_dev_cert=True, format="json")
+        + toml_listener("ws")
+    )
+    if receiver == "ws":
+        sock = socket.create_connection(("127.0.0.1", gw.ports["ws"]), timeout=TIMEOUT)
+        websocket_upgrade(sock, protocol="gateway.v1.json")
+    elif receiver == "tls":
+        sock = tls_connect(gw)
+    else:
+        sock = socket.create_connection(("127.0.0.1", gw.ports["tcp"]), timeout=TIMEOUT)
+    gw.wait_for(f'connected from .* \\(listener "{receiver}"')
+    publisher = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(gw.ports["in"])])
+    try:
+        marker = b'"text":"'
+        seen, tail, last = 0, b"", b""
+        while seen < FLOOD_LINES:
+            chunk = sock.recv(1 << 20)
+            assert chunk, f"closed after {seen} messages: {gw.log[-3:]}"
+            data = tail + chunk
+            seen += data.count(marker)
+            tail = data[-(len(marker) - 1) :]
+            last = data
+        assert b'"text":"%012d' % (FLOOD_LINES - 1) in last
+    finally:
+        publisher.kill()
+        publisher.wait()
+        sock.close()
+    assert not [line for line in gw.log if "not reading" in line or "slow consumer" in line]

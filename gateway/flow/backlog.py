@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from zope.interface import implementer
 
@@ -30,6 +31,24 @@ class BacklogOwner(Protocol):
 
 TRANSPORT_BUFFER = 64 * 1024
 """What a Twisted transport buffers before it pauses its producer."""
+
+
+def lift_send_limit(transport: Any, limit: int) -> None:
+    """Let Twisted send up to ``limit`` bytes a reactor turn to the socket under ``transport``.
+
+    Twisted reads at most 64 KiB a turn from a sender but sends at most
+    ``FileDescriptor.SEND_LIMIT`` (128 KiB) a turn to a receiver. A receiver
+    whose wire form of a batch is over twice the size of what was read (JSON
+    envelopes of short lines) would then fall behind a flooding sender by the
+    difference every turn, and be cut as a slow consumer while it reads all
+    it is sent at once. Found through ``.transport`` (TLS, WebSocket layers);
+    nothing to do for a transport without a socket of its own (tests).
+    """
+    while transport is not None:
+        if isinstance(transport, FileDescriptor):
+            transport.SEND_LIMIT = max(FileDescriptor.SEND_LIMIT, limit)
+            return
+        transport = getattr(transport, "transport", None)
 
 
 @implementer(IPushProducer)
@@ -71,6 +90,8 @@ class Backlog:
         self.transport = transport
         self.backpressure = backpressure
         self.limit = limits.max_pending_bytes
+        # All that may wait for the receiver can go out in one turn.
+        lift_send_limit(transport, self.limit + TRANSPORT_BUFFER)
         self.policy = limits.slow_consumer
         self.owner = owner
         self.paused = False
