@@ -13,7 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterator
+import re
 from typing import Any
 
 from gateway.core.channels import is_name
@@ -38,8 +38,50 @@ def event(fields: dict[str, Any]) -> bytes:
     return compact(fields).encode("utf-8")
 
 
-def message_envelopes(batch: Batch) -> Iterator[bytes]:
+def message_envelopes(batch: Batch) -> list[bytes]:
     """One ``message`` event per message of ``batch``, as UTF-8 JSON bytes."""
+    verbatim = verbatim_envelopes(batch)
+    if verbatim is not None:
+        head, tail = verbatim
+        return [head + payload + tail for payload in batch.payloads]
+    text = _message_head(batch)
+    kinds = batch.kinds if batch.kinds is not None else (None,) * len(batch.payloads)
+    return [
+        (text + _payload_field(payload, kind) + "}").encode("utf-8")
+        for payload, kind in zip(batch.payloads, kinds, strict=True)
+    ]
+
+
+_ESCAPED = bytes(range(0x20)) + b'"\\'
+"""The bytes a JSON string escapes (``ensure_ascii=False``): all else goes in as it is."""
+
+
+def verbatim_envelopes(batch: Batch) -> tuple[bytes, bytes] | None:
+    """``(head, tail)`` such that ``head + payload + tail`` is the ``message`` event of
+    each payload of ``batch`` (what ``message_envelopes`` makes), or None.
+
+    The common case: text that JSON takes as it is (valid UTF-8 with nothing to
+    escape). Then a framer joins a whole batch in one call instead of encoding
+    each message.
+    """
+    kinds = batch.kinds
+    if kinds is not None and Kind.BINARY in kinds:
+        return None
+    payloads = batch.payloads
+    # An ASCII byte between payloads: then valid UTF-8 as a whole means each is.
+    body = payloads[0] if len(payloads) == 1 else b" ".join(payloads)
+    if len(body.translate(None, _ESCAPED)) != len(body):  # C speed, unlike a regex search
+        return None
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return (_message_head(batch) + ',"text":"').encode("utf-8"), b'"}'
+
+
+def _message_head(batch: Batch) -> str:
+    """A ``message`` event of ``batch`` up to its payload's field."""
     origin = batch.origin
     head = (
         '{"type":"message","from":'
@@ -53,9 +95,7 @@ def message_envelopes(batch: Batch) -> Iterator[bytes]:
     )
     if batch.history:
         head += ',"history":true'
-    kinds = batch.kinds if batch.kinds is not None else (None,) * len(batch.payloads)
-    for payload, kind in zip(batch.payloads, kinds, strict=True):
-        yield (head + _payload_field(payload, kind) + "}").encode("utf-8")
+    return head
 
 
 def _payload_field(payload: bytes, kind: Kind | None) -> str:
@@ -65,6 +105,65 @@ def _payload_field(payload: bytes, kind: Kind | None) -> str:
         except UnicodeDecodeError:
             pass
     return ',"base64":"' + base64.b64encode(payload).decode("ascii") + '"'
+
+
+_PLAIN = rb'\{"type":"message","channel":"([^"\\\x00-\x1f]+)","text":"([^"\\\x00-\x1f]*)"\}'
+_PLAIN_MESSAGE = re.compile(_PLAIN)
+_PLAIN_LINES = re.compile(rb"^" + _PLAIN + rb"\r?$", re.MULTILINE)
+
+
+def plain_message(data: bytes) -> tuple[str, bytes] | None:
+    """``(channel, payload)`` when ``data`` is a plain ``message`` request, else None.
+
+    Plain: exactly ``{"type":"message","channel":"NAME","text":"TEXT"}`` with
+    nothing to unescape in TEXT, the form clients send most. What
+    ``parse_request`` makes of such a request, without building it; anything
+    else (another order of fields, an ``id``, escapes) goes the long way.
+    """
+    match = _PLAIN_MESSAGE.fullmatch(data)
+    if match is None:
+        return None
+    name, text = match.groups()
+    if not _utf8(data):
+        return None
+    channel = name.decode("utf-8")
+    return (channel, text) if is_name(channel) else None
+
+
+def plain_message_runs(chunk: bytes, count: int) -> list[tuple[str, list[bytes]]] | None:
+    """The runs of messages to one channel each when every one of the ``count`` lines of
+    ``chunk`` is a plain ``message`` request (see ``plain_message``), else None.
+
+    One regex call for a whole read of a JSON-lines client instead of one JSON
+    parse per line. Lines cannot share a match (no newline fits in one), so as
+    many matches as lines means every line is plain.
+    """
+    found = _PLAIN_LINES.findall(chunk)
+    if len(found) != count or not _utf8(chunk):
+        return None
+    runs: list[tuple[str, list[bytes]]] = []
+    last = None
+    payloads: list[bytes] = []
+    for name, text in found:
+        if name != last:
+            channel = name.decode("utf-8")
+            if not is_name(channel):
+                return None
+            last = name
+            payloads = []
+            runs.append((channel, payloads))
+        payloads.append(text)
+    return runs
+
+
+def _utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class Request:

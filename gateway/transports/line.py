@@ -20,7 +20,12 @@ from gateway.config.settings import Limits
 from gateway.core.interfaces import IFramer, IPeer
 from gateway.core.message import Batch, Kind
 from gateway.tls.server import peer_subject
-from gateway.transports.envelopes import event, message_envelopes
+from gateway.transports.envelopes import (
+    event,
+    message_envelopes,
+    plain_message_runs,
+    verbatim_envelopes,
+)
 from gateway.transports.lifecycle import GatewayContext, ListenerRuntime, StreamPeer
 from gateway.transports.listening import ListenerService
 
@@ -50,7 +55,12 @@ class JsonLineFramer:
     name = "line-json"
 
     def frame(self, batch: Batch) -> bytes:
-        return b"".join(envelope + b"\n" for envelope in message_envelopes(batch))
+        verbatim = verbatim_envelopes(batch)
+        if verbatim is None:
+            return b"".join(envelope + b"\n" for envelope in message_envelopes(batch))
+        head, tail = verbatim  # the whole batch in one join
+        tail += b"\n"
+        return head + (tail + head).join(batch.payloads) + tail
 
     def count(self, wire: bytes) -> int:
         return wire.count(b"\n")
@@ -141,9 +151,25 @@ class LineProtocol(StreamPeer, Protocol):
             # The common case: every line is already a payload, and the bytes
             # read are already the line framing of the batch.
             self._publish(lines, chunk)
-        elif not self._publish_checked(lines):
+        elif not (self._json and self._publish_plain(chunk, lines)) and not (
+            self._publish_checked(lines)
+        ):
             return
         self._keep_partial(rest)
+
+    def _publish_plain(self, chunk: bytes, lines: list[bytes]) -> bool:
+        """A JSON client's read of nothing but plain message requests (the common case):
+        published run by run; False (and nothing done) for any other read."""
+        if max(map(len, lines)) > self.max_message_bytes or (
+            self.quit_command is not None and self.quit_command in lines
+        ):
+            return False
+        runs = plain_message_runs(chunk, len(lines))
+        if runs is None:
+            return False
+        for channel, payloads in runs:
+            self.bus.publish(self, Batch(self.origin, channel, payloads))
+        return True
 
     def _publish_checked(self, lines: list[bytes]) -> bool:
         """Publish lines one by one; False once the connection is being closed."""

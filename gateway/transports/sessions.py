@@ -20,7 +20,7 @@ from gateway.core.channels import has_wildcard
 from gateway.core.interfaces import IFramer, IPeer
 from gateway.core.message import Kind
 from gateway.core.presence import RemotePeer
-from gateway.transports.envelopes import RequestError, parse_request
+from gateway.transports.envelopes import RequestError, parse_request, plain_message
 
 MAX_WELCOME_PEERS = 1000
 """At most this many entries in the ``peers`` list of a JSON welcome."""
@@ -147,6 +147,9 @@ class JsonSession:
 
     def handle(self, data: bytes) -> Publish | None:
         """A message from the client: a request answered here, or what to publish."""
+        plain = plain_message(data)
+        if plain is not None:
+            return plain[0], plain[1], Kind.TEXT
         try:
             request = parse_request(data)
         except RequestError as e:
