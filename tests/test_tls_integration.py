@@ -123,6 +123,32 @@ def test_tls_1_1_is_refused_by_the_server(gw, certs):
     assert "Cipher is (NONE)" in out or "alert protocol version" in out
 
 
+@pytest.mark.parametrize(
+    "cipher", ["ECDHE-ECDSA-AES128-SHA", "ECDHE-ECDSA-AES256-SHA384", "AES128-GCM-SHA256"]
+)
+def test_tls_1_2_without_forward_secret_aead_is_refused(gw, certs, cipher):
+    """CBC suites (LUCKY13) and static-RSA key exchange are not offered."""
+    out = refused(
+        gw, s_client(gw.ports["tls"], certs, "-tls1_2", "-cipher", cipher), Line(gw.ports["tcp"])
+    )
+    assert "Cipher is (NONE)" in out or "handshake failure" in out
+
+
+@pytest.mark.parametrize(
+    ("version", "expected"),
+    [
+        (["-tls1_2"], "ECDHE-ECDSA-(AES128-GCM-SHA256|AES256-GCM-SHA384|CHACHA20-POLY1305)"),
+        (["-tls1_2", "-cipher", "ECDHE-ECDSA-CHACHA20-POLY1305"], "ECDHE-ECDSA-CHACHA20-POLY1305"),
+        (["-tls1_3"], "TLS_AES_256_GCM_SHA384"),
+    ],
+)
+def test_tls_offers_forward_secret_aead_suites(gw, certs, version, expected):
+    session = Interactive(s_client(gw.ports["tls"], certs, *version))
+    out = session.wait_for(b"welcome tls-1")
+    assert re.search(f"Cipher is {expected}\n".encode(), out), out
+    session.finish()
+
+
 def _write_cert(folder: Path, name: str, cert: x509.Certificate, key: object) -> tuple[Path, Path]:
     cert_path, key_path = folder / f"{name}.pem", folder / f"{name}.key"
     cert_path.write_bytes(pem(cert))

@@ -7,6 +7,9 @@ keep the context they started with). The context comes from Twisted's
 ``CertificateOptions`` (its cipher defaults), with three additions:
 
 - TLS 1.0 and 1.1 are always refused (``min_tls`` can raise the floor to 1.3);
+- TLS 1.2 only with forward-secret AEAD suites (``TLS12_CIPHERS``: ECDHE with
+  AES-GCM or ChaCha20-Poly1305, Mozilla's "intermediate" profile without DHE);
+  TLS 1.3 suites are all AEAD and forward-secret already;
 - renegotiation is refused;
 - ALPN: ``http/1.1`` is selected when the client offers it, and a client
   offering only other protocols still connects, with no protocol selected.
@@ -29,6 +32,7 @@ from twisted.internet.interfaces import (
     ISSLTransport,
 )
 from twisted.internet.ssl import (
+    AcceptableCiphers,
     Certificate,
     CertificateOptions,
     TLSVersion,
@@ -42,6 +46,17 @@ from gateway.tls.pki import fingerprint
 
 MIN_TLS_VERSIONS = {"1.2": TLSVersion.TLSv1_2, "1.3": TLSVersion.TLSv1_3}
 DEFAULT_ALPN = (b"http/1.1",)
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+"""The TLS 1.2 cipher suites a server offers (OpenSSL names), the strongest first."""
 
 
 # Server
@@ -75,6 +90,7 @@ def _context(material: Material, settings: TlsSettings, alpn: Sequence[bytes]) -
     options = CertificateOptions(
         raiseMinimumTo=MIN_TLS_VERSIONS[settings.min_tls],
         acceptableProtocols=list(alpn),
+        acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(TLS12_CIPHERS),
         # trustRoot alone makes a client certificate required (adding
         # requireCertificate=True raises TypeError).
         trustRoot=trust(material.client_cas) if material.client_cas is not None else None,
