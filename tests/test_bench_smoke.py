@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import toml_listener
+
 CONFIG = """
 [[listeners]]
 name = "tcp"
@@ -135,3 +137,103 @@ def test_bad_url_is_a_usage_error():
     )
     assert done.returncode == 2
     assert "unsupported URL" in done.stderr
+
+
+# Channels chosen by clients: JSON-lines subscribers and publishers, and a wildcard subscriber
+
+CHANNELS_CONFIG = CONFIG + toml_listener("json", "tcp", format="json")
+SHORT = ("--warmup", "0.1", "--duration", "0.4")
+
+
+@pytest.fixture
+def channels_gateway(run_gateway):
+    return run_gateway(CHANNELS_CONFIG)
+
+
+def on_channels(gw, *args: str) -> dict[str, Any]:
+    """3 channels of 2 JSON subscribers each, one JSON publisher per channel."""
+    return bench(
+        "--sub",
+        f"tcp://127.0.0.1:{gw.ports['json']}",
+        "-n",
+        "6",
+        "-m",
+        "3",
+        "--channels",
+        "3",
+        "--publish-to",
+        "ch.{i}",
+        "--unsubscribe",
+        "main",
+        *args,
+    )
+
+
+def test_flood_on_channels_counts_each_channel_apart(channels_gateway):
+    result = on_channels(channels_gateway, "--subscribe", "ch.{i}", *SHORT)
+    published = result["published_by_channel"]
+    assert len(published) == 3 and all(n > 0 for n in published)
+    subscribers = result["transports"]["json-tcp"]
+    assert subscribers["connected"] == 6
+    # Each subscriber expects its own channel's messages only: 2 subscribers a channel.
+    assert result["expected"] == subscribers["expected"] == 2 * sum(published)
+    assert subscribers["received"] >= 2 * sum(published)
+    assert result["lost"] == 0
+    assert subscribers["duplicated"] == 0
+    assert result["delivered_per_second"] > 0
+    assert result["latency_ms"]["samples"] > 0
+
+
+def test_at_a_fixed_rate_no_subscriber_gets_another_channels_messages(channels_gateway):
+    result = on_channels(channels_gateway, "--subscribe", "ch.{i}", "--rate", "600", *SHORT)
+    subscribers = result["transports"]["json-tcp"]
+    assert result["lost"] == 0
+    assert subscribers["duplicated"] == 0
+    assert subscribers["foreign"] == 0
+    assert subscribers["misordered"] == 0
+    assert subscribers["latency_ms"]["samples"] > 0
+
+
+def test_subscribers_of_every_channel_are_counted_as_extra(channels_gateway):
+    # 'ch.*' matches all three channels: each subscriber gets the two others' messages too.
+    result = on_channels(channels_gateway, "--subscribe", "ch.*", "--rate", "600", *SHORT)
+    subscribers = result["transports"]["json-tcp"]
+    assert result["lost"] == 0
+    assert subscribers["foreign"] > 0
+    assert subscribers["duplicated"] > 0
+
+
+def test_a_wildcard_subscriber_next_to_raw_ones_gets_everything(channels_gateway):
+    gw = channels_gateway
+    result = bench(
+        "--sub",
+        f"tcp://127.0.0.1:{gw.ports['tcp']}",
+        "-n",
+        "4",
+        "--wildcard",
+        f"tcp://127.0.0.1:{gw.ports['json']}",
+        *SHORT,
+    )
+    transports = result["transports"]
+    assert transports["tcp"]["connected"] == 4
+    assert transports["wild-tcp"]["connected"] == 1
+    assert result["expected"] == 5 * result["published"]
+    assert result["lost"] == 0
+    assert transports["wild-tcp"]["duplicated"] == 0
+    assert transports["wild-tcp"]["delivered_per_second"] > 0
+
+
+GATEWAY_BENCH = [sys.executable, "-m", "gateway", "bench"]
+CHANNEL_ARGS = ["-m", "2", "--channels", "2"]
+
+
+def test_channels_need_a_way_to_choose_them():
+    done = subprocess.run(
+        [*GATEWAY_BENCH, "--sub", "tcp://127.0.0.1:1", "-n", "4", *CHANNEL_ARGS],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--channels" in done.stderr

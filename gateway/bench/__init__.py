@@ -19,6 +19,20 @@ slow-consumer policies kicking in. In flood mode, latency is sampled from the
 last whole message of each chunk read (a subset); at a fixed rate every
 message is parsed (latency and sequence of each).
 
+Channels: with ``--channels N``, subscriber j and publisher i are on channel
+j % N and i % N. Against the gateway, subscribers and publishers are then
+JSON-lines clients of a ``format = "json"`` tcp/tls listener: ``--subscribe
+'ch.{i}'`` makes each subscriber send a ``subscribe`` request (and wait for its
+answer), ``--publish-to 'ch.{i}'`` makes each publisher send its messages as
+``message`` envelopes to its channel, and ``--unsubscribe main`` has them all
+leave the listener's channel first. Against nats-server, ``--subject 'ch.{i}'``.
+Each channel is probed until all its subscribers are attached, each subscriber
+expects its channel's messages only (more counts as duplicated; another
+channel's message as foreign, when every message is parsed), and a flooding
+publisher stays within ``--window`` of the slowest subscriber of its channel.
+``--wildcard URL`` adds a JSON-lines subscriber to ``>``, which expects every
+message.
+
 The generator pins itself to one CPU (the last one by default) so that the
 server can have the other; it is one process with an epoll loop, or, with
 ``--procs``, several such processes sharing the subscribers.

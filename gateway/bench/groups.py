@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.bench.client import Client
 from gateway.bench.clock import SECOND, now_ns
+from gateway.bench.jsonlines import JsonClient
 from gateway.bench.loop import Loop
+from gateway.bench.options import WILDCARD
 from gateway.bench.subscribers import DatagramClient, StreamClient, Subscriber, Tally
 
 if TYPE_CHECKING:
-    from gateway.bench.options import Options
+    from gateway.bench.options import Options, Placement
     from gateway.bench.target import Target
 
 ACCEPT_GRACE = 20_000_000
@@ -24,33 +26,43 @@ ACCEPT_GRACE = 20_000_000
 UDP_KEEPALIVE = 10 * SECOND
 
 
+def _nothing() -> None:
+    pass
+
+
 class SubscriberGroup:
     """The subscribers one process runs, from connect to the drain at the end."""
 
-    def __init__(self, loop: Loop, plan: list[tuple[Target, str | None]], options: Options) -> None:
+    def __init__(self, loop: Loop, plan: list[Placement], options: Options) -> None:
         self.loop = loop
         self.tallies: dict[str, Tally] = {}
         self.clients: list[Subscriber] = []
-        for target, source in plan:
-            tally = self.tallies.setdefault(target.transport, Tally())
-            client: Subscriber
-            if target.lossy:
-                client = DatagramClient(loop, target, tally, options.size, source)
-            else:
-                client = StreamClient(loop, target, tally, options.size, options.subject, source)
+        for target, source, channel in plan:
+            client = _subscriber(loop, target, source, channel, options, self.tallies)
             self.clients.append(client)
         self.streams = [c for c in self.clients if isinstance(c, StreamClient)]
         self.datagrams = [c for c in self.clients if isinstance(c, DatagramClient)]
+        self.channels = options.channels
+        # Stream subscribers by channel (the flood window), and those on every channel.
+        self.by_channel: list[list[StreamClient]] = [[] for _ in range(self.channels)]
+        self.wildcards: list[StreamClient] = []
+        for stream in self.streams:
+            if stream.channel == WILDCARD:
+                self.wildcards.append(stream)
+            else:
+                self.by_channel[stream.channel].append(stream)
+        self._lows = [0] * self.channels
+        self._wild_low = 0
+        self.published: list[int] = [0] * self.channels
         self._next = 0
         self._flight: deque[Subscriber] = deque()
+        self._wake = 0
         self.in_flight = options.in_flight
         self.begun: dict[Subscriber, None] = {}
         self.marks: dict[str, dict[str, int]] = {}
         self.cpu_marks: list[int] = []
         self.expected: int | None = None
         self.drain_deadline = 0
-        self._lowest = 0
-        self._lowest_at = 0
         self._progress = (0, 0)
         if self.datagrams:
             loop.call_at(now_ns() + UDP_KEEPALIVE, self._keepalive)
@@ -84,6 +96,12 @@ class SubscriberGroup:
             client.start()
             flight.append(client)
             self._next += 1
+        if flight and flight[0].state == Client.READY and self._next < len(clients):
+            # Nothing may wake the loop when the grace ends: come back then.
+            wake = flight[0].ready_at + ACCEPT_GRACE + 1
+            if wake != self._wake:
+                self._wake = wake
+                self.loop.call_at(wake, _nothing)
 
     def connected(self) -> bool:
         return self._next >= len(self.clients) and all(
@@ -92,6 +110,10 @@ class SubscriberGroup:
 
     def synced(self) -> bool:
         return all(c.synced or c.state == Client.CLOSED for c in self.clients)
+
+    def unsynced(self) -> set[int]:
+        """The channels whose subscribers have not all seen a probe (-1: a wildcard one)."""
+        return {c.channel for c in self.clients if not c.synced and c.state != Client.CLOSED}
 
     def _keepalive(self) -> None:
         for client in self.datagrams:
@@ -111,22 +133,36 @@ class SubscriberGroup:
         self.marks[name] = {transport: t.count for transport, t in self.tallies.items()}
         self.cpu_marks.append(time.process_time_ns())
 
-    def lowest(self, fresh: bool = False) -> int | None:
-        """Fewest data messages any connected stream subscriber has (None: there are none).
+    def lowest(self, channel: int, fresh: bool = False) -> int | None:
+        """Fewest data messages a connected stream subscriber of ``channel`` has (None: none).
 
-        Cached for half a millisecond unless ``fresh``: a min() over a thousand
+        Worked out again only when ``fresh``: counts only grow, so an old figure is a
+        lower bound, and a window it shows open is open. A min() over a thousand
         subscribers on every turn of the loop would cost more than the reading.
         """
-        now = self.loop.now
-        if fresh or now - self._lowest_at > 500_000:
-            counts = [c.count for c in self.streams if c.state == Client.READY]
-            self._lowest = min(counts) if counts else -1
-            self._lowest_at = now
-        return None if self._lowest < 0 else self._lowest
+        if fresh:
+            counts = [c.count for c in self.by_channel[channel] if c.state == Client.READY]
+            self._lows[channel] = min(counts) if counts else -1
+        low = self._lows[channel]
+        return None if low < 0 else low
 
-    def expect(self, total: int, deadline: int) -> None:
-        """Publishing ended after ``total`` data messages: drain until ``deadline`` at most."""
-        self.expected = total
+    def lowest_wildcard(self, fresh: bool = False) -> int | None:
+        """Fewest data messages a connected wildcard subscriber has (None: there are none)."""
+        if fresh:
+            counts = [c.count for c in self.wildcards if c.state == Client.READY]
+            self._wild_low = min(counts) if counts else -1
+        return None if self._wild_low < 0 else self._wild_low
+
+    def _expected(self, client: Subscriber) -> int:
+        """What ``client`` should get: its channel's messages, or all for a wildcard one."""
+        if self.expected is None:
+            return 0
+        return self.expected if client.channel == WILDCARD else self.published[client.channel]
+
+    def expect(self, published: list[int], deadline: int) -> None:
+        """Publishing ended after ``published`` data messages by channel: drain until ``deadline``."""
+        self.published = list(published)
+        self.expected = sum(published)
         self.drain_deadline = deadline
 
     def finished(self) -> bool:
@@ -136,11 +172,11 @@ class SubscriberGroup:
         now = self.loop.now
         if now >= self.drain_deadline:
             return True
-        total = self.expected
-        if any(c.count < total and c.state == Client.READY for c in self.streams):
+        wanted = self._expected
+        if any(c.count < wanted(c) and c.state == Client.READY for c in self.streams):
             return False
         received = sum(c.count for c in self.datagrams)
-        if any(c.count < total and c.state == Client.READY for c in self.datagrams):
+        if any(c.count < wanted(c) and c.state == Client.READY for c in self.datagrams):
             if received != self._progress[0]:
                 self._progress = (received, now)
                 return False
@@ -149,10 +185,10 @@ class SubscriberGroup:
 
     def result(self) -> dict[str, Any]:
         """What this group measured, per transport (picklable, to merge across processes)."""
-        expected = self.expected or 0
+        wanted = self._expected
         transports: dict[str, Any] = {}
         for transport, tally in self.tallies.items():
-            clients = [c for c in self.clients if c.target.transport == transport]
+            clients = [c for c in self.clients if c.tally is tally]
             begun = [c for c in clients if c in self.begun]
             errors = sorted({c.error for c in clients if c.error})
             transports[transport] = {
@@ -164,9 +200,11 @@ class SubscriberGroup:
                 "begun": len(begun),
                 "disconnected": sum(1 for c in begun if c.state == Client.CLOSED),
                 "received": tally.count,
-                "lost": sum(max(0, expected - c.count) for c in begun),
-                "duplicated": sum(max(0, c.count - expected) for c in begun),
+                "expected": sum(wanted(c) for c in begun),
+                "lost": sum(max(0, wanted(c) - c.count) for c in begun),
+                "duplicated": sum(max(0, c.count - wanted(c)) for c in begun),
                 "misordered": tally.misordered,
+                "foreign": tally.foreign,
                 "window_start": self.marks.get("start", {}).get(transport, 0),
                 "window_end": self.marks.get("end", {}).get(transport, 0),
                 "latencies": tally.latencies,
@@ -179,7 +217,7 @@ class SubscriberGroup:
 class RemoteGroup:
     """A ``SubscriberGroup`` in a child process, driven over a pipe."""
 
-    def __init__(self, loop: Loop, plan: list[tuple[Target, str | None]], options: Options) -> None:
+    def __init__(self, loop: Loop, plan: list[Placement], options: Options) -> None:
         context = multiprocessing.get_context("fork")
         parent, child = context.Pipe()
         self.pipe = parent
@@ -209,11 +247,17 @@ class RemoteGroup:
     def begin(self, start: int, end: int) -> None:
         self.pipe.send(("begin", (start, end)))
 
-    def lowest(self, fresh: bool = False) -> int | None:
+    def lowest(self, channel: int, fresh: bool = False) -> int | None:
         return None
 
-    def expect(self, total: int, deadline: int) -> None:
-        self.pipe.send(("expect", (total, deadline)))
+    def lowest_wildcard(self, fresh: bool = False) -> int | None:
+        return None
+
+    def unsynced(self) -> set[int]:
+        return set() if self.synced() else {0}
+
+    def expect(self, published: list[int], deadline: int) -> None:
+        self.pipe.send(("expect", (published, deadline)))
 
     def finished(self) -> bool:
         return "result" in self.state
@@ -230,7 +274,7 @@ class RemoteGroup:
             self.process.kill()
 
 
-def _child_main(pipe: Connection, plan: list[tuple[Target, str | None]], options: Options) -> None:
+def _child_main(pipe: Connection, plan: list[Placement], options: Options) -> None:
     loop = Loop(ca=options.ca)
     loop.parse_all = options.parse_all
     group = SubscriberGroup(loop, plan, options)
@@ -266,3 +310,34 @@ def _child_main(pipe: Connection, plan: list[tuple[Target, str | None]], options
     for client in group.clients:
         client.close()
     os._exit(0)
+
+
+def _subscriber(
+    loop: Loop,
+    target: Target,
+    source: str | None,
+    channel: int,
+    options: Options,
+    tallies: dict[str, Tally],
+) -> Subscriber:
+    """The client for one subscriber, counted in its kind's tally (tcp, json-tcp, wild-tcp...)."""
+    size, channels = options.size, options.channels
+    client: Subscriber
+    if channel == WILDCARD:
+        tally = tallies.setdefault(f"wild-{target.transport}", Tally())
+        client = JsonClient(loop, target, tally, size, ">", options.unsubscribe, source, channel)
+    elif options.subscribe:
+        tally = tallies.setdefault(f"json-{target.transport}", Tally())
+        pattern = options.name(options.subscribe, channel)
+        client = JsonClient(
+            loop, target, tally, size, pattern, options.unsubscribe, source, channel, channels
+        )
+    elif target.lossy:
+        client = DatagramClient(
+            loop, target, tallies.setdefault(target.transport, Tally()), size, source
+        )
+    else:
+        tally = tallies.setdefault(target.transport, Tally())
+        subject = options.name(options.subject, channel)
+        client = StreamClient(loop, target, tally, size, subject, source, channel, channels)
+    return client

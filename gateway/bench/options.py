@@ -13,6 +13,11 @@ from gateway.bench.wire import HEADER_SIZE
 
 CONNECTS_IN_FLIGHT = 32
 """Connections started but not finished at once, over all processes (listen backlogs are small)."""
+WILDCARD = -1
+"""The channel number of a --wildcard subscriber: it is on every channel."""
+
+Placement = tuple[Target, str | None, int]
+"""Where one subscriber connects: its target, source address (or None) and channel number."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--window",
         type=int,
         default=2000,
-        help="flood: most messages published ahead of the slowest stream subscriber (default 2000)",
+        help="flood: most messages a publisher is ahead of the slowest stream subscriber of its "
+        "channel (default 2000)",
     )
     parser.add_argument(
         "--idle", action="store_true", help="no load: connect, probe, measure memory"
@@ -70,7 +76,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ca", metavar="PEM", help="tls, wss: trust this CA (default: the system's)"
     )
-    parser.add_argument("--subject", default="bench", help="NATS subject (default bench)")
+    parser.add_argument(
+        "--subject",
+        default="bench",
+        help="NATS subject (default bench); with --channels, '{i}' is the channel's number",
+    )
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N channels: subscriber j and publisher i are on channel j %% N and i %% N; each "
+        "subscriber expects what its channel's publishers sent, and a flooding publisher stays "
+        "at most --window ahead of the slowest subscriber of its channel (default 1). Channels "
+        "are chosen by --subscribe and --publish-to (gateway JSON listeners) or by a --subject "
+        "with '{i}' (NATS)",
+    )
+    parser.add_argument(
+        "--subscribe",
+        metavar="CHANNEL",
+        help="subscribers are JSON-lines clients (tcp://, tls:// of a listener with "
+        'format = "json") that send {"type":"subscribe","channel":CHANNEL} and '
+        "wait for the answer; '{i}' in CHANNEL is the channel's number, e.g. 'ch.{i}'",
+    )
+    parser.add_argument(
+        "--publish-to",
+        metavar="CHANNEL",
+        help="publishers are JSON-lines clients that send each message as "
+        '{"type":"message","channel":CHANNEL,"text":...}; \'{i}\' as for --subscribe',
+    )
+    parser.add_argument(
+        "--unsubscribe",
+        metavar="NAME",
+        help="JSON clients (--subscribe, --publish-to, --wildcard) first leave NAME, e.g. the "
+        "listener's channel 'main', so that thousands of peers on it (its presence events, "
+        "welcome lists) are not part of the run",
+    )
+    parser.add_argument(
+        "--wildcard",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="one more subscriber: a JSON-lines client at URL (tcp://, tls://) subscribed to "
+        "'>' (every channel), expecting every message of every publisher; repeat for more",
+    )
     parser.add_argument(
         "--procs",
         type=int,
@@ -125,6 +174,11 @@ class Options:
         self.cpu = _cpu(args.cpu)
         self.ca = args.ca
         self.subject = args.subject
+        self.channels = args.channels
+        self.subscribe = args.subscribe
+        self.publish_to = args.publish_to
+        self.unsubscribe = args.unsubscribe
+        self.wildcards = [Target.parse(url) for url in args.wildcard]
         self.procs = args.procs
         self.sources = args.sources
         self.connect_timeout = args.connect_timeout
@@ -145,10 +199,41 @@ class Options:
             raise BenchError("--procs must be at least 1")
         if self.procs > 1 and self.rate == 0 and not self.idle:
             raise BenchError("flood mode runs in one process (it watches every subscriber)")
+        self._check_channels()
         if self.sources and not all(_loopback4(t.host) for t in self.subs):
             raise BenchError("--sources needs IPv4 loopback targets (127.x.y.z)")
         if self.pid is not None and not Path(f"/proc/{self.pid}").exists():
             raise BenchError(f"--pid {self.pid}: no such process")
+
+    def _check_channels(self) -> None:
+        json_schemes = ("tcp", "tls")
+        if self.channels < 1:
+            raise BenchError("--channels must be at least 1")
+        if self.channels > min(self.subscribers, self.publishers):
+            raise BenchError("--channels: every channel needs a subscriber and a publisher")
+        if self.subscribe and any(t.scheme not in json_schemes for t in self.subs):
+            raise BenchError("--subscribe needs tcp:// or tls:// --sub URLs (JSON listeners)")
+        if self.publish_to and self.pub.scheme not in json_schemes:
+            raise BenchError("--publish-to needs a tcp:// or tls:// publisher URL")
+        if any(t.scheme not in json_schemes for t in self.wildcards):
+            raise BenchError("--wildcard needs tcp:// or tls:// URLs (JSON listeners)")
+        if self.channels > 1:
+            nats = self.pub.scheme in ("nats", "nats+ws") and "{i}" in self.subject
+            chosen = bool(self.subscribe and self.publish_to)
+            if not (nats or chosen):
+                raise BenchError(
+                    "--channels N needs --subscribe and --publish-to with '{i}' (gateway) "
+                    "or a --subject with '{i}' (NATS)"
+                )
+            if chosen and "{i}" not in str(self.publish_to):
+                raise BenchError("--channels N: put '{i}' in --publish-to")
+        if (self.channels > 1 or self.wildcards) and self.procs > 1:
+            raise BenchError("--channels and --wildcard run in one process")
+
+    @staticmethod
+    def name(template: str, channel: int) -> str:
+        """A channel name or subject from its template: '{i}' is the channel's number."""
+        return template.replace("{i}", str(channel))
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Options:
@@ -160,12 +245,16 @@ class Options:
             return "idle"
         return "rate" if self.rate > 0 else "flood"
 
-    def plan(self) -> list[tuple[Target, str | None]]:
-        """Each subscriber's target and source address, round-robin over the --sub URLs."""
+    def plan(self) -> list[Placement]:
+        """Each subscriber's target, source address and channel (round-robin over --sub URLs).
+
+        The --wildcard subscribers come last, with channel -1 (every channel).
+        """
         plan = []
         for i in range(self.subscribers):
             source = f"127.0.0.{2 + i % self.sources}" if self.sources else None
-            plan.append((self.subs[i % len(self.subs)], source))
+            plan.append((self.subs[i % len(self.subs)], source, i % self.channels))
+        plan.extend((target, None, WILDCARD) for target in self.wildcards)
         return plan
 
     def summary(self) -> dict[str, Any]:
@@ -184,6 +273,11 @@ class Options:
             "sources": self.sources,
             "cpu": self.cpu,
             "sample": "all" if self.parse_all else "chunk",
+            "channels": self.channels,
+            "subscribe": self.subscribe,
+            "publish_to": self.publish_to,
+            "unsubscribe": self.unsubscribe,
+            "wildcards": [str(t) for t in self.wildcards],
         }
 
 

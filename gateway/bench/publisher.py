@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import select
 from typing import TYPE_CHECKING
 
 from gateway.bench.client import Client
 from gateway.bench.clock import now_ns
+from gateway.bench.jsonlines import request as json_request
 from gateway.bench.wire import DATA, HEADER_SIZE, payload, ws_client_frame, ws_handshake
 
 if TYPE_CHECKING:
@@ -21,9 +23,21 @@ BLOCK = 64
 class Publisher(Client):
     """Sends messages; drains (and ignores) whatever the server sends it."""
 
-    def __init__(self, loop: Loop, target: Target, number: int, size: int, subject: str) -> None:
+    def __init__(
+        self,
+        loop: Loop,
+        target: Target,
+        number: int,
+        size: int,
+        subject: str,
+        channel: int = 0,
+        publish_to: str | None = None,
+        leave: str | None = None,
+    ) -> None:
         super().__init__(loop, target)
         self.number = number
+        self.channel = channel
+        self.leave = leave
         self.size = size
         self.subject = subject
         self.sequence = 0
@@ -34,8 +48,14 @@ class Publisher(Client):
         self.datagram = scheme == "udp"
         self._accept = b""
         self._buffered = b""
+        self.json = publish_to is not None
         prefix = f"PUB {subject} {size}\r\n".encode("ascii") if self.nats else b""
         suffix = b"\r\n" if self.nats else b"\n"
+        if publish_to is not None:
+            # A JSON envelope around the payload, which is ASCII with no quote or backslash.
+            head = {"type": "message", "channel": publish_to, "text": ""}
+            prefix = json.dumps(head, separators=(",", ":")).encode("ascii")[:-2]
+            suffix = b'"}\n'
         self.prefix = prefix
         self.suffix = suffix
         self._templates = _block_templates(prefix, suffix, number, size)
@@ -52,6 +72,8 @@ class Publisher(Client):
             request, self._accept = ws_handshake(self.target)
             self.send(request)
         elif not self.nats:
+            if self.leave is not None and self.json:
+                self.send(json_request("unsubscribe", self.leave))
             self.ready()
 
     def setup_readable(self) -> None:

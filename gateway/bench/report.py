@@ -64,6 +64,8 @@ def describe(result: dict[str, Any]) -> str:
         latency = t["latency_ms"]
         extra = f"  failed {t['failed']}" if t["failed"] else ""
         extra += f"  disconnected {t['disconnected']}" if t["disconnected"] else ""
+        extra += f"  duplicated {t['duplicated']}" if t.get("duplicated") else ""
+        extra += f"  foreign {t['foreign']}" if t.get("foreign") else ""
         lines.append(
             f"  {name:8} {t['connected']:6} connected  {si(t['delivered_per_second']):>8} msgs/s  "
             f"lost {t['lost']}  p50/p99 {_ms(latency['p50'])}/{_ms(latency['p99'])} ms{extra}"

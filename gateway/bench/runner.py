@@ -6,7 +6,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.bench.client import Client
@@ -36,9 +36,13 @@ class Bench:
         self.publishers: list[Publisher] = []
         self.groups: list[SubscriberGroup | RemoteGroup] = []
         self.published = 0
+        self.published_by = [0] * options.channels
+        """Data messages published, by channel."""
         self.flooding = False
         self.marks: dict[str, dict[str, int]] = {}
         self.progress = sys.stdout.isatty() and not options.json
+        self.wildcards = bool(options.wildcards)
+        self._unpumped = False
 
     def run(self) -> dict[str, Any]:
         options = self.options
@@ -79,10 +83,7 @@ class Bench:
         self._status("connecting subscribers")
         if not self.loop.run_until(lambda: all(g.connected() for g in self.groups), deadline):
             raise BenchError(f"subscribers not connected within {options.connect_timeout:g} s")
-        self.publishers = [
-            Publisher(self.loop, options.pub, number, options.size, options.subject)
-            for number in range(options.publishers)
-        ]
+        self.publishers = [self._publisher(number) for number in range(options.publishers)]
         for publisher in self.publishers:
             publisher.start()
         if not self.loop.run_until(
@@ -93,13 +94,41 @@ class Bench:
         if failed:
             raise BenchError(f"publisher failed: {failed[0]}")
 
-    def _sync(self) -> None:
-        """Probe until every subscriber has seen a probe: all are attached and reachable."""
+    def _publisher(self, number: int) -> Publisher:
         options = self.options
-        probe = self.publishers[0]
-        # Each probe reaches every subscriber: keep probing far below what is measured.
+        channel = number % options.channels
+        publish_to = options.publish_to
+        return Publisher(
+            self.loop,
+            options.pub,
+            number,
+            options.size,
+            options.name(options.subject, channel),
+            channel,
+            options.name(publish_to, channel) if publish_to is not None else None,
+            options.unsubscribe,
+        )
+
+    def _sync(self) -> None:
+        """Probe until every subscriber has seen a probe: all are attached and reachable.
+
+        Each channel's first publisher probes while a subscriber of its channel
+        has seen none (channel 0's, for wildcard subscribers).
+        """
+        options = self.options
+        first = self.publishers[: options.channels]
+
+        def probe(ticks: int) -> None:
+            unsynced: set[int] = set()
+            for group in self.groups:
+                unsynced |= group.unsynced()
+            for channel in sorted(unsynced):
+                first[max(channel, 0)].publish_one(PROBE)
+
+        # Each probe reaches every subscriber of a channel: keep probing far below what
+        # is measured.
         interval = max(PROBE_INTERVAL, options.subscribers * SECOND // PROBE_DELIVERIES)
-        ticker = Ticker(self.loop, interval, lambda n: probe.publish_one(PROBE))
+        ticker = Ticker(self.loop, interval, probe)
         deadline = now_ns() + int(options.connect_timeout * SECOND)
         self._status("probing")
         synced = self.loop.run_until(lambda: all(g.synced() for g in self.groups), deadline)
@@ -137,10 +166,12 @@ class Bench:
                     turn[0] += 1
                     publisher.publish_one()
                     self.published += 1
+                    self.published_by[publisher.channel] += 1
 
             ticker = Ticker(loop, int(SECOND / options.rate), tick)
         else:
             self.flooding = True
+            self._unpumped = True
             loop.hooks.append(self._pump)
             loop.busy = self._can_send
         if self.progress:
@@ -155,39 +186,59 @@ class Bench:
             sys.stdout.flush()
         drain = now_ns() + int(options.drain * SECOND)
         for group in self.groups:
-            group.expect(self.published, drain)
+            group.expect(self.published_by, drain)
         loop.run_until(lambda: all(g.finished() for g in self.groups), drain + 2 * SECOND)
 
     # Flood
 
-    def _lowest(self, fresh: bool = False) -> int | None:
-        lows = [g.lowest(fresh) for g in self.groups]
-        known = [low for low in lows if low is not None]
-        return min(known) if known else None
-
-    def _window_open(self) -> bool:
+    def _window_open(self, channel: int) -> bool:
+        """Whether a publisher of ``channel`` may send a block: no subscriber of the channel
+        (nor a wildcard one, against all that was published) is too far behind."""
         limit = self.options.window - BLOCK
-        lowest = self._lowest()
-        if lowest is None or self.published - lowest <= limit:
-            return True
-        lowest = self._lowest(fresh=True)
-        return lowest is None or self.published - lowest <= limit
+        if not self._within(
+            lambda g, fresh: g.lowest(channel, fresh), self.published_by[channel], limit
+        ):
+            return False
+        return not self.wildcards or self._within(
+            lambda g, fresh: g.lowest_wildcard(fresh), self.published, limit
+        )
+
+    def _within(
+        self,
+        lowest: Callable[[SubscriberGroup | RemoteGroup, bool], int | None],
+        published: int,
+        limit: int,
+    ) -> bool:
+        """Whether ``published`` is at most ``limit`` ahead of the ``lowest`` count, as last
+        worked out or (when it seems not) as it is now."""
+        for fresh in (False, True):
+            known = [low for low in (lowest(g, fresh) for g in self.groups) if low is not None]
+            if not known or published - min(known) <= limit:
+                return True
+        return False
 
     def _can_send(self) -> bool:
-        if not self.flooding:
-            return False
-        return self._window_open() and any(
-            not p.out and p.state == Client.READY for p in self.publishers
-        )
+        """Whether the loop must not sleep: a flood that has not been pumped yet.
+
+        After each pump every publisher is blocked, by its socket (which wakes
+        the loop when writable) or by its window (which the subscribers' reads,
+        also events of the loop, open again), so nothing else keeps it awake.
+        """
+        return self.flooding and self._unpumped
 
     def _pump(self) -> None:
         if not self.flooding:
             return
+        self._unpumped = False
+        published_by = self.published_by
         for publisher in self.publishers:
+            channel = publisher.channel
             while publisher.state == Client.READY and not publisher.out:
-                if not self._window_open():
-                    return
-                self.published += publisher.publish_block()
+                if not self._window_open(channel):
+                    break
+                sent = publisher.publish_block()
+                self.published += sent
+                published_by[channel] += sent
 
     # Marks and progress
 
@@ -287,17 +338,20 @@ class Bench:
                 "lost": part["lost"],
                 "duplicated": part["duplicated"],
                 "misordered": part["misordered"],
+                "foreign": part["foreign"],
+                "expected": part["expected"],
                 "latency_ms": percentiles(part["latencies"]),
                 "errors": sorted(set(part["errors"]))[:5],
             }
         lost = sum(t["lost"] for t in transports.values())
-        expected = self.published * sum(part["begun"] for part in merged.values())
+        expected = sum(part["expected"] for part in merged.values())
         result: dict[str, Any] = {
             "tool": "gateway bench",
             "options": options.summary(),
             "connect_seconds": round(connect_seconds, 3),
             "window_seconds": round(window, 4),
             "published": self.published,
+            "published_by_channel": self.published_by if options.channels <= 100 else None,
             "published_per_second": (end["published"] - start["published"]) / window
             if start and end and window
             else 0.0,

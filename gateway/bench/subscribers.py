@@ -31,12 +31,13 @@ if TYPE_CHECKING:
 class Tally:
     """What the subscribers of one transport received."""
 
-    __slots__ = ("count", "latencies", "misordered", "probes")
+    __slots__ = ("count", "foreign", "latencies", "misordered", "probes")
 
     def __init__(self) -> None:
         self.count = 0
         self.probes = 0
         self.misordered = 0
+        self.foreign = 0
         self.latencies = array("q")
 
 
@@ -51,11 +52,15 @@ class StreamClient(Client):
         size: int,
         subject: str,
         source: str | None = None,
+        channel: int = 0,
+        channels: int = 1,
     ) -> None:
         super().__init__(loop, target, source)
         self.tally = tally
         self.size = size
         self.subject = subject
+        self.channel = channel
+        self.channels = channels
         self.count = 0
         self.synced = False
         self.rest = b""
@@ -261,6 +266,8 @@ class StreamClient(Client):
         last = self.last_sequence.get(publisher, -1)
         if sequence != last + 1:
             self.tally.misordered += 1
+        if self.channel >= 0 and publisher % self.channels != self.channel:
+            self.tally.foreign += 1  # another channel's message
         self.last_sequence[publisher] = sequence
         return sent
 
@@ -294,6 +301,7 @@ class DatagramClient(Client):
         super().__init__(loop, target, source)
         self.tally = tally
         self.size = size
+        self.channel = 0
         self.count = 0
         self.synced = False
         self.last_sequence: dict[int, int] = {}

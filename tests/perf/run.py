@@ -11,7 +11,8 @@ every server alike, and keeps the median of each figure. Writes
 the figures as a JSON baseline that the next run compares itself with) and
 ``docs/images/benchmarks.png``.
 
-Needs ``nats-server`` (Debian package) on the PATH and 2 CPUs.
+Needs 2 CPUs, and ``nats-server`` (Debian package) on the PATH for a full run (with --only,
+its runs are left out when it is missing).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class Ports:
 
     def __init__(self) -> None:
         self.gw_tcp = free_port()
+        self.gw_json = free_port()
         self.gw_tls = free_port()
         self.gw_udp = free_port(socket.SOCK_DGRAM)
         self.gw_ws = free_port()
@@ -140,6 +142,12 @@ max_connections = 30000
 name = "tcp"
 type = "tcp"
 port = {ports.gw_tcp}
+
+[[listeners]]
+name = "json"
+type = "tcp"
+port = {ports.gw_json}
+format = "json"
 
 [[listeners]]
 name = "tls"
@@ -222,11 +230,24 @@ def servers(ports: Ports, workdir: Path) -> dict[str, Server]:
 class Scenario:
     key: str
     title: str
-    # server name -> bench arguments (without --pid, --cpu, --json)
+    # run name (a server's, or REFERENCE) -> bench arguments (without --pid, --cpu, --json)
     runs: dict[str, list[str]]
     rounds: int = 3
     fresh: bool = False  # restart the server before each run (memory baselines)
     timeout: float = 120.0
+
+    def server(self, run: str) -> str:
+        """The server a run is against: a reference run is the gateway's."""
+        return "gateway" if run == REFERENCE else run
+
+    @property
+    def servers(self) -> list[str]:
+        return list(dict.fromkeys(self.server(run) for run in self.runs))
+
+
+REFERENCE = "gateway tcp100"
+"""A run of tcp100 against the gateway inside another scenario, in alternating rounds with
+it, so that the scenario's ratio to tcp100 is of one time and one machine load."""
 
 
 def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
@@ -261,6 +282,24 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
     # Round-robin spread with the listed weights: repeat each URL by its share of 1000.
     total = sum(spread.values())
     weighted = [url for name, url in urls.items() for _ in range(spread[name] * 20 // total)]
+    tcp100 = ["--sub", gw_tcp, "-n", "100", *flood]
+    gw_json = f"tcp://127.0.0.1:{ports.gw_json}"
+    channels = "100" if quick else "1000"
+    per_channel = 10
+    on_channels = [
+        "-n",
+        str(int(channels) * per_channel),
+        "-m",
+        channels,
+        "--channels",
+        channels,
+        *flood,
+        # Each channel has its own --window of queue: drain them all, connect 11,000 peers.
+        "--drain",
+        "30",
+        "--connect-timeout",
+        "120",
+    ]
     return [
         Scenario(
             "tcp100",
@@ -270,6 +309,37 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
                 "nats": ["--sub", nats, "-n", "100", *flood],
                 "tutorial": ["--sub", tutorial, "-n", "100", *flood],
                 "raw": ["--sub", raw, "-n", "100", *flood],
+            },
+            rounds,
+        ),
+        Scenario(
+            "ch1000",
+            f"Channels: {int(channels):,} channels x {per_channel} JSON-lines TCP subscribers "
+            "(subscribed with a JSON request), one JSON-lines publisher per channel, flood",
+            {
+                "gateway": [
+                    "--sub",
+                    gw_json,
+                    *on_channels,
+                    "--subscribe",
+                    "ch.{i}",
+                    "--publish-to",
+                    "ch.{i}",
+                    "--unsubscribe",
+                    "main",
+                ],
+                REFERENCE: tcp100,
+                "nats": ["--sub", nats, *on_channels, "--subject", "ch.{i}"],
+            },
+            rounds,
+            timeout=300,
+        ),
+        Scenario(
+            "wild",
+            "Wildcard: tcp100 plus one JSON-lines TCP subscriber to `>` (every channel), flood",
+            {
+                "gateway": [*tcp100, "--wildcard", gw_json],
+                REFERENCE: tcp100,
             },
             rounds,
         ),
@@ -455,14 +525,14 @@ def run_scenario(
     names = list(scenario.runs)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     if not scenario.fresh:
-        for name in names:
+        for name in scenario.servers:
             all_servers[name].start(workdir)
     try:
         for round_number in range(scenario.rounds):
             # Rotate the order each round: drift hits every server alike.
             shift = round_number % len(names)
             for name in names[shift:] + names[:shift]:
-                server = all_servers[name]
+                server = all_servers[scenario.server(name)]
                 if scenario.fresh:
                     server.start(workdir)
                     time.sleep(0.5)
@@ -478,7 +548,7 @@ def run_scenario(
                 log(f"  {scenario.key} {name} round {round_number + 1}: {summary(result)}")
     finally:
         if not scenario.fresh:
-            for name in names:
+            for name in scenario.servers:
                 all_servers[name].stop()
     return results
 
@@ -662,6 +732,19 @@ def checks(table: dict[str, dict[str, Any]]) -> list[Check]:
             None if connected is None else connected >= 20000 and lost == 0 and wanted >= 20000,
         )
     )
+    throughput("ch1000", REFERENCE, 0.7, "tcp100 deliveries/s (same run)")
+    wild = get("wild", "gateway", "delivered_per_second")
+    single = get("wild", REFERENCE, "delivered_per_second")
+    r = ratio(wild, single)
+    out.append(
+        Check(
+            "wild",
+            "≈ tcp100 (ratio reported; same run, 101 vs 100 subscribers)",
+            f"{_m(wild)} vs {_m(single)} deliveries/s",
+            f"{r:.2f}x" if r is not None else "-",
+            None if r is None else r >= 0.9,
+        )
+    )
     return out
 
 
@@ -754,17 +837,10 @@ def write_report(
         "| scenario | target | measured (median) | ratio | met |",
         "|---|---|---|---|---|",
     ]
-    for check in found:
-        met = "—" if check.met is None else ("**yes**" if check.met else "**no**")
-        lines.append(
-            f"| {check.scenario} | {check.target} | {check.measured} | {check.ratio} | {met} |"
-        )
-    missed = [c for c in found if c.met is False]
+    lines += [target_line(check) for check in found]
     lines += [
         "",
-        f"{sum(1 for c in found if c.met)} of {len(found)} targets met"
-        + (": missed " + "; ".join(f"{c.scenario} ({c.target})" for c in missed) if missed else "")
-        + ".",
+        targets_met(lines),
         "",
         "![deliveries per second by scenario and server](images/benchmarks.png)",
         "",
@@ -778,34 +854,10 @@ def write_report(
         "| scenario | server | deliveries/s | lost | p50 / p99 / p99.9 ms | server CPU | ns/delivery | client CPU | memory |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for key, servers_of in table.items():
-        for name, f in servers_of.items():
-            memory = ""
-            if f.get("rss_per_peer_bytes") is not None:
-                memory = f"{f['rss_per_peer_bytes'] / 1024:.2f} KiB/peer"
-            elif f.get("rss_bytes") is not None:
-                memory = f"{f['rss_bytes'] / 2**20:.0f} MiB"
-            latency = (
-                f"{_ms(f['p50_ms'])} / {_ms(f['p99_ms'])} / {_ms(f['p999_ms'])}"
-                if f.get("p50_ms") is not None
-                else "-"
-            )
-            cpu = f"{f['server_cpu_percent']:.0f}%" if f.get("server_cpu_percent") else "-"
-            client = f"{f['client_cpu_percent']:.0f}%" if f.get("client_cpu_percent") else "-"
-            errors = f" (errors: {len(f['errors'])})" if f.get("errors") else ""
-            lines.append(
-                f"| {key} | {name}{errors} | {_m(f['delivered_per_second'])} | "
-                f"{_n(f['lost'])} | {latency} | {cpu} | {_n(f['ns_per_delivery'])} | {client} | {memory} |"
-            )
-            if len(f.get("transports", {})) > 1:
-                for transport, t in f["transports"].items():
-                    lines.append(
-                        f"| | ↳ {transport} ({_n(t['connected'])} peers) | {_m(t['delivered_per_second'])} | "
-                        f"{_n(t['lost'])} | p99 {_ms(t['p99_ms'])} | | | | |"
-                    )
+    lines += figure_lines(table)
     lines += ["", "Scenarios:", ""]
     for key, title in titles.items():
-        lines.append(f"- **{key}**: {title}.")
+        lines.append(scenario_line(key, title))
     if previous is not None:
         lines += ["", "## Against the previous recorded baseline", ""]
         lines += [
@@ -837,6 +889,30 @@ def write_report(
         "  a load average above ~0.3 before the run means they shared the cores, which lowers and",
         "  scatters every figure. Ratios from the same run are the meaningful part.",
         "",
+        *measured_lines(),
+        "## Recorded baseline",
+        "",
+        "The figures of this run, which the next run compares itself with:",
+        "",
+        "```json",
+        json.dumps(
+            {
+                "date": f"{started:%Y-%m-%d}",
+                "quick": quick,
+                "figures": baseline_figures(table),
+            },
+            indent=1,
+            sort_keys=True,
+        ),
+        "```",
+        "",
+    ]
+    DOC.write_text("\n".join(lines))
+
+
+def measured_lines() -> list[str]:
+    """The "How it is measured" section."""
+    return [
         "## How it is measured",
         "",
         f"- One command: `{COMMAND}` (add `--quick` for a one-minute check). It needs 2 CPUs",
@@ -863,43 +939,198 @@ def write_report(
         "  WebSocket) by the same generator.",
         "- The 20,000-peer run uses 4 client processes and 8 source addresses (127.0.0.2 to 127.0.0.9);",
         "  the runner raises its open-file limit to the hard limit.",
-        "",
-        "## Recorded baseline",
-        "",
-        "The figures of this run, which the next run compares itself with:",
-        "",
-        "```json",
-        json.dumps(
-            {
-                "date": f"{started:%Y-%m-%d}",
-                "quick": quick,
-                "figures": {
-                    key: {
-                        name: {
-                            k: (round(v, 4) if isinstance(v, float) else v)
-                            for k, v in f.items()
-                            if k
-                            in (
-                                "delivered_per_second",
-                                "p50_ms",
-                                "p99_ms",
-                                "ns_per_delivery",
-                                "rss_per_peer_bytes",
-                                "lost",
-                            )
-                        }
-                        for name, f in servers_of.items()
-                    }
-                    for key, servers_of in table.items()
-                },
-            },
-            indent=1,
-            sort_keys=True,
-        ),
-        "```",
+        '- Channels (ch1000): the gateway gets one more `tcp` listener with `format = "json"`.',
+        "  `gateway bench --channels 1000 --subscribe 'ch.{i}' --publish-to 'ch.{i}'` puts",
+        "  subscriber j and publisher i on channels `ch.<j % 1000>` and `ch.<i % 1000>`: each",
+        '  subscriber sends `{"type":"subscribe","channel":"ch.<n>"}` and waits for the',
+        "  answer, each publisher sends every message as",
+        '  `{"type":"message","channel":"ch.<n>","text":...}`. `--unsubscribe main`',
+        "  has every JSON client leave the listener's channel first, so that 11,000 peers on",
+        "  `main` (their join/leave events, welcome lists) are not part of the run. Each channel",
+        "  is probed until all its subscribers are attached; a subscriber expects exactly what",
+        "  its channel's publisher sent (more is counted as duplicated, another channel's",
+        "  message as foreign when every message is parsed); each publisher stays at most 2,000",
+        "  messages ahead of the slowest subscriber of its channel. nats-server gets the same",
+        "  shape on subjects `ch.<n>` (`--subject 'ch.{i}'`).",
+        "- Wildcard (wild): tcp100 plus `--wildcard URL`, one JSON-lines subscriber to `>` on",
+        "  the JSON listener, which expects every message; the publisher also stays at most",
+        "  2,000 messages ahead of it.",
+        f"- `{REFERENCE}`: a tcp100 run inside the ch1000 and wild scenarios, in alternating",
+        "  rounds with their other runs, so that their ratio to tcp100 is of the same minutes.",
+        "- A partial run (`--only ch1000,wild`) replaces only those scenarios' rows, scenario",
+        "  lines and recorded figures in this page, and notes when they were run.",
         "",
     ]
-    DOC.write_text("\n".join(lines))
+
+
+def figure_lines(table: dict[str, dict[str, Any]]) -> list[str]:
+    """The rows of the "All figures" table."""
+    lines = []
+    for key, servers_of in table.items():
+        for name, f in servers_of.items():
+            memory = ""
+            if f.get("rss_per_peer_bytes") is not None:
+                memory = f"{f['rss_per_peer_bytes'] / 1024:.2f} KiB/peer"
+            elif f.get("rss_bytes") is not None:
+                memory = f"{f['rss_bytes'] / 2**20:.0f} MiB"
+            latency = (
+                f"{_ms(f['p50_ms'])} / {_ms(f['p99_ms'])} / {_ms(f['p999_ms'])}"
+                if f.get("p50_ms") is not None
+                else "-"
+            )
+            cpu = f"{f['server_cpu_percent']:.0f}%" if f.get("server_cpu_percent") else "-"
+            client = f"{f['client_cpu_percent']:.0f}%" if f.get("client_cpu_percent") else "-"
+            errors = f" (errors: {len(f['errors'])})" if f.get("errors") else ""
+            lines.append(
+                f"| {key} | {name}{errors} | {_m(f['delivered_per_second'])} | "
+                f"{_n(f['lost'])} | {latency} | {cpu} | {_n(f['ns_per_delivery'])} | {client} | {memory} |"
+            )
+            if len(f.get("transports", {})) > 1:
+                for transport, t in f["transports"].items():
+                    lines.append(
+                        f"| | ↳ {transport} ({_n(t['connected'])} peers) | {_m(t['delivered_per_second'])} | "
+                        f"{_n(t['lost'])} | p99 {_ms(t['p99_ms'])} | | | | |"
+                    )
+    return lines
+
+
+def targets_met(lines: list[str]) -> str:
+    """The sentence under the Targets table, from its rows among ``lines``."""
+    rows = [line for line in lines if _first_cell(line) and line.startswith("| ")]
+    rows = [r for r in rows if r.count("|") == 6 and r.split("|")[1].strip() != "scenario"]
+    met = [r for r in rows if r.rstrip().endswith("**yes** |")]
+    missed = [r.split("|") for r in rows if r.rstrip().endswith("**no** |")]
+    text = f"{len(met)} of {len(rows)} targets met"
+    if missed:
+        text += ": missed " + "; ".join(f"{c[1].strip()} ({c[2].strip()})" for c in missed)
+    return text + "."
+
+
+def _first_cell(line: str) -> str | None:
+    """The first cell of a table row (None: not a row, or the header's rule)."""
+    if not line.startswith("|") or line.startswith("|---"):
+        return None
+    return line.split("|")[1].strip()
+
+
+def merge_report(
+    table: dict[str, dict[str, Any]],
+    titles: dict[str, str],
+    started: datetime,
+    elapsed: float,
+    loads: tuple[float, float],
+    quick: bool,
+) -> None:
+    """Put the scenarios of a partial run (``--only``) into the existing page: their rows of
+    the Targets and All figures tables, their line in the scenario list and their recorded
+    figures are replaced (or added at the end); everything else stays as it was."""
+    lines = DOC.read_text().split("\n")
+
+    def section(title: str) -> tuple[int, int]:
+        start = lines.index(title)
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        return start, end
+
+    def merge_rows(title: str, rows: list[str]) -> None:
+        """Replace the table rows of the run's scenarios (with their "↳" rows) in a section."""
+        start, end = section(title)
+        table_rows = [i for i in range(start, end) if lines[i].startswith("|")]
+        first, last = table_rows[0], table_rows[-1]
+        kept: list[str] = []
+        owner = None
+        place: int | None = None
+        for line in lines[first : last + 1]:
+            cell = _first_cell(line)
+            if cell:  # a row of a scenario; rows with an empty first cell belong to the one above
+                owner = cell
+            if cell is not None and owner in table and line.split("|")[1].strip() != "scenario":
+                if place is None:
+                    place = len(kept)
+                continue
+            kept.append(line)
+        if place is None:
+            place = len(kept)
+        kept[place:place] = rows
+        lines[first : last + 1] = kept
+
+    merge_rows("## Targets", [target_line(c) for c in checks(table) if c.scenario in table])
+    start, end = section("## Targets")
+    for i in range(start, end):
+        if re.match(r"\d+ of \d+ targets met", lines[i]):
+            lines[i] = targets_met(lines[start:end])
+    merge_rows("## All figures", figure_lines(table))
+    start, end = section("## All figures")
+    bullets = [i for i in range(start, end) if lines[i].startswith("- **")]
+    kept_bullets = [lines[i] for i in bullets if lines[i][4:].split("**")[0] not in table]
+    new = kept_bullets + [scenario_line(key, title) for key, title in titles.items()]
+    lines[bullets[0] : bullets[-1] + 1] = new
+    run = next(i for i, line in enumerate(lines) if line.startswith("Run: "))
+    paragraph_end = lines.index("", run)
+    keys = ", ".join(table)
+    note = (
+        f"Scenarios {keys} rerun alone on {started:%Y-%m-%d %H:%M} UTC ({elapsed / 60:.1f} "
+        f"minutes, load average {loads[0]:.2f} before, {loads[1]:.2f} after"
+        + ("; **--quick**, not a measurement" if quick else "")
+        + "): their rows below are of that run."
+    )
+    targets = lines.index("## Targets")
+    stale = [i for i in range(run, targets) if lines[i].startswith(f"Scenarios {keys} ")]
+    if stale:
+        lines[stale[0]] = note
+    else:
+        lines[paragraph_end:paragraph_end] = ["", note]
+    start, end = section("## How it is measured")
+    lines[start:end] = measured_lines()
+    notes = Path(__file__).with_name("notes.md")
+    if notes.exists() and "## Analysis" in lines:
+        start, end = section("## Analysis")
+        lines[start:end] = [*notes.read_text().strip().split("\n"), ""]
+    text = "\n".join(lines)
+    baseline = previous_baseline()
+    if baseline is not None:
+        baseline.setdefault("figures", {}).update(baseline_figures(table))
+        text = re.sub(
+            r"```json\n\{.*?\}\n```",
+            lambda _: "```json\n" + json.dumps(baseline, indent=1, sort_keys=True) + "\n```",
+            text,
+            count=1,
+            flags=re.S,
+        )
+    DOC.write_text(text)
+
+
+def scenario_line(key: str, title: str) -> str:
+    return f"- **{key}**: {title}."
+
+
+def target_line(check: Check) -> str:
+    met = "—" if check.met is None else ("**yes**" if check.met else "**no**")
+    return f"| {check.scenario} | {check.target} | {check.measured} | {check.ratio} | {met} |"
+
+
+def baseline_figures(table: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The figures the next run compares itself with, by scenario and server."""
+    return {
+        key: {
+            name: {
+                k: (round(v, 4) if isinstance(v, float) else v)
+                for k, v in f.items()
+                if k
+                in (
+                    "delivered_per_second",
+                    "p50_ms",
+                    "p99_ms",
+                    "ns_per_delivery",
+                    "rss_per_peer_bytes",
+                    "lost",
+                )
+            }
+            for name, f in servers_of.items()
+        }
+        for key, servers_of in table.items()
+    }
 
 
 def write_plot(table: dict[str, dict[str, Any]], titles: dict[str, str]) -> None:
@@ -972,13 +1203,17 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="one short round, smaller scenarios")
-    parser.add_argument("--only", help="comma-separated scenario keys (the doc is not written)")
+    parser.add_argument(
+        "--only",
+        help="comma-separated scenario keys; their rows replace those in the existing doc",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
     if len(os.sched_getaffinity(0)) < 2:
         print("needs 2 CPUs (server on one, load generator on the other)", file=sys.stderr)
         return 2
-    if shutil.which("nats-server") is None:
+    nats = shutil.which("nats-server") is not None
+    if not nats and not args.only:
         print("needs nats-server on the PATH: apt-get install nats-server", file=sys.stderr)
         return 2
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -1003,6 +1238,9 @@ def main() -> int:
         for scenario in scenarios(ports, work, args.quick):
             if wanted is not None and scenario.key not in wanted:
                 continue
+            if not nats and "nats" in scenario.runs:
+                del scenario.runs["nats"]
+                log(f"{scenario.key}: no nats-server on the PATH, so no nats runs")
             log(f"{scenario.key}: {scenario.title} (load {load_average():.2f})")
             titles[scenario.key] = scenario.title
             results = run_scenario(scenario, all_servers, work, log)
@@ -1010,9 +1248,14 @@ def main() -> int:
     elapsed = time.monotonic() - clock
     found = checks(table)
     for check in found:
+        if check.scenario not in table:
+            continue
         met = "-" if check.met is None else ("yes" if check.met else "NO")
         log(f"{check.scenario:9} {met:3} {check.target}: {check.measured} ({check.ratio})")
-    if not args.only and not args.no_write:
+    if args.only and not args.no_write:
+        merge_report(table, titles, started, elapsed, (load_before, load_average()), args.quick)
+        log(f"merged {', '.join(table)} into {DOC.relative_to(ROOT)}")
+    elif not args.no_write:
         write_report(
             table, titles, machine(), started, elapsed, (load_before, load_average()), args.quick
         )
