@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
+from gateway.auth.roles import Access
 from gateway.config.errors import ConfigError
 from gateway.config.listeners import WsListenerConfig
 from gateway.config.load import load
@@ -69,7 +70,13 @@ class GatewayService(MultiService):
             max_channels=limits.max_channels,
         )
         self.governor = Governor(config.limits, self.metrics, reactor)
-        self.context = GatewayContext(self.bus, self.governor, reactor, config.gateway.name)
+        self.context = GatewayContext(
+            self.bus,
+            self.governor,
+            reactor,
+            config.gateway.name,
+            access=Access(config.roles, cache_size=limits.max_channels),
+        )
         self.admin_port: IListeningPort | None = None
         self.listening = False
         self._listen_started = False
@@ -309,9 +316,18 @@ class GatewayService(MultiService):
         self.bus.max_subscriptions = limits.max_subscriptions
         self.bus.max_channels = limits.max_channels
         self.bus.history.max_channels = limits.max_channels
+        self.context.access.update(new.roles)
         for listener in new.listeners:
             self.listeners[listener.name].reconfigure(listener, limits)
         for runtime in self.mounted:
             runtime.reconfigure(runtime.config, limits)
         self.config = new
         self.bus.history.resize()
+        # Roles apply at once to everyone: what they no longer allow ends now.
+        for peer, subscription in self.bus.recheck():
+            self.log.info(
+                "reload: {peer} is no longer allowed to subscribe to {subscription}; ended",
+                peer=peer.origin.peer_id,
+                subscription=subscription,
+            )
+            peer.forbidden("subscribe", subscription)

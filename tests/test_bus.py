@@ -32,6 +32,10 @@ class FakePeer:
     subject: str | None = None
     pending_bytes = 0
     dropped_messages = 0
+    permissions = None
+
+    def forbidden(self, action: str, channel: str) -> None:
+        raise AssertionError(f"refused {action} {channel}")
 
     def __init__(
         self, bus: Bus, name: str, framer: IFramer, channel: str = "main", echo: bool = False

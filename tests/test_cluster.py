@@ -265,6 +265,10 @@ class Peer:
     subject: str | None = None
     pending_bytes = 0
     dropped_messages = 0
+    permissions = None
+
+    def forbidden(self, action: str, channel: str) -> None:
+        raise AssertionError(f"refused {action} {channel}")
 
     def __init__(self, bus: Bus, name: str, channel: str = "main") -> None:
         self.bus = bus

@@ -78,8 +78,13 @@ def test_defaults():
 
 @pytest.mark.parametrize("host", ["::", "0.0.0.0", "::1", "127.0.0.2"])
 def test_hosts(host):
+    # Reachable from other hosts: open only on purpose, with a role saying what peers may do.
+    role = 'anonymous_role = "all"\n[roles.all]\npublish = [">"]\n'
     config = parse(
-        tomllib.loads(f'[[listeners]]\nname = "t"\ntype = "tcp"\nhost = "{host}"\nport = 0\n'), "c"
+        tomllib.loads(
+            f'[[listeners]]\nname = "t"\ntype = "tcp"\nhost = "{host}"\nport = 0\n{role}'
+        ),
+        "c",
     )
     assert config.listeners[0].host == host
 

@@ -266,6 +266,10 @@ class _DeclaredOnly:
     subject = "CN-of-a-certificate"
     pending_bytes = 123
     dropped_messages = 2
+    permissions = None
+
+    def forbidden(self, action: str, channel: str) -> None:
+        raise AssertionError(f"refused {action} {channel}")
 
     def __init__(self, peer_id: str) -> None:
         self.origin = Origin(peer_id, "custom", "custom")

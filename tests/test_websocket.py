@@ -113,6 +113,10 @@ class LinePeer:
     subject = None
     pending_bytes = 0
     dropped_messages = 0
+    permissions = None
+
+    def forbidden(self, action: str, channel: str) -> None:
+        raise AssertionError(f"refused {action} {channel}")
 
     def __init__(self, bus: Bus, peer_id: str = "tcp-1", transport: str = "tcp") -> None:
         self.bus = bus

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import string
 from dataclasses import dataclass
-from ipaddress import IPv4Network, IPv6Network, ip_network
+from ipaddress import IPv4Network, IPv6Network, ip_address, ip_network
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -33,13 +33,28 @@ class ListenerConfig:
     type: ClassVar[str] = ""
     family: ClassVar[str] = "stream"
     """``stream`` or ``datagram``: two listeners of one family cannot share a port."""
-    KEYS: ClassVar[tuple[str, ...]] = ("name", "type", "host", "port", "channel", "echo")
+    KEYS: ClassVar[tuple[str, ...]] = (
+        "name",
+        "type",
+        "host",
+        "port",
+        "channel",
+        "echo",
+        "anonymous_role",
+    )
 
     name: str
     host: str = "127.0.0.1"
     port: int = 0
     channel: str = "main"
     echo: bool = False
+    # The role of peers that did not sign in; None: open to everyone (local listeners only).
+    anonymous_role: str | None = None
+
+    @property
+    def local(self) -> bool:
+        """Whether only this host can reach the listener (bound to loopback)."""
+        return ip_address(self.host).is_loopback
 
     @property
     def tls_settings(self) -> TlsSettings | None:
@@ -60,6 +75,14 @@ class StreamListenerConfig(ListenerConfig):
 
     welcome: str = ""
     endpoint: str | None = None  # a Twisted server endpoint string instead of host/port
+
+    @property
+    def local(self) -> bool:
+        """Bound to loopback, or a ``unix:`` socket (its file permissions guard it); any
+        other endpoint string may be reachable from elsewhere."""
+        if self.endpoint is not None:
+            return self.endpoint.startswith("unix:")
+        return super().local
 
     @classmethod
     def read(cls, table: Table, base: Path) -> dict[str, Any]:
@@ -201,6 +224,7 @@ def parse_listener(table: Table, base: Path) -> ListenerConfig:
         "port": table.integer("port", None, 0, 65535) if endpoint is None else 0,
         "channel": _channel(table),
         "echo": table.boolean("echo", False),
+        "anonymous_role": table.string("anonymous_role", "") or None,
     }
     if endpoint is not None:
         common["endpoint"] = endpoint

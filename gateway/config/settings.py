@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.auth.roles import Role
 from gateway.config.listeners import ListenerConfig
 from gateway.core.channels import has_wildcard, matches, specificity
 
@@ -76,6 +77,7 @@ class Config:
     cluster: ClusterSettings | None = None
     admin: AdminSettings | None = None
     channels: Mapping[str, ChannelSettings] = field(default_factory=dict)
+    roles: Mapping[str, Role] = field(default_factory=dict)
 
     def channel(self, name: str) -> ChannelSettings:
         """Settings of channel ``name``: its own table, else the most specific pattern's

@@ -129,10 +129,15 @@ class Bus:
         return self.routes.members(channel)
 
     def attach(self, peer: IPeer) -> int:
-        """Add ``peer``, subscribed to its channel; returns the number of peers attached."""
+        """Add ``peer``, subscribed to its channel (if its permissions allow that);
+        returns the number of peers attached."""
         if peer not in self._entries:
             self._entries[peer] = Entry(self.clock.seconds() if self.clock else 0.0)
-            self._subscribe(peer, peer.channel)
+            permissions = peer.permissions
+            if permissions is None or permissions.may_subscribe(peer.channel):
+                self._subscribe(peer, peer.channel)
+            else:
+                self.metrics.deny("subscribe")
         return len(self._entries)
 
     def detach(self, peer: IPeer) -> None:
@@ -154,8 +159,9 @@ class Bus:
     def subscribe(self, peer: IPeer, pattern: str) -> bool:
         """Subscribe an attached ``peer`` to a name or pattern; False if it already was.
 
-        Raises ``SubscriptionError``: ``bad_channel``, ``too_many_subscriptions``
-        (``max_subscriptions``), ``too_many_channels`` (``max_channels``).
+        Raises ``SubscriptionError``: ``bad_channel``, ``forbidden`` (its permissions),
+        ``too_many_subscriptions`` (``max_subscriptions``), ``too_many_channels``
+        (``max_channels``).
         """
         entry = self._entries.get(peer)
         if entry is None:
@@ -164,6 +170,10 @@ class Bus:
             raise SubscriptionError("bad_channel", f"not a channel name or pattern: {pattern!r}")
         if entry.has(pattern):
             return False
+        permissions = peer.permissions
+        if permissions is not None and not permissions.may_subscribe(pattern):
+            self.metrics.deny("subscribe")
+            raise SubscriptionError("forbidden", f"not allowed to subscribe to {pattern!r}")
         if entry.count() >= self.max_subscriptions:
             raise SubscriptionError(
                 "too_many_subscriptions", f"at most {self.max_subscriptions} per peer"
@@ -198,6 +208,21 @@ class Bus:
         self._unsubscribed(pattern)
         self._announce("leave", peer, pattern)
 
+    def recheck(self) -> list[tuple[IPeer, str]]:
+        """Permissions changed (a reload): end every subscription no longer allowed, and
+        let deliveries follow the new rules. Returns the (peer, subscription) ended."""
+        ended = []
+        for peer, entry in list(self._entries.items()):
+            permissions = peer.permissions
+            if permissions is None:
+                continue
+            for pattern in entry.subscriptions():
+                if not permissions.may_subscribe(pattern):
+                    self.unsubscribe(peer, pattern)
+                    ended.append((peer, pattern))
+        self.routes.forget()
+        return ended
+
     def subscription_count(self) -> int:
         """Subscriptions of all attached peers (counted when asked)."""
         return sum(entry.count() for entry in self._entries.values())
@@ -212,7 +237,9 @@ class Bus:
     def publish(self, sender: IPeer, batch: Batch) -> int:
         """Deliver ``batch`` from a local peer; returns local receivers reached.
 
-        A receiver that fails is closed; its failure never reaches the sender.
+        A batch to a channel the sender may not publish to goes nowhere (the
+        sender is told: ``forbidden``). A receiver that fails is closed; its
+        failure never reaches the sender.
         With a backplane, the batch then goes to the other nodes too. A batch
         published *during* a fan-out (by a receiver that answers at once, such
         as an application peer) waits until that fan-out is done, so an answer
@@ -240,6 +267,12 @@ class Bus:
         return reached
 
     def _publish(self, sender: IPeer, batch: Batch) -> int:
+        permissions = sender.permissions
+        if permissions is not None and not permissions.may_publish(batch.channel):
+            self.metrics.deny("publish")
+            self.metrics.drop("forbidden", len(batch.payloads))
+            sender.forbidden("publish", batch.channel)
+            return 0
         origin = batch.origin
         count = len(batch.payloads)
         size = batch.byte_count()
@@ -271,7 +304,7 @@ class Bus:
         size = -1
         for part in parts:
             receivers = part.receivers
-            if len(receivers) == 1 and receivers[0] is skip:
+            if not receivers or (len(receivers) == 1 and receivers[0] is skip):
                 continue
             wire = part.framer.frame(batch)
             if wire is None:
@@ -305,10 +338,16 @@ class Bus:
 
     def replay_history(self, peer: IPeer, channel: str | None = None) -> int:
         """Send ``peer`` the remembered messages of ``channel`` (default: its own), oldest
-        first; returns how many."""
+        first, if it may receive them; returns how many."""
+        name = channel if channel is not None else peer.channel
+        permissions = peer.permissions
+        if permissions is not None and not (
+            permissions.may_subscribe(name) and permissions.may_receive(name)
+        ):
+            return 0
         framer = peer.framer
         replayed = 0
-        for batch in self.history.replay(channel if channel is not None else peer.channel):
+        for batch in self.history.replay(name):
             wire = framer.frame(batch)
             if wire is not None:
                 peer.deliver(wire)

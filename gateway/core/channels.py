@@ -60,6 +60,23 @@ def matches(pattern: str, name: str) -> bool:
     return len(tokens) == len(wanted)
 
 
+def covers(outer: str, inner: str) -> bool:
+    """Whether every channel name ``inner`` matches is one ``outer`` matches too
+    (both names or patterns): ``room.>`` covers ``room.*`` and ``room.42``; ``room.*``
+    does not cover ``room.>``."""
+    wanted = outer.split(".")
+    tokens = inner.split(".")
+    for index, token in enumerate(wanted):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens):
+            return False
+        theirs = tokens[index]
+        if theirs == ">" or token not in ("*", theirs):
+            return False  # inner may have more tokens here, or another one
+    return len(tokens) == len(wanted)
+
+
 def specificity(pattern: str) -> tuple[int, int, int]:
     """Sort key: of several patterns matching one name, the greatest is the most specific.
 

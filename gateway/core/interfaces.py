@@ -5,7 +5,7 @@ The bus reads nothing from a peer that is not declared here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from zope.interface import Attribute, Interface
 
@@ -28,6 +28,16 @@ class IFramer(Interface):
         """How many messages ``wire`` (made by ``frame``) holds: asked only when it is dropped."""
 
 
+class Permits(Protocol):
+    """What a peer may do (``gateway.auth.roles.Permissions``)."""
+
+    def may_publish(self, channel: str) -> bool: ...
+
+    def may_subscribe(self, pattern: str) -> bool: ...
+
+    def may_receive(self, channel: str) -> bool: ...
+
+
 class IPeer(Interface):
     """One party attached to the bus, whatever its transport."""
 
@@ -44,8 +54,16 @@ class IPeer(Interface):
         "Messages dropped for this peer so far (slow-consumer policy drop)."
     )
 
+    permissions: Permits | None = Attribute(
+        "What the peer may publish, subscribe to and receive; None: anything (an open listener)."
+    )
+
     def deliver(wire: Any) -> None:
         """Send ``wire`` (made by this peer's framer) to the peer, without blocking."""
+
+    def forbidden(action: str, channel: str) -> None:
+        """Tell the peer the gateway refused it ``action`` on ``channel``: "publish" (the
+        batch was not relayed) or "subscribe" (a subscription ended: no longer allowed)."""
 
     def close(reason: str) -> None:
         """Disconnect the peer; it detaches from the bus when it is gone."""

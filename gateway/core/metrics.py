@@ -54,6 +54,8 @@ class Metrics:
         # Times a stream sender's reading was paused for going over its message rate.
         self.throttled = 0
         self.tls_handshake_failures: Counter[str] = Counter()
+        # Actions refused by a peer's permissions: "publish", "subscribe".
+        self.denied: Counter[str] = Counter()
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count messages not delivered (or not accepted) for ``reason``."""
@@ -62,6 +64,10 @@ class Metrics:
     def disconnect(self, reason: str) -> None:
         """Count a peer the gateway disconnected for ``reason``."""
         self.disconnects[reason] += 1
+
+    def deny(self, action: str) -> None:
+        """Count an action a peer's permissions refused."""
+        self.denied[action] += 1
 
     def handshake_failed(self, listener: str) -> None:
         """Count a connection that went away before finishing its handshake."""

@@ -37,14 +37,25 @@ class Part:
 
     __slots__ = ("duplicates", "framer", "groups", "receivers")
 
-    def __init__(self, framer: IFramer, groups: list[Group]) -> None:
+    def __init__(self, framer: IFramer, groups: list[Group], channel: str) -> None:
         self.framer = framer
         self.groups = tuple(groups)
         seen = Counter(peer for group in groups for peer in group.members)
         # Each receiver once; counted in every group it is in, so the extra
         # counts are credited back to it (``duplicates``: one per extra group).
-        self.receivers = tuple(seen)
-        self.duplicates = tuple(peer for peer, n in seen.items() for _ in range(n - 1))
+        # A peer whose permissions deny the channel gets nothing through any
+        # subscription: credited back for each of its groups.
+        receivers = []
+        duplicates = []
+        for peer, groups_in in seen.items():
+            permissions = peer.permissions
+            if permissions is None or permissions.may_receive(channel):
+                receivers.append(peer)
+                duplicates.extend([peer] * (groups_in - 1))
+            else:
+                duplicates.extend([peer] * groups_in)
+        self.receivers = tuple(receivers)
+        self.duplicates = tuple(duplicates)
 
 
 class Routes:
@@ -109,6 +120,10 @@ class Routes:
         else:
             self._parts.pop(key, None)
 
+    def forget(self) -> None:
+        """Rebuild every channel's parts when next published (permissions changed)."""
+        self._parts.clear()
+
     def members(self, key: str) -> list[IPeer]:
         """The peers subscribed to exactly ``key`` (a name or a pattern)."""
         table = self.wildcard if has_wildcard(key) else self.exact
@@ -125,7 +140,7 @@ class Routes:
         for pattern in self.index.matching(channel):
             for group in self.wildcard[pattern].values():
                 by_framer.setdefault(group.framer, []).append(group)
-        parts = tuple(Part(framer, groups) for framer, groups in by_framer.items())
+        parts = tuple(Part(framer, groups, channel) for framer, groups in by_framer.items())
         if parts:
             if len(self._parts) >= self.cache_size:
                 self._parts.clear()

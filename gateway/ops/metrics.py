@@ -95,6 +95,12 @@ class GatewayCollector(Collector):
             metrics.disconnects,
         )
         yield _counter(
+            "gateway_authz_denied",
+            "Actions refused by a peer's permissions, by action (publish, subscribe)",
+            ["action"],
+            metrics.denied,
+        )
+        yield _counter(
             "gateway_tls_handshake_failures",
             "Connections that did not complete their TLS handshake",
             ["listener"],

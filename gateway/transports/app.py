@@ -64,6 +64,10 @@ class AppPeer:
     pending_bytes = 0  # delivered synchronously: nothing ever waits
     dropped_messages = 0
     address = "in-process"
+    permissions = None  # application code may do anything
+
+    def forbidden(self, action: str, channel: str) -> None:
+        """IPeer: never called (an application peer is refused nothing)."""
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ ERROR_CODES = {
     "too_many_subscriptions": "the peer has max_subscriptions subscriptions already",
     "too_many_channels": "the gateway has max_channels names and patterns in use already",
     "not_subscribed": "unsubscribing from what the peer is not subscribed to",
+    "forbidden": "the peer's role does not allow publishing to (or subscribing to) that channel",
 }
 """Every ``code`` an ``error`` event may carry, and when."""
 

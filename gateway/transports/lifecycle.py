@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from gateway.auth.roles import Access, Permissions
 from gateway.config.listeners import ListenerConfig, StreamListenerConfig
 from gateway.config.settings import Limits
 from gateway.core.bus import Bus
@@ -41,16 +42,29 @@ class GatewayContext:
     clock: IReactorTime
     gateway_name: str
     relays: PresenceRelays = field(default=None)  # type: ignore[assignment]
+    access: Access = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.relays is None:  # one per gateway: JSON clients of every listener
             object.__setattr__(self, "relays", PresenceRelays(self.bus))
+        if self.access is None:
+            object.__setattr__(self, "access", Access({}))
 
 
 class Closeable(Protocol):
     """An open connection the gateway may have to cut when it stops."""
 
     def abort(self, reason: str) -> None: ...
+
+
+class Refusable(Protocol):
+    """A peer that may be told of a refusal (see ``ListenerRuntime.forbidden``)."""
+
+    origin: Origin
+    framer: IFramer
+    refused_at: float  # when it was last told, for the once-a-second limit
+
+    def deliver(self, wire: Any) -> None: ...
 
 
 class ListenerRuntime:
@@ -74,6 +88,8 @@ class ListenerRuntime:
         self.connections: set[Closeable] = set()
         # Set while the gateway drains: how long closed peers may take then.
         self.draining: float | None = None
+        # What peers that did not sign in may do; None: anything (an open listener).
+        self.permissions = context.access.anonymous(config.anonymous_role)
 
     @property
     def name(self) -> str:
@@ -82,6 +98,7 @@ class ListenerRuntime:
     def reconfigure(self, config: ListenerConfig, limits: Limits) -> None:
         self.config = config
         self.limits = limits
+        self.permissions = self.context.access.anonymous(config.anonymous_role)
 
     def abort_all(self, reason: str) -> None:
         """Cut every connection still open (the end of a drain)."""
@@ -122,6 +139,26 @@ class ListenerRuntime:
         text = config.welcome.format(count=count, peer=peer_id, name=self.context.gateway_name)
         return text.encode("utf-8")
 
+    def forbidden(
+        self, peer: Refusable, session: JsonSession | None, action: str, channel: str
+    ) -> None:
+        """Tell ``peer`` (of this listener) it was refused ``action`` on ``channel``: a
+        JSON client (``session``) by an event, anyone else by a message of text, at most
+        once a second."""
+        if session is not None:
+            session.forbidden(action, channel)
+            return
+        now = self.clock.seconds()
+        if now - peer.refused_at < 1.0:
+            return
+        peer.refused_at = now
+        if action == "publish":
+            text = f"gateway: not allowed to publish to {channel}"
+        else:
+            text = f"gateway: no longer allowed to read {channel}"
+        batch = Batch(peer.origin, channel, (text.encode("utf-8"),), (Kind.TEXT,))
+        peer.deliver(peer.framer.frame(batch))
+
     def gone(self, peer_id: str, why: str, verb: str = "disconnected") -> None:
         """Log that an attached peer has gone."""
         self.log.info("{peer} {verb} ({reason})", peer=peer_id, verb=verb, reason=why)
@@ -141,6 +178,7 @@ class StreamPeer:
     framer: IFramer
     transport: Any
     transport_name = ""
+    refused_at = float("-inf")  # when the peer was last told of a refusal (raw peers)
 
     def _init_peer(self, runtime: ListenerRuntime, transport_name: str) -> None:
         self.runtime = runtime
@@ -251,6 +289,17 @@ class StreamPeer:
     def _stop_events(self) -> None:
         if self._session is not None:
             self._session.stop()
+
+    # Permissions
+
+    @property
+    def permissions(self) -> Permissions | None:
+        """The listener's permissions for peers that did not sign in (IPeer)."""
+        return self.runtime.permissions
+
+    def forbidden(self, action: str, channel: str) -> None:
+        """IPeer: the gateway refused the peer ``action`` on ``channel``."""
+        self.runtime.forbidden(self, self._session, action, channel)
 
     # Deliver
 

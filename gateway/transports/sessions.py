@@ -123,9 +123,11 @@ class JsonSession:
         self.welcome_peers = welcome_peers
 
     def welcome(self, count: int) -> None:
-        """Send the ``welcome`` event, and start hearing about the peer's channel."""
+        """Send the ``welcome`` event, and start hearing about the peer's channel (unless
+        its permissions kept it from subscribing to it: then it hears of nobody there)."""
         peer = self.peer
-        peers = self.bus.peers(peer.channel)
+        joined = peer.channel in self.bus.subscriptions(peer)
+        peers = self.bus.peers(peer.channel) if joined else []
         self._send(
             {
                 "type": "welcome",
@@ -139,7 +141,8 @@ class JsonSession:
                 "channel_count": len(peers),
             }
         )
-        self.relays.add(peer, peer.channel)
+        if joined:
+            self.relays.add(peer, peer.channel)
 
     def stop(self) -> None:
         """The client is going: no more events for it."""
@@ -159,26 +162,51 @@ class JsonSession:
         if request is None:
             return peer.channel, data, None
         if request.type == "message":
-            return request.channel or peer.channel, request.payload, request.kind
-        channel = request.channel
-        assert channel is not None
+            channel = request.channel or peer.channel
+            permissions = peer.permissions
+            if permissions is not None and not permissions.may_publish(channel):
+                # Refused here rather than by the bus: the error carries the request's id.
+                self.bus.metrics.deny("publish")
+                self.bus.metrics.drop("forbidden")
+                self._send(request.answer(**_refusal("publish", channel)))
+                return None
+            return channel, request.payload, request.kind
+        pattern = request.channel
+        assert pattern is not None
         try:
             if request.type == "subscribe":
-                new = self.bus.subscribe(peer, channel)
+                new = self.bus.subscribe(peer, pattern)
             else:
-                self.bus.unsubscribe(peer, channel)
+                self.bus.unsubscribe(peer, pattern)
         except SubscriptionError as e:
             self._send(request.answer(type="error", code=e.code, reason=e.reason))
             return None
         if request.type == "subscribe":
-            self._send(request.answer(type="subscribed", channel=channel))
-            if new and not has_wildcard(channel):
-                self.relays.add(peer, channel)
-                self.bus.replay_history(peer, channel)
+            self._send(request.answer(type="subscribed", channel=pattern))
+            if new and not has_wildcard(pattern):
+                self.relays.add(peer, pattern)
+                self.bus.replay_history(peer, pattern)
         else:
-            self.relays.discard(peer, channel)
-            self._send(request.answer(type="unsubscribed", channel=channel))
+            self.relays.discard(peer, pattern)
+            self._send(request.answer(type="unsubscribed", channel=pattern))
         return None
+
+    def forbidden(self, action: str, channel: str) -> None:
+        """Tell the client it was refused ``action`` on ``channel`` (see ``IPeer.forbidden``)."""
+        if action == "publish":
+            self._send(_refusal(action, channel))
+        else:
+            self.relays.discard(self.peer, channel)
+            self._send({"type": "unsubscribed", "channel": channel, "reason": "forbidden"})
 
     def _send(self, fields: dict[str, Any]) -> None:
         self.peer.deliver(_event(self.peer, fields))
+
+
+def _refusal(action: str, channel: str) -> dict[str, Any]:
+    return {
+        "type": "error",
+        "code": "forbidden",
+        "reason": f"not allowed to {action} to {channel}",
+        "channel": channel,
+    }

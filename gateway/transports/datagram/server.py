@@ -34,6 +34,7 @@ from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from gateway.auth.roles import Permissions
 from gateway.config.listeners import MAX_UDP_PAYLOAD, UdpListenerConfig
 from gateway.config.settings import Limits
 from gateway.core.interfaces import IFramer, IPeer
@@ -132,6 +133,7 @@ class DatagramPeer:
     subject = None
     pending_bytes = 0  # every datagram goes out at once, or is dropped
     dropped_messages = 0
+    refused_at = float("-inf")
 
     def __init__(self, server: DatagramServer, address: Address) -> None:
         self.server = server
@@ -161,6 +163,13 @@ class DatagramPeer:
         write = self.server.write
         for datagram in datagrams:
             write(datagram, self.remote)
+
+    @property
+    def permissions(self) -> Permissions | None:
+        return self.server.runtime.permissions
+
+    def forbidden(self, action: str, channel: str) -> None:
+        self.server.runtime.forbidden(self, self.session, action, channel)
 
     def close(self, reason: str) -> None:
         self.server.forget(self, reason)

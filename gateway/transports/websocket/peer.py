@@ -113,6 +113,11 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
         if not is_name(name):
             self.bus.metrics.disconnect("bad_channel")
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "not a channel name")
+        permissions = self.permissions
+        if permissions is not None and not permissions.may_subscribe(name):
+            self.bus.metrics.deny("subscribe")
+            self.bus.metrics.disconnect("forbidden")
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "not allowed to subscribe to it")
         self.channel = name
 
     def onOpen(self) -> None:
