@@ -26,10 +26,6 @@ ACCEPT_GRACE = 20_000_000
 UDP_KEEPALIVE = 10 * SECOND
 
 
-def _nothing() -> None:
-    pass
-
-
 class SubscriberGroup:
     """The subscribers one process runs, from connect to the drain at the end."""
 
@@ -97,11 +93,12 @@ class SubscriberGroup:
             flight.append(client)
             self._next += 1
         if flight and flight[0].state == Client.READY and self._next < len(clients):
-            # Nothing may wake the loop when the grace ends: come back then.
+            # Nothing may wake the loop when the grace ends (hooks run after a poll): come
+            # back then.
             wake = flight[0].ready_at + ACCEPT_GRACE + 1
             if wake != self._wake:
                 self._wake = wake
-                self.loop.call_at(wake, _nothing)
+                self.loop.call_at(wake, self._connect_more)
 
     def connected(self) -> bool:
         return self._next >= len(self.clients) and all(
