@@ -1,0 +1,272 @@
+"""The scenarios of a comparison run: for each, the bench arguments of every server's run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.perf.servers import Ports
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    # run name (a server's, or REFERENCE) -> bench arguments (without --pid, --cpu, --json)
+    runs: dict[str, list[str]]
+    rounds: int = 3
+    fresh: bool = False  # restart the server before each run (memory baselines)
+    timeout: float = 120.0
+
+    def server(self, run: str) -> str:
+        """The server a run is against: a reference run is the gateway's."""
+        return "gateway" if run == REFERENCE else run
+
+    @property
+    def servers(self) -> list[str]:
+        return list(dict.fromkeys(self.server(run) for run in self.runs))
+
+
+REFERENCE = "gateway tcp100"
+"""A run of tcp100 against the gateway inside another scenario, in alternating rounds with
+it, so that the scenario's ratio to tcp100 is of one time and one machine load."""
+
+
+def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
+    ca = str(workdir / "certs" / "ca.pem")
+    seconds = (
+        ["--warmup", "0.5", "--duration", "1"] if quick else ["--warmup", "1", "--duration", "2"]
+    )
+    flood = ["--size", "100", *seconds]
+    gw_tcp = f"tcp://127.0.0.1:{ports.gw_tcp}"
+    nats = f"nats://127.0.0.1:{ports.nats}"
+    tutorial = f"tcp://127.0.0.1:{ports.tutorial}"
+    raw = f"tcp://127.0.0.1:{ports.raw}"
+    many = "300" if quick else "1000"
+    idle = "1000" if quick else "10000"
+    rounds = 1 if quick else 3
+    spread = {
+        "tcp": 6000,
+        "tls": 2000,
+        "ws": 6000,
+        "wss": 1000,
+        "udp": 5000,
+    }
+    if quick:
+        spread = {k: v // 10 for k, v in spread.items()}
+    urls = {
+        "tcp": gw_tcp,
+        "tls": f"tls://127.0.0.1:{ports.gw_tls}",
+        "ws": f"ws://127.0.0.1:{ports.gw_ws}/ws",
+        "wss": f"wss://127.0.0.1:{ports.gw_wss}/ws",
+        "udp": f"udp://127.0.0.1:{ports.gw_udp}",
+    }
+    # Round-robin spread with the listed weights: repeat each URL by its share of 1000.
+    total = sum(spread.values())
+    weighted = [url for name, url in urls.items() for _ in range(spread[name] * 20 // total)]
+    tcp100 = ["--sub", gw_tcp, "-n", "100", *flood]
+    gw_json = f"tcp://127.0.0.1:{ports.gw_json}"
+    channels = "100" if quick else "1000"
+    per_channel = 10
+    on_channels = [
+        "-n",
+        str(int(channels) * per_channel),
+        "-m",
+        channels,
+        "--channels",
+        channels,
+        *flood,
+        # Each channel has its own --window of queue: drain them all, connect 11,000 peers.
+        "--drain",
+        "30",
+        "--connect-timeout",
+        "120",
+    ]
+    return [
+        Scenario(
+            "tcp100",
+            "TCP fan-out: 1 publisher, 100 TCP subscribers, flood",
+            {
+                "gateway": ["--sub", gw_tcp, "-n", "100", *flood],
+                "nats": ["--sub", nats, "-n", "100", *flood],
+                "tutorial": ["--sub", tutorial, "-n", "100", *flood],
+                "raw": ["--sub", raw, "-n", "100", *flood],
+            },
+            rounds,
+        ),
+        Scenario(
+            "ch1000",
+            f"Channels: {int(channels):,} channels x {per_channel} JSON-lines TCP subscribers "
+            "(subscribed with a JSON request), one JSON-lines publisher per channel, flood",
+            {
+                "gateway": [
+                    "--sub",
+                    gw_json,
+                    *on_channels,
+                    "--subscribe",
+                    "ch.{i}",
+                    "--publish-to",
+                    "ch.{i}",
+                    "--unsubscribe",
+                    "main",
+                ],
+                REFERENCE: tcp100,
+                "nats": ["--sub", nats, *on_channels, "--subject", "ch.{i}"],
+            },
+            rounds,
+            timeout=300,
+        ),
+        Scenario(
+            "wild",
+            "Wildcard: tcp100 plus one JSON-lines TCP subscriber to `>` (every channel), flood",
+            {
+                "gateway": [*tcp100, "--wildcard", gw_json],
+                REFERENCE: tcp100,
+            },
+            rounds,
+        ),
+        Scenario(
+            "tcp1000",
+            f"TCP fan-out: 1 publisher, {many} TCP subscribers, flood",
+            {
+                "gateway": ["--sub", gw_tcp, "-n", many, *flood],
+                "nats": ["--sub", nats, "-n", many, *flood],
+                "raw": ["--sub", raw, "-n", many, *flood],
+            },
+            rounds,
+        ),
+        Scenario(
+            "ws100",
+            "WebSocket fan-out: 1 TCP publisher, 100 WebSocket subscribers, flood",
+            {
+                "gateway": [
+                    "--sub",
+                    f"ws://127.0.0.1:{ports.gw_ws}/ws",
+                    "--pub",
+                    gw_tcp,
+                    "-n",
+                    "100",
+                    *flood,
+                ],
+                "autobahn": [
+                    "--sub",
+                    f"ws://127.0.0.1:{ports.autobahn_ws}/",
+                    "--pub",
+                    f"tcp://127.0.0.1:{ports.autobahn_tcp}",
+                    "-n",
+                    "100",
+                    *flood,
+                ],
+                "nats": [
+                    "--sub",
+                    f"nats+ws://127.0.0.1:{ports.nats_ws}/",
+                    "--pub",
+                    nats,
+                    "-n",
+                    "100",
+                    *flood,
+                ],
+            },
+            rounds,
+        ),
+        Scenario(
+            "mixed",
+            "Mixed: 25 tcp + 25 tls + 25 ws + 25 udp subscribers, 1 TCP publisher, flood",
+            {
+                "gateway": [
+                    "--sub",
+                    gw_tcp,
+                    "--sub",
+                    urls["tls"],
+                    "--sub",
+                    urls["ws"],
+                    "--sub",
+                    urls["udp"],
+                    "--ca",
+                    ca,
+                    "-n",
+                    "100",
+                    *flood,
+                ],
+                # The one-sendto-per-datagram limit: 25 UDP peers of the raw server.
+                "raw": [
+                    "--sub",
+                    f"udp://127.0.0.1:{ports.raw_udp}",
+                    "--pub",
+                    raw,
+                    "-n",
+                    "25",
+                    *flood,
+                ],
+            },
+            rounds,
+            fresh=True,  # UDP peers of an earlier round would still be sent to
+        ),
+        Scenario(
+            "latency",
+            "Latency and cost: 1,000 msgs/s to 100 TCP subscribers (100k deliveries/s)",
+            {
+                "gateway": ["--sub", gw_tcp, "-n", "100", "--rate", "1000", *seconds],
+                "nats": ["--sub", nats, "-n", "100", "--rate", "1000", *seconds],
+                "tutorial": ["--sub", tutorial, "-n", "100", "--rate", "1000", *seconds],
+            },
+            rounds,
+        ),
+        Scenario(
+            "idle_tcp",
+            f"Memory: {idle} idle TCP peers",
+            {"gateway": ["--sub", gw_tcp, "-n", idle, "--idle", "--settle", "2"]},
+            1,  # deterministic: three rounds agreed within 1%
+            fresh=True,
+        ),
+        Scenario(
+            "idle_ws",
+            f"Memory: {idle} idle WebSocket peers",
+            {
+                "gateway": [
+                    "--sub",
+                    urls["ws"],
+                    "--pub",
+                    gw_tcp,
+                    "-n",
+                    idle,
+                    "--idle",
+                    "--settle",
+                    "2",
+                ]
+            },
+            1,  # deterministic: three rounds agreed within 1%
+            fresh=True,
+        ),
+        Scenario(
+            "peers20k",
+            f"{total:,} peers at once (tcp {spread['tcp']}, tls {spread['tls']}, ws {spread['ws']}, "
+            f"wss {spread['wss']}, udp {spread['udp']}), 2 msgs/s broadcast to all",
+            {
+                "gateway": [
+                    *[arg for url in weighted for arg in ("--sub", url)],
+                    "--pub",
+                    gw_tcp,
+                    "--ca",
+                    ca,
+                    "-n",
+                    str(total),
+                    "--rate",
+                    "2",
+                    "--warmup",
+                    "1",
+                    "--duration",
+                    "3",
+                    "--procs",
+                    "4",
+                    "--sources",
+                    "8",
+                    "--connect-timeout",
+                    "120",
+                ]
+            },
+            1,
+            fresh=True,
+            timeout=300,
+        ),
+    ]

@@ -1,0 +1,192 @@
+"""The servers under test (gateway, nats-server, and the comparison servers of this folder):
+their ports and configuration, starting each pinned to the server CPU, and stopping it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+SERVER_CPU = 0
+BENCH_CPU = 1
+
+
+def free_port(kind: int = socket.SOCK_STREAM) -> int:
+    with socket.socket(socket.AF_INET, kind) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pin_to_server_cpu() -> None:
+    os.sched_setaffinity(0, {SERVER_CPU})
+
+
+@dataclass
+class Server:
+    """One server process under test, pinned to the server CPU."""
+
+    name: str
+    argv: list[str]
+    ready: str  # a regular expression its log shows once it listens
+    env: dict[str, str] = field(default_factory=dict)
+    cwd: Path | None = None
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+
+    def start(self, workdir: Path) -> None:
+        self.log = workdir / f"{self.name}.log"
+        out = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **self.env},
+            cwd=self.cwd or workdir,
+            preexec_fn=pin_to_server_cpu,
+        )
+        out.close()
+        deadline = time.monotonic() + 20
+        pattern = re.compile(self.ready)
+        while time.monotonic() < deadline:
+            if pattern.search(self.log.read_text(errors="replace")):
+                return
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not start:\n{self.log.read_text(errors='replace')}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+class Ports:
+    """The ports of one comparison run, chosen once."""
+
+    def __init__(self) -> None:
+        self.gw_tcp = free_port()
+        self.gw_json = free_port()
+        self.gw_tls = free_port()
+        self.gw_udp = free_port(socket.SOCK_DGRAM)
+        self.gw_ws = free_port()
+        self.gw_wss = free_port()
+        self.nats = free_port()
+        self.nats_ws = free_port()
+        self.tutorial = free_port()
+        self.raw = free_port()
+        self.raw_udp = free_port(socket.SOCK_DGRAM)
+        self.autobahn_tcp = free_port()
+        self.autobahn_ws = free_port()
+
+
+def gateway_config(ports: Ports) -> str:
+    return f"""# gateway bench configuration: defaults, but room for 20,000 peers.
+[gateway]
+name = "bench"
+
+[limits]
+max_connections = 30000
+
+[[listeners]]
+name = "tcp"
+type = "tcp"
+port = {ports.gw_tcp}
+
+[[listeners]]
+name = "json"
+type = "tcp"
+port = {ports.gw_json}
+format = "json"
+
+[[listeners]]
+name = "tls"
+type = "tls"
+port = {ports.gw_tls}
+cert = "certs/server.pem"
+key = "certs/server.key"
+generate_dev_cert = true
+
+[[listeners]]
+name = "udp"
+type = "udp"
+port = {ports.gw_udp}
+max_peers = 20000
+
+[[listeners]]
+name = "ws"
+type = "ws"
+port = {ports.gw_ws}
+
+[[listeners]]
+name = "wss"
+type = "wss"
+port = {ports.gw_wss}
+cert = "certs/server.pem"
+key = "certs/server.key"
+generate_dev_cert = true
+"""
+
+
+def servers(ports: Ports, workdir: Path) -> dict[str, Server]:
+    (workdir / "gateway.toml").write_text(gateway_config(ports))
+    (workdir / "nats.conf").write_text(
+        f'listen: "127.0.0.1:{ports.nats}"\n'
+        f'websocket {{\n  listen: "127.0.0.1:{ports.nats_ws}"\n  no_tls: true\n}}\n'
+    )
+    return {
+        "gateway": Server(
+            "gateway",
+            [PYTHON, "-m", "gateway", "--config", str(workdir / "gateway.toml")],
+            r"gateway 'bench' .* running",
+        ),
+        "nats": Server(
+            "nats",
+            ["nats-server", "-c", str(workdir / "nats.conf")],
+            r"Server is ready",
+            env={"GOMAXPROCS": "1"},
+        ),
+        "tutorial": Server(
+            "tutorial",
+            [PYTHON, "-m", "tests.perf.tutorial_server", str(ports.tutorial)],
+            r"listening",
+            cwd=ROOT,
+        ),
+        "raw": Server(
+            "raw",
+            [PYTHON, "-m", "tests.perf.raw_server", str(ports.raw), str(ports.raw_udp)],
+            r"listening",
+            cwd=ROOT,
+        ),
+        "autobahn": Server(
+            "autobahn",
+            [
+                PYTHON,
+                "-m",
+                "tests.perf.autobahn_server",
+                str(ports.autobahn_tcp),
+                str(ports.autobahn_ws),
+            ],
+            r"listening",
+            cwd=ROOT,
+        ),
+    }

@@ -1,0 +1,127 @@
+"""The targets the gateway is held to, checked against a run's median figures."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tests.perf.formatting import format_count, format_ms, format_rate
+from tests.perf.scenarios import REFERENCE
+
+
+@dataclass
+class Check:
+    scenario: str
+    target: str
+    measured: str
+    ratio: str
+    met: bool | None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def checks(table: dict[str, dict[str, Any]]) -> list[Check]:
+    out: list[Check] = []
+
+    def get(scenario: str, server: str, key: str) -> Any:
+        return table.get(scenario, {}).get(server, {}).get(key)
+
+    def throughput(scenario: str, versus: str, factor: float, label: str) -> None:
+        gw = get(scenario, "gateway", "delivered_per_second")
+        other = get(scenario, versus, "delivered_per_second")
+        r = ratio(gw, other)
+        out.append(
+            Check(
+                scenario,
+                f"≥ {factor:g}x {label}",
+                f"{format_rate(gw)} vs {format_rate(other)} deliveries/s",
+                f"{r:.2f}x" if r is not None else "-",
+                None if r is None else r >= factor,
+            )
+        )
+
+    throughput("tcp100", "nats", 2.5, "nats-server")
+    throughput("tcp100", "tutorial", 15, "tutorial Twisted server")
+    throughput("tcp1000", "nats", 2, "nats-server")
+    throughput("ws100", "autobahn", 15, "Autobahn sendMessage loop")
+    throughput("ws100", "nats", 0.7, "nats-server (its WebSocket)")
+    udp = table.get("mixed", {}).get("gateway", {}).get("transports", {}).get("udp", {})
+    udp_rate = udp.get("delivered_per_second")
+    ceiling = get("mixed", "raw", "delivered_per_second")
+    r = ratio(udp_rate, ceiling)
+    out.append(
+        Check(
+            "mixed",
+            "UDP near the one-sendto-per-datagram limit (raw sendto loop, 25 peers)",
+            f"{format_rate(udp_rate)} vs {format_rate(ceiling)} datagrams/s",
+            f"{r:.2f}x" if r is not None else "-",
+            None if r is None else r >= 0.5,
+        )
+    )
+    gw_p99, nats_p99 = get("latency", "gateway", "p99_ms"), get("latency", "nats", "p99_ms")
+    lost = get("latency", "gateway", "lost_max")
+    out.append(
+        Check(
+            "latency",
+            "p99 ≤ nats-server's p99, no loss",
+            f"{format_ms(gw_p99)} vs {format_ms(nats_p99)} ms, lost {lost}",
+            f"{ratio(gw_p99, nats_p99):.2f}x" if ratio(gw_p99, nats_p99) is not None else "-",
+            None if gw_p99 is None or nats_p99 is None else gw_p99 <= nats_p99 and lost == 0,
+        )
+    )
+    gw_cost, nats_cost = (
+        get("latency", "gateway", "ns_per_delivery"),
+        get("latency", "nats", "ns_per_delivery"),
+    )
+    r = ratio(gw_cost, nats_cost)
+    out.append(
+        Check(
+            "latency",
+            "server CPU per delivery ≤ nats-server's",
+            f"{format_count(gw_cost)} vs {format_count(nats_cost)} ns",
+            f"{r:.2f}x" if r is not None else "-",
+            None if r is None else r <= 1.0,
+        )
+    )
+    for key, limit, label in (("idle_tcp", 2048, "2 KB"), ("idle_ws", 12288, "12 KB")):
+        per = get(key, "gateway", "rss_per_peer_bytes")
+        out.append(
+            Check(
+                key,
+                f"≤ {label} per idle peer above baseline",
+                f"{per / 1024:.2f} KiB" if per is not None else "-",
+                "-",
+                None if per is None else per <= limit,
+            )
+        )
+    connected = get("peers20k", "gateway", "connected")
+    lost = get("peers20k", "gateway", "lost_max")
+    wanted = sum(
+        t.get("connected") or 0
+        for t in table.get("peers20k", {}).get("gateway", {}).get("transports", {}).values()
+    )
+    out.append(
+        Check(
+            "peers20k",
+            "20,000 peers at once, broadcast reaches all",
+            f"{format_count(connected)} connected, lost {lost}",
+            "-",
+            None if connected is None else connected >= 20000 and lost == 0 and wanted >= 20000,
+        )
+    )
+    throughput("ch1000", REFERENCE, 0.7, "tcp100 deliveries/s (same run)")
+    wild = get("wild", "gateway", "delivered_per_second")
+    single = get("wild", REFERENCE, "delivered_per_second")
+    r = ratio(wild, single)
+    out.append(
+        Check(
+            "wild",
+            "≈ tcp100 (ratio reported; same run, 101 vs 100 subscribers)",
+            f"{format_rate(wild)} vs {format_rate(single)} deliveries/s",
+            f"{r:.2f}x" if r is not None else "-",
+            None if r is None else r >= 0.9,
+        )
+    )
+    return out
