@@ -20,7 +20,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 
+from gateway.auth.identities import Authenticator
+from gateway.auth.lockout import Lockout
 from gateway.auth.roles import Access
+from gateway.auth.verifier import Verifier, VerifierService
 from gateway.config.errors import ConfigError
 from gateway.config.listeners import WsListenerConfig
 from gateway.config.load import load
@@ -34,9 +37,9 @@ from gateway.tls.devcerts import ensure_dev_server_cert
 from gateway.tls.pki import PkiError
 from gateway.transports.address import host_port
 from gateway.transports.app import AppPeer, Message
-from gateway.transports.lifecycle import GatewayContext, ListenerRuntime
 from gateway.transports.listening import ListenError, ListenerService, cannot_listen
 from gateway.transports.registry import build_listener
+from gateway.transports.runtime import GatewayContext, ListenerRuntime
 
 if TYPE_CHECKING:
     from gateway.cluster.backplane import Backplane
@@ -55,7 +58,10 @@ class GatewayService(MultiService):
         reactor: Any,
         reuse_port: bool = False,
         prepare: Callable[[Config], Config] | None = None,
+        verifier: Verifier | None = None,
     ) -> None:
+        """``verifier`` checks password hashes: by default a pool of threads this service
+        owns (``VerifierService``); tests on a memory reactor pass an inline one."""
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
@@ -70,12 +76,19 @@ class GatewayService(MultiService):
             max_channels=limits.max_channels,
         )
         self.governor = Governor(config.limits, self.metrics, reactor)
+        if verifier is None:
+            hashing = VerifierService(reactor)
+            hashing.setServiceParent(self)  # type: ignore[no-untyped-call]
+            verifier = hashing.verifier
+        access = Access(config.roles, cache_size=limits.max_channels)
         self.context = GatewayContext(
             self.bus,
             self.governor,
             reactor,
             config.gateway.name,
-            access=Access(config.roles, cache_size=limits.max_channels),
+            access=access,
+            authenticator=Authenticator(config.auth.users, config.auth.tokens, access, verifier),
+            lockout=Lockout(reactor, limits.max_auth_failures),
         )
         self.admin_port: IListeningPort | None = None
         self.listening = False
@@ -317,13 +330,18 @@ class GatewayService(MultiService):
         self.bus.max_channels = limits.max_channels
         self.bus.history.max_channels = limits.max_channels
         self.context.access.update(new.roles)
+        self.context.authenticator.update(new.auth.users, new.auth.tokens)
+        self.context.lockout.limit = limits.max_auth_failures
         for listener in new.listeners:
             self.listeners[listener.name].reconfigure(listener, limits)
         for runtime in self.mounted:
             runtime.reconfigure(runtime.config, limits)
         self.config = new
         self.bus.history.resize()
-        # Roles apply at once to everyone: what they no longer allow ends now.
+        # Users, tokens and roles apply at once to everyone: who was removed goes, and
+        # what the roles no longer allow ends now.
+        for runtime in self._runtimes():
+            runtime.reauthorize()
         for peer, subscription in self.bus.recheck():
             self.log.info(
                 "reload: {peer} is no longer allowed to subscribe to {subscription}; ended",

@@ -54,8 +54,8 @@ from gateway.transports.datagram.wire import (
     hello,
     response,
 )
-from gateway.transports.lifecycle import GatewayContext, ListenerRuntime
 from gateway.transports.line import LINE_FRAMER, LineFactory, LineProtocol
+from gateway.transports.runtime import GatewayContext, ListenerRuntime
 from gateway.transports.websocket.envelope import JSON_SUBPROTOCOL
 from gateway.transports.websocket.peer import WebSocketPeer
 from gateway.transports.websocket.site import WebSocketSite

@@ -28,7 +28,7 @@ from gateway.core.message import Batch, Kind, Origin
 from gateway.flow.backlog import Backlog
 from gateway.testing import MemoryGateway, StreamConnection, WebSocketClient
 from gateway.transports.envelopes import RequestError, parse_request
-from gateway.transports.lifecycle import ListenerRuntime
+from gateway.transports.runtime import ListenerRuntime
 from gateway.transports.websocket.envelope import JSON_FRAMER, JSON_SUBPROTOCOL
 from gateway.transports.websocket.frames import (
     RAW_FRAMER,

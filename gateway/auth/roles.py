@@ -148,3 +148,9 @@ class Access:
             roles = () if found is None else (found,)  # a role gone: nothing is allowed
             permissions = self._anonymous[role] = Permissions(roles, None, self.cache_size)
         return permissions
+
+    def for_user(self, user: str, roles: Iterable[str]) -> Permissions:
+        """The permissions of ``user`` signed in with ``roles`` (names; unknown ones count
+        for nothing)."""
+        found = [self.roles[name] for name in roles if name in self.roles]
+        return Permissions(found, user, self.cache_size)

@@ -35,15 +35,17 @@ class Frame(NamedTuple):
     kinds: tuple[Kind, ...] | None = None  # None: untyped bytes (line and datagram transports)
     payloads: Sequence[bytes] = ()
     lines: bytes | None = None  # the payloads as newline-terminated lines, when sent that way
+    user: str | None = None  # who the sender signed in as
 
 
 def encode_batch(node: str, batch: Batch) -> bytes:
     """A batch as one msgpack array (see docs/scaling.md, "Wire format").
 
-    ``[1, 0, node, channel, peer, listener, transport, kinds, body]``: ``kinds``
-    is nil for untyped bytes or one byte per message (``t`` text, ``b``
-    binary); ``body`` is the line transports' newline-terminated bytes as
-    they were read, or an array of payloads.
+    ``[1, 0, node, channel, peer, listener, transport, kinds, body, user]``:
+    ``kinds`` is nil for untyped bytes or one byte per message (``t`` text,
+    ``b`` binary); ``body`` is the line transports' newline-terminated bytes
+    as they were read, or an array of payloads; ``user`` is who the sender
+    signed in as, nil for an anonymous one (frames without it are anonymous).
     """
     origin = batch.origin
     kinds = None if batch.kinds is None else bytes(_KIND_CODES[kind] for kind in batch.kinds)
@@ -59,6 +61,7 @@ def encode_batch(node: str, batch: Batch) -> bytes:
             origin.transport,
             kinds,
             body,
+            origin.user,
         ),
         use_bin_type=True,
     )
@@ -97,9 +100,12 @@ def decode(data: bytes) -> Frame:
     node, channel, peer_id, listener, transport = strings
     if kind in EVENT_NAMES:
         return Frame(kind, node, channel, peer_id, listener, transport)
-    if kind != MESSAGE or len(fields) != 9:
+    if kind != MESSAGE or len(fields) not in (9, 10):
         raise WireError(f"unknown frame type {kind!r}")
     codes, body = fields[7], fields[8]
+    user = fields[9] if len(fields) == 10 else None
+    if user is not None and not isinstance(user, str):
+        raise WireError("bad user")
     kinds: tuple[Kind, ...] | None = None
     if codes is not None:
         if not isinstance(codes, bytes):
@@ -113,14 +119,14 @@ def decode(data: bytes) -> Frame:
             raise WireError("bad lines")
         payloads = body.split(b"\n")
         payloads.pop()
-        return Frame(kind, node, channel, peer_id, listener, transport, None, payloads, body)
+        return Frame(kind, node, channel, peer_id, listener, transport, None, payloads, body, user)
     if not isinstance(body, tuple) or not all(isinstance(p, bytes) for p in body):
         raise WireError("bad payloads")
     if kinds is not None and len(kinds) != len(body):
         raise WireError("kinds and payloads differ in length")
-    return Frame(kind, node, channel, peer_id, listener, transport, kinds, body)
+    return Frame(kind, node, channel, peer_id, listener, transport, kinds, body, None, user)
 
 
 def remote_origin(frame: Frame) -> Origin:
     """Who sent ``frame``: its peer id qualified by its node, e.g. ``tcp-3@gw-b``."""
-    return Origin(f"{frame.peer_id}@{frame.node}", frame.listener, frame.transport)
+    return Origin(f"{frame.peer_id}@{frame.node}", frame.listener, frame.transport, frame.user)

@@ -18,7 +18,7 @@ from gateway.config.tables import Table, show
 from gateway.core.channels import NAME_RULE, is_name
 from gateway.tls.files import TLS_VERSIONS, TlsSettings
 
-WELCOME_FIELDS = ("count", "peer", "name")
+WELCOME_FIELDS = ("count", "peer", "name", "user")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 LOOPBACK_ONLY = ("127.0.0.0/8", "::1/128")
 MAX_UDP_PAYLOAD = 65507
@@ -41,6 +41,7 @@ class ListenerConfig:
         "channel",
         "echo",
         "anonymous_role",
+        "auth",
     )
 
     name: str
@@ -48,8 +49,10 @@ class ListenerConfig:
     port: int = 0
     channel: str = "main"
     echo: bool = False
-    # The role of peers that did not sign in; None: open to everyone (local listeners only).
+    # The role of peers that did not sign in; None: they must (with ``auth``), or, without
+    # ``auth`` either, the listener is open to everyone (allowed on local listeners only).
     anonymous_role: str | None = None
+    auth: tuple[str, ...] = ()  # the sign-in methods accepted (AUTH_METHODS)
 
     @property
     def local(self) -> bool:
@@ -225,6 +228,7 @@ def parse_listener(table: Table, base: Path) -> ListenerConfig:
         "channel": _channel(table),
         "echo": table.boolean("echo", False),
         "anonymous_role": table.string("anonymous_role", "") or None,
+        "auth": _auth_methods(table),
     }
     if endpoint is not None:
         common["endpoint"] = endpoint
@@ -232,6 +236,25 @@ def parse_listener(table: Table, base: Path) -> ListenerConfig:
 
 
 FORMATS = ("raw", "json")
+AUTH_METHODS = ("password", "token", "cert")
+"""The sign-in methods a listener's ``auth`` may list today ("jwt" is yet to come)."""
+
+
+def _auth_methods(table: Table) -> tuple[str, ...]:
+    value = table.data.get("auth", [])
+    if not isinstance(value, list) or not all(isinstance(m, str) for m in value):
+        raise table.error(
+            "auth",
+            f'expected a list of sign-in methods such as ["password", "token"], got {show(value)}',
+        )
+    for method in value:
+        if method == "jwt":
+            raise table.error(
+                "auth", '"jwt" is not available yet; use "password", "token" or "cert"'
+            )
+        if method not in AUTH_METHODS:
+            raise table.error("auth", f'expected "password", "token" or "cert", got {show(method)}')
+    return tuple(dict.fromkeys(value))
 
 
 def _format(table: Table) -> str:

@@ -14,14 +14,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway.auth.roles import LISTS, USER, Role, pattern_error
+from gateway.config.access import check_access, parse_auth, parse_roles
 from gateway.config.errors import ConfigError
-from gateway.config.listeners import (
-    NAME_RE,
-    ListenerConfig,
-    StreamListenerConfig,
-    parse_listener,
-)
+from gateway.config.listeners import NAME_RE, ListenerConfig, parse_listener
 from gateway.config.settings import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -58,53 +53,6 @@ def _channels(root: Table) -> dict[str, ChannelSettings]:
     return channels
 
 
-def _roles(root: Table) -> dict[str, Role]:
-    table = root.table("roles")
-    roles = {}
-    for name in table.data:
-        if not NAME_RE.match(name):
-            raise table.error(name, "expected a role name of letters, digits, . _ : -")
-        role = table.table(name)
-        role.check_keys(LISTS)
-        lists: dict[str, tuple[str, ...]] = {}
-        for key in LISTS:
-            value = role.data.get(key, [])
-            if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-                raise role.error(key, f"expected a list of channel patterns, got {show(value)}")
-            for pattern in value:
-                problem = pattern_error(pattern)
-                if problem is not None:
-                    raise role.error(
-                        key,
-                        f"{show(pattern)}: {problem}; expected {PATTERN_RULE} ({USER} may "
-                        "stand for the user's name)",
-                    )
-            lists[key] = tuple(value)
-        roles[name] = Role(name, **lists)
-    return roles
-
-
-def _check_access(table: Table, listener: ListenerConfig, roles: Mapping[str, Role]) -> None:
-    """A listener others can reach is never open by accident; a role it names exists."""
-    role = listener.anonymous_role
-    if role is not None and role not in roles:
-        known = ", ".join(sorted(roles)) or "none"
-        raise table.error("anonymous_role", f"no [roles.{role}] table (roles defined: {known})")
-    if role is None and not listener.local:
-        where = (
-            listener.endpoint
-            if isinstance(listener, StreamListenerConfig) and (listener.endpoint)
-            else listener.host
-        )
-        raise table.error(
-            "anonymous_role",
-            f"missing: the listener is reachable from other hosts ({where}), so it may not be "
-            "open to everyone; set anonymous_role to a [roles.NAME] table saying what peers "
-            'may do (e.g. publish = [">"], subscribe = [">"] to stay open on purpose), or '
-            'bind it to loopback (host = "127.0.0.1")',
-        )
-
-
 def _cluster(root: Table) -> ClusterSettings | None:
     if "cluster" not in root.data:
         return None
@@ -137,8 +85,11 @@ def _check_tls_files(table: Table, settings: TlsSettings) -> None:
 def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Config:
     """Validate parsed TOML ``data``; ``file`` names it in errors."""
     root = Table(file, "", data)
-    root.check_keys(("gateway", "limits", "listeners", "cluster", "admin", "channels", "roles"))
-    roles = _roles(root)
+    root.check_keys(
+        ("gateway", "limits", "listeners", "cluster", "admin", "channels", "roles", "auth")
+    )
+    roles = parse_roles(root)
+    auth = parse_auth(root, roles)
 
     gateway_table = root.table("gateway")
     gateway_table.check_keys(("name", "workers", "log_level", "log_format", "shutdown_timeout"))
@@ -179,6 +130,8 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
             "max_connections_per_ip",
             "max_subscriptions",
             "max_channels",
+            "auth_timeout",
+            "max_auth_failures",
         )
     )
     slow_consumer = limits_table.string("slow_consumer", "disconnect")
@@ -200,6 +153,8 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
         max_connections_per_ip=limits_table.integer("max_connections_per_ip", 0, 0, 1_000_000),
         max_subscriptions=limits_table.integer("max_subscriptions", 100, 1, 100_000),
         max_channels=limits_table.integer("max_channels", 100_000, 1, 10_000_000),
+        auth_timeout=limits_table.number("auth_timeout", 5.0, 0.1, 3600.0),
+        max_auth_failures=limits_table.integer("max_auth_failures", 10, 0, 1_000_000),
     )
 
     raw_listeners = data.get("listeners")
@@ -224,7 +179,7 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
                 f"another {listener.family} listener already uses {listener.host} port {listener.port}",
             )
         bound.add(address)
-        _check_access(table, listener, roles)
+        check_access(table, listener, roles, auth)
         listeners.append(listener)
     # Certificates another listener generates on start need not exist yet.
     secured = [
@@ -244,6 +199,7 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
         admin=_admin(root),
         channels=_channels(root),
         roles=roles,
+        auth=auth,
     )
 
 

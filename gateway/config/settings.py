@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gateway.auth.identities import Token, User
 from gateway.auth.roles import Role
 from gateway.config.listeners import ListenerConfig
 from gateway.core.channels import has_wildcard, matches, specificity
@@ -54,6 +55,8 @@ class Limits:
     max_connections_per_ip: int = 0  # 0 = off
     max_subscriptions: int = 100  # per peer, its own channel included
     max_channels: int = 100_000  # names and patterns subscribed, or keeping history, at once
+    auth_timeout: float = 5.0  # seconds from connect (after TLS) to signing in
+    max_auth_failures: int = 10  # per source IP per minute; past it refused for 60 s; 0: off
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,14 @@ _DEFAULT_CHANNEL = ChannelSettings()
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    """``[auth]``: who may sign in."""
+
+    users: Mapping[str, User] = field(default_factory=dict)
+    tokens: Mapping[str, Token] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     gateway: GatewaySettings
@@ -78,6 +89,7 @@ class Config:
     admin: AdminSettings | None = None
     channels: Mapping[str, ChannelSettings] = field(default_factory=dict)
     roles: Mapping[str, Role] = field(default_factory=dict)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
     def channel(self, name: str) -> ChannelSettings:
         """Settings of channel ``name``: its own table, else the most specific pattern's

@@ -27,15 +27,19 @@ class Kind(enum.Enum):
 class Origin:
     """Who sent a message: made once per peer and shared by all its batches."""
 
-    __slots__ = ("listener", "peer_id", "transport")
+    __slots__ = ("listener", "peer_id", "transport", "user")
 
-    def __init__(self, peer_id: str, listener: str, transport: str) -> None:
+    def __init__(
+        self, peer_id: str, listener: str, transport: str, user: str | None = None
+    ) -> None:
         self.peer_id = peer_id
         self.listener = listener
         self.transport = transport
+        self.user = user  # who the peer signed in as; None: anonymous
 
     def __repr__(self) -> str:
-        return f"Origin({self.peer_id!r}, {self.listener!r}, {self.transport!r})"
+        user = f", user={self.user!r}" if self.user is not None else ""
+        return f"Origin({self.peer_id!r}, {self.listener!r}, {self.transport!r}{user})"
 
 
 class Batch:

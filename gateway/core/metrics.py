@@ -56,6 +56,8 @@ class Metrics:
         self.tls_handshake_failures: Counter[str] = Counter()
         # Actions refused by a peer's permissions: "publish", "subscribe".
         self.denied: Counter[str] = Counter()
+        # Sign-ins by (listener, method, result: ok, failed, timeout).
+        self.sign_ins: Counter[tuple[str, str, str]] = Counter()
 
     def drop(self, reason: str, count: int = 1) -> None:
         """Count messages not delivered (or not accepted) for ``reason``."""
@@ -64,6 +66,10 @@ class Metrics:
     def disconnect(self, reason: str) -> None:
         """Count a peer the gateway disconnected for ``reason``."""
         self.disconnects[reason] += 1
+
+    def auth(self, listener: str, method: str, result: str) -> None:
+        """Count a sign-in's outcome."""
+        self.sign_ins[listener, method, result] += 1
 
     def deny(self, action: str) -> None:
         """Count an action a peer's permissions refused."""

@@ -11,6 +11,7 @@ from gateway.core.metrics import Metrics
 
 BACKPRESSURE = 1
 RATE_LIMIT = 2
+SIGN_IN = 4  # a sign-in is being checked: nothing after it is read until the verdict
 
 
 class Reader(Protocol):

@@ -95,6 +95,12 @@ class GatewayCollector(Collector):
             metrics.disconnects,
         )
         yield _counter(
+            "gateway_auth",
+            "Sign-ins by listener, method and result (ok, failed, timeout)",
+            ["listener", "method", "result"],
+            metrics.sign_ins,
+        )
+        yield _counter(
             "gateway_authz_denied",
             "Actions refused by a peer's permissions, by action (publish, subscribe)",
             ["action"],

@@ -49,6 +49,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.failure import Failure
 from twisted.test import iosim
 
+from gateway.auth.verifier import Verifier, inline_runner
 from gateway.config.load import parse
 from gateway.config.reload import restart_needed, without_restart_changes
 from gateway.config.settings import Config
@@ -95,7 +96,8 @@ class MemoryGateway:
         self.reactor = GatewayReactor()
         self._capture = LogCapture()
         globalLogPublisher.addObserver(self._capture)
-        self.service = GatewayService(self.config, self.reactor)
+        # Password hashes are checked at once (no threads on a memory reactor).
+        self.service = GatewayService(self.config, self.reactor, verifier=Verifier(inline_runner()))
         self.backplane = FakeBackplane(self.service.bus, self.flush) if backplane else None
         self._connections: list[StreamConnection] = []
         self._ports = itertools.count(40000)

@@ -94,6 +94,8 @@ def _message_head(batch: Batch) -> str:
         + ',"channel":'
         + compact(batch.channel)
     )
+    if origin.user is not None:
+        head += ',"user":' + compact(origin.user)
     if batch.history:
         head += ',"history":true'
     return head

@@ -1,167 +1,35 @@
-"""One peer lifecycle for every transport.
+"""One peer lifecycle for every stream transport.
 
-A connection is **admitted** (connection caps), gets a **handshake deadline**
-when its transport has a handshake, **joins** (peer id, origin, attach to the
-bus, the "connected" line, welcome, history), has things **delivered** through
-its backlog (slow-consumer policy, counting per message), and goes: closed,
-aborted, oversize or idle, each with one reason that is logged and counted,
-then **detached**. ``StreamPeer`` is that lifecycle for stream connections
-(tcp, tls, ws, wss); transports add only their framing and handshakes.
-``ListenerRuntime`` is what all peers of one listener share; UDP peers join
-and leave through it too.
+A connection is **admitted** (connection caps, sign-in lockout), gets a
+**handshake deadline** when its transport has a handshake, **signs in** when
+its listener has ``auth`` (``gateway.transports.signin``), **joins** (peer id,
+origin, attach to the bus, the "connected" line, welcome, history), has
+things **delivered** through its backlog (slow-consumer policy, counting per
+message), and goes: closed, aborted, oversize or idle, each with one reason
+that is logged and counted, then **detached**. ``StreamPeer`` is that
+lifecycle for stream connections (tcp, tls, ws, wss); transports add only
+their framing and handshakes. What all peers of one listener share is its
+``ListenerRuntime`` (``gateway.transports.runtime``); UDP peers join and leave
+through it too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
-from gateway.auth.roles import Access, Permissions
-from gateway.config.listeners import ListenerConfig, StreamListenerConfig
-from gateway.config.settings import Limits
-from gateway.core.bus import Bus
-from gateway.core.interfaces import IFramer, IPeer
+from gateway.auth.identities import Identity
+from gateway.auth.roles import Permissions
+from gateway.core.interfaces import IFramer
 from gateway.core.message import Batch, Kind, Origin
-from gateway.flow.connection import ConnectionFlow, Governor
+from gateway.flow.backpressure import SIGN_IN
+from gateway.flow.connection import ConnectionFlow
 from gateway.transports.address import describe
-from gateway.transports.sessions import JsonSession, PresenceRelays, Publish
-
-CONNECTION_LIMIT = "connection limit"
-"""The close reason of a connection refused by the caps (never joined, never logged)."""
-
-
-@dataclass(frozen=True)
-class GatewayContext:
-    """What every listener of one gateway shares."""
-
-    bus: Bus
-    governor: Governor
-    clock: IReactorTime
-    gateway_name: str
-    relays: PresenceRelays = field(default=None)  # type: ignore[assignment]
-    access: Access = field(default=None)  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        if self.relays is None:  # one per gateway: JSON clients of every listener
-            object.__setattr__(self, "relays", PresenceRelays(self.bus))
-        if self.access is None:
-            object.__setattr__(self, "access", Access({}))
-
-
-class Closeable(Protocol):
-    """An open connection the gateway may have to cut when it stops."""
-
-    def abort(self, reason: str) -> None: ...
-
-
-class Refusable(Protocol):
-    """A peer that may be told of a refusal (see ``ListenerRuntime.forbidden``)."""
-
-    origin: Origin
-    framer: IFramer
-    refused_at: float  # when it was last told, for the once-a-second limit
-
-    def deliver(self, wire: Any) -> None: ...
-
-
-class ListenerRuntime:
-    """The live side of one listener: its current settings, the gateway's shared
-    services, and its open connections.
-
-    A config reload replaces ``config`` and ``limits`` (``reconfigure``); peers
-    read them from here, so new connections see the new values.
-    """
-
-    log = Logger()
-
-    def __init__(self, config: ListenerConfig, limits: Limits, context: GatewayContext) -> None:
-        self.config = config
-        self.limits = limits
-        self.context = context
-        self.bus = context.bus
-        self.governor = context.governor
-        self.clock = context.clock
-        # Open connections, attached or handshaking or closing; a drain waits for them.
-        self.connections: set[Closeable] = set()
-        # Set while the gateway drains: how long closed peers may take then.
-        self.draining: float | None = None
-        # What peers that did not sign in may do; None: anything (an open listener).
-        self.permissions = context.access.anonymous(config.anonymous_role)
-
-    @property
-    def name(self) -> str:
-        return self.config.name
-
-    def reconfigure(self, config: ListenerConfig, limits: Limits) -> None:
-        self.config = config
-        self.limits = limits
-        self.permissions = self.context.access.anonymous(config.anonymous_role)
-
-    def abort_all(self, reason: str) -> None:
-        """Cut every connection still open (the end of a drain)."""
-        for connection in list(self.connections):
-            connection.abort(reason)
-
-    def close_timeout(self) -> float:
-        """How long a closed peer may take to drain its queued output (and, over TLS,
-        to answer close_notify) before it is cut."""
-        return self.draining if self.draining is not None else self.limits.handshake_timeout
-
-    def new_origin(self, transport: str, subject: str | None = None) -> Origin:
-        """A fresh peer id on this listener (``tls-3``, or ``tls-3:CN`` with a certificate)."""
-        peer_id = self.bus.new_peer_id(self.config.name)
-        if subject:
-            peer_id = f"{peer_id}:{subject}"
-        return Origin(peer_id, self.config.name, transport)
-
-    def attach(self, peer: IPeer, verb: str = "connected", extra: str = "") -> int:
-        """Put ``peer`` on the bus and log it; returns the peers attached."""
-        count = self.bus.attach(peer)
-        self.log.info(
-            '{peer} {verb} from {address} (listener "{listener}", {count} peers{extra})',
-            peer=peer.origin.peer_id,
-            verb=verb,
-            address=peer.address,
-            listener=self.config.name,
-            count=count,
-            extra=extra,
-        )
-        return count
-
-    def welcome_text(self, count: int, peer_id: str) -> bytes | None:
-        """The listener's ``welcome`` for a peer that just joined, or None without one."""
-        config = self.config
-        if not isinstance(config, StreamListenerConfig) or not config.welcome:
-            return None
-        text = config.welcome.format(count=count, peer=peer_id, name=self.context.gateway_name)
-        return text.encode("utf-8")
-
-    def forbidden(
-        self, peer: Refusable, session: JsonSession | None, action: str, channel: str
-    ) -> None:
-        """Tell ``peer`` (of this listener) it was refused ``action`` on ``channel``: a
-        JSON client (``session``) by an event, anyone else by a message of text, at most
-        once a second."""
-        if session is not None:
-            session.forbidden(action, channel)
-            return
-        now = self.clock.seconds()
-        if now - peer.refused_at < 1.0:
-            return
-        peer.refused_at = now
-        if action == "publish":
-            text = f"gateway: not allowed to publish to {channel}"
-        else:
-            text = f"gateway: no longer allowed to read {channel}"
-        batch = Batch(peer.origin, channel, (text.encode("utf-8"),), (Kind.TEXT,))
-        peer.deliver(peer.framer.frame(batch))
-
-    def gone(self, peer_id: str, why: str, verb: str = "disconnected") -> None:
-        """Log that an attached peer has gone."""
-        self.log.info("{peer} {verb} ({reason})", peer=peer_id, verb=verb, reason=why)
+from gateway.transports.runtime import CONNECTION_LIMIT, ListenerRuntime
+from gateway.transports.sessions import JsonSession, Publish
+from gateway.transports.signin import AUTH_FAILED, AUTH_TIMED_OUT, PendingSignIn
 
 
 class StreamPeer:
@@ -179,6 +47,11 @@ class StreamPeer:
     transport: Any
     transport_name = ""
     refused_at = float("-inf")  # when the peer was last told of a refusal (raw peers)
+    # Set only while signing in, and once signed in (class defaults: idle peers stay small).
+    _signin: PendingSignIn | None = None
+    _identity: Identity | None = None
+    _own_permissions: Permissions | None = None
+    _extra = ""  # what the "connected" line adds, e.g. ", json"
 
     def _init_peer(self, runtime: ListenerRuntime, transport_name: str) -> None:
         self.runtime = runtime
@@ -230,6 +103,13 @@ class StreamPeer:
             self._close_reason = CONNECTION_LIMIT
             transport.abortConnection()
             return False
+        if self.runtime.config.auth and self.runtime.context.lockout.refused(host):
+            # Too many failed sign-ins from there: refused before costing anything more.
+            self.bus.metrics.disconnect("auth_lockout")
+            self._closing = True
+            self._close_reason = CONNECTION_LIMIT
+            transport.abortConnection()
+            return False
         self.runtime.connections.add(self)
         return True
 
@@ -251,17 +131,102 @@ class StreamPeer:
 
     # Join
 
-    def _join(self, subject: str | None = None, extra: str = "") -> int:
-        """Attach to the bus: id, origin, flow control, the log line, welcome, history."""
+    def _join(self, subject: str | None = None, extra: str = "") -> None:
+        """The handshake is done: sign in first if the listener wants that, else attach."""
         self._disarm_deadline()
         self.subject = subject
-        self.origin = self.runtime.new_origin(self.transport_name, subject)
+        if extra:
+            self._extra = extra
         assert self.flow is not None
         self.flow.start()
-        count = self.runtime.attach(self, extra=extra)  # type: ignore[arg-type]
+        runtime = self.runtime
+        if not runtime.config.auth:
+            self._attach()
+            return
+        clock = runtime.clock
+        self._signin = PendingSignIn(
+            self,
+            runtime.context.authenticator,
+            runtime.config.auth,
+            anonymous=runtime.config.anonymous_role is not None,
+            json_client=self._session is not None,
+            deadline=clock.callLater(runtime.limits.auth_timeout, self._sign_in_expired),
+            on_outcome=self._sign_in_outcome,
+        )
+        self._signin.certificate(subject)
+
+    def _attach(self) -> None:
+        """Attach to the bus: id, origin, the log line, welcome, history."""
+        identity = self._identity
+        self.origin = self.runtime.new_origin(
+            self.transport_name, self.subject, identity.user if identity else None
+        )
+        count = self.runtime.attach(self, extra=self._extra)  # type: ignore[arg-type]
         self._greet(count)
         self.bus.replay_history(self)  # type: ignore[arg-type]
-        return count
+
+    # Sign in (``gateway.transports.signin``)
+
+    def _signing_in(self) -> bool:
+        """Whether what the client sends now is its sign-in (then it goes to ``_sign_in``)."""
+        return self._signin is not None
+
+    def _sign_in(self, first: bytes, ordinary: bool = False) -> None:
+        """The client's first message (``ordinary``: one that cannot be a sign-in, such as
+        a binary WebSocket message); nothing more is read until the verdict."""
+        signin = self._signin
+        assert signin is not None and self.flow is not None
+        self.flow.pause_reading(SIGN_IN)
+        signin.first(b"" if ordinary else first)
+
+    def _signed_in(self, identity: Identity | None, first_is_ordinary: bool) -> None:
+        """Signed in (``identity``), or anonymous (``identity`` None): then its first
+        message, when it sent one, was an ordinary message."""
+        self._signin = None
+        if identity is not None:
+            self._identity = identity
+            self._own_permissions = self.runtime.context.authenticator.permissions(identity)
+            self.runtime.identified.add(self)
+        if self._closing:
+            return
+        self._attach()
+        assert self.flow is not None
+        self.flow.resume_reading(SIGN_IN)
+        self._resume_input(first_is_ordinary)
+
+    def _resume_input(self, first_is_ordinary: bool) -> None:
+        """Handle what waited during sign-in, the first message too when it was an ordinary
+        one (no sign-in: the peer is anonymous)."""
+        raise NotImplementedError
+
+    def _sign_in_failed(self, reason: str) -> None:
+        self._signin = None
+        if self._closing:
+            return
+        assert self.flow is not None
+        self.flow.resume_reading(SIGN_IN)  # a closing handshake needs the client's answer
+        if self._session is not None:
+            self._session.send({"type": "error", "code": "auth_failed", "reason": reason})
+        else:
+            text = f"gateway: {reason}".encode()
+            self.deliver(self.framer.frame(Batch(self.origin, self.channel, (text,), (Kind.TEXT,))))
+        self.bus.metrics.disconnect("auth_failed")
+        self._close_unauthenticated(reason)
+
+    def _close_unauthenticated(self, reason: str) -> None:
+        self.close(reason)
+
+    def _sign_in_expired(self) -> None:
+        if self._signin is not None:
+            self._signin.expired()
+
+    def _sign_in_outcome(self, method: str, result: str) -> None:
+        self.runtime.signed_in(self, method, result)
+
+    def _stop_signing_in(self) -> None:
+        if self._signin is not None:
+            self._signin.cancel()
+            self._signin = None
 
     def _greet(self, count: int) -> None:
         """The welcome of a peer that just joined: JSON clients' ``welcome`` event, or
@@ -269,7 +234,7 @@ class StreamPeer:
         if self._session is not None:
             self._session.welcome(count)
             return
-        text = self.runtime.welcome_text(count, self.origin.peer_id)
+        text = self.runtime.welcome_text(count, self.origin)
         if text is not None:
             batch = Batch(self.origin, self.channel, (text,), (Kind.TEXT,))
             self.deliver(self.framer.frame(batch))
@@ -294,8 +259,24 @@ class StreamPeer:
 
     @property
     def permissions(self) -> Permissions | None:
-        """The listener's permissions for peers that did not sign in (IPeer)."""
+        """What the signed-in user may do, else the listener's ``anonymous_role`` (IPeer)."""
+        if self._identity is not None:
+            return self._own_permissions
         return self.runtime.permissions
+
+    @property
+    def identity(self) -> Identity | None:
+        """Who the peer signed in as (None: anonymous, or not yet)."""
+        return self._identity
+
+    def reauthorize(self, identity: Identity | None) -> None:
+        """A reload: the peer's identity with its current roles, or None when revoked."""
+        if identity is None:
+            self.bus.metrics.disconnect("auth_revoked")
+            self._close_unauthenticated("authentication revoked")
+            return
+        self._identity = identity
+        self._own_permissions = self.runtime.context.authenticator.permissions(identity)
 
     def forbidden(self, action: str, channel: str) -> None:
         """IPeer: the gateway refused the peer ``action`` on ``channel``."""
@@ -352,18 +333,27 @@ class StreamPeer:
 
     def _release(self) -> None:
         """Give back what the connection held: the bus, its flow control, its place."""
+        self._stop_signing_in()
         self._disarm_deadline()
         self._stop_events()
         self.bus.detach(self)  # type: ignore[arg-type]
         if self.flow is not None:
             self.flow.stop()
         self.runtime.connections.discard(self)
+        self.runtime.identified.discard(self)
 
     def _log_gone(self, why: str) -> None:
         if self._close_reason is not None:
             why = self._close_reason
         if self.origin.peer_id:
             self.runtime.gone(self.origin.peer_id, why)
+        elif why in (AUTH_FAILED, AUTH_TIMED_OUT):
+            self.peer_log.info(
+                '{address} did not sign in on listener "{listener}" ({reason})',
+                address=self.address,
+                listener=self.runtime.name,
+                reason=why,
+            )
         else:
             self._failed_handshake(why)
 

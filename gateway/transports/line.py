@@ -26,8 +26,9 @@ from gateway.transports.envelopes import (
     plain_message_runs,
     verbatim_envelopes,
 )
-from gateway.transports.lifecycle import GatewayContext, ListenerRuntime, StreamPeer
+from gateway.transports.lifecycle import StreamPeer
 from gateway.transports.listening import ListenerService
+from gateway.transports.runtime import GatewayContext, ListenerRuntime
 
 
 @implementer(IFramer)
@@ -77,6 +78,7 @@ class LineProtocol(StreamPeer, Protocol):
     """One stream peer: splits its bytes into lines and relays them as batches."""
 
     framer = LINE_FRAMER
+    _first_line = b""  # while signing in: the first line, kept in case it is no sign-in
 
     def __init__(self, factory: LineFactory) -> None:
         runtime = factory.runtime
@@ -129,6 +131,9 @@ class LineProtocol(StreamPeer, Protocol):
             return
         if self._buffer:
             data = self._buffer + data
+        if self._signin is not None:
+            self._sign_in_line(data)
+            return
         end = data.rfind(b"\n")
         flow = self.flow
         assert flow is not None
@@ -156,6 +161,36 @@ class LineProtocol(StreamPeer, Protocol):
         ):
             return
         self._keep_partial(rest)
+
+    def _sign_in_line(self, data: bytes) -> None:
+        """Until signed in: the first line is the sign-in; what follows waits, unread."""
+        assert self._signin is not None
+        if self._signin.checking:
+            # Reading is paused: at most what was in flight arrives meanwhile.
+            self._buffer = data
+            if len(data) > 2 * (self.max_message_bytes + 1) + 65536:
+                self._too_long(len(data))
+            return
+        end = data.find(b"\n")
+        if end < 0:
+            self._keep_partial(data)
+            return
+        if end > self.max_message_bytes + 1:
+            self._too_long(end)
+            return
+        self._buffer = data[end + 1 :]
+        first = data[:end]
+        self._first_line = first
+        self._sign_in(first[:-1] if first.endswith(b"\r") else first)
+
+    def _resume_input(self, first_is_ordinary: bool) -> None:
+        """Signed in: handle the lines that waited (the first one too, when it was no
+        sign-in), as if they had just arrived."""
+        if first_is_ordinary:
+            self._buffer = self._first_line + b"\n" + self._buffer
+        self._first_line = b""
+        if self._buffer:
+            self.dataReceived(b"")
 
     def _publish_plain(self, chunk: bytes, lines: list[bytes]) -> bool:
         """A JSON client's read of nothing but plain message requests (the common case):

@@ -27,7 +27,7 @@ from gateway.config.settings import Limits
 from gateway.tls.files import TlsFileError
 from gateway.tls.server import ServerTls
 from gateway.transports.address import host_port
-from gateway.transports.lifecycle import ListenerRuntime
+from gateway.transports.runtime import ListenerRuntime
 
 
 class ListenError(Exception):

@@ -9,8 +9,8 @@ from gateway.config.listeners import ListenerConfig
 from gateway.config.settings import Limits
 from gateway.transports import line
 from gateway.transports.datagram import server as datagram
-from gateway.transports.lifecycle import GatewayContext
 from gateway.transports.listening import ListenerService
+from gateway.transports.runtime import GatewayContext
 from gateway.transports.websocket import site as websocket
 
 Builder = Callable[[Any, Limits, GatewayContext], ListenerService]

@@ -128,10 +128,12 @@ class JsonSession:
         peer = self.peer
         joined = peer.channel in self.bus.subscriptions(peer)
         peers = self.bus.peers(peer.channel) if joined else []
+        fields: dict[str, Any] = {"type": "welcome", "peer": peer.origin.peer_id}
+        if peer.origin.user is not None:
+            fields["user"] = peer.origin.user
         self._send(
             {
-                "type": "welcome",
-                "peer": peer.origin.peer_id,
+                **fields,
                 "count": count,
                 "channel": peer.channel,
                 "peers": [
@@ -198,6 +200,10 @@ class JsonSession:
         else:
             self.relays.discard(self.peer, channel)
             self._send({"type": "unsubscribed", "channel": channel, "reason": "forbidden"})
+
+    def send(self, fields: dict[str, Any]) -> None:
+        """Send the client one event."""
+        self._send(fields)
 
     def _send(self, fields: dict[str, Any]) -> None:
         self.peer.deliver(_event(self.peer, fields))

@@ -52,8 +52,8 @@ from gateway.transports.datagram.wire import (
     parse_control,
 )
 from gateway.transports.envelopes import event, message_envelopes
-from gateway.transports.lifecycle import GatewayContext, ListenerRuntime
 from gateway.transports.listening import ListenerService, listen_shared_datagram
+from gateway.transports.runtime import GatewayContext, ListenerRuntime
 from gateway.transports.sessions import JsonSession
 
 Address = tuple[str, int]

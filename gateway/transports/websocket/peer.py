@@ -24,7 +24,8 @@ from gateway.config.listeners import WsListenerConfig
 from gateway.core.channels import is_name
 from gateway.core.interfaces import IFramer, IPeer
 from gateway.core.message import Batch, Kind
-from gateway.transports.lifecycle import ListenerRuntime, StreamPeer
+from gateway.transports.lifecycle import StreamPeer
+from gateway.transports.runtime import ListenerRuntime
 from gateway.transports.websocket.envelope import (
     JSON_FRAMER,
     JSON_SUBPROTOCOL,
@@ -39,6 +40,10 @@ from gateway.transports.websocket.frames import (
 from gateway.transports.websocket.origins import OriginPolicy
 from gateway.transports.websocket.timers import ClockTimer
 
+CLOSE_AUTH = 4001
+"""The close code of a WebSocket that did not sign in (failed, timed out, revoked)."""
+MAX_HELD = 1000
+"""At most this many messages may arrive while a sign-in is checked (reading is paused)."""
 _TEXT_ONLY = (Kind.TEXT,)
 _BINARY_ONLY = (Kind.BINARY,)
 
@@ -48,6 +53,7 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
     """One WebSocket client: relays its messages and receives the channel's."""
 
     framer: IFramer = RAW_FRAMER
+    _held: list[tuple[bytes, bool]] | None = None  # while signing in: messages received
 
     def __init__(self, factory: WebSocketPeerFactory) -> None:
         super().__init__()
@@ -158,6 +164,9 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
     def onMessage(self, payload: bytes, is_binary: bool) -> None:
         if self._closing:
             return
+        if self._signin is not None:
+            self._hold(payload, is_binary)
+            return
         if self.flow is not None:
             self.flow.received(1)
         kinds: tuple[Kind, ...] = _BINARY_ONLY if is_binary else _TEXT_ONLY
@@ -169,6 +178,29 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
             channel, payload, kind = request
             kinds = _BINARY_ONLY if kind is Kind.BINARY else _TEXT_ONLY
         self.bus.publish(self, Batch(self.origin, channel, (payload,), kinds))
+
+    # Signing in
+
+    def _hold(self, payload: bytes, is_binary: bool) -> None:
+        """Until signed in: the first message is the sign-in (text only); later ones wait."""
+        held = self._held
+        if held is None:
+            held = self._held = []
+            held.append((payload, is_binary))
+            self._sign_in(payload, ordinary=is_binary)
+        elif len(held) <= MAX_HELD:
+            held.append((payload, is_binary))  # reading is paused: only what was in flight
+        else:
+            self.close("too many messages before signing in", CLOSE_POLICY_VIOLATION)
+
+    def _resume_input(self, first_is_ordinary: bool) -> None:
+        held = self._held or []
+        self._held = None
+        for payload, is_binary in held[0 if first_is_ordinary else 1 :]:
+            self.onMessage(payload, is_binary)
+
+    def _close_unauthenticated(self, reason: str) -> None:
+        self.close(reason, CLOSE_AUTH)
 
     # Outbound (IPeer)
 

@@ -24,8 +24,8 @@ from twisted.web.server import Request, Site
 from gateway.config.listeners import WsListenerConfig
 from gateway.config.settings import Limits
 from gateway.transports.address import describe
-from gateway.transports.lifecycle import GatewayContext, ListenerRuntime
 from gateway.transports.listening import ListenerService
+from gateway.transports.runtime import GatewayContext, ListenerRuntime
 from gateway.transports.websocket.peer import WebSocketPeerFactory
 
 WEBSOCKET_PATH = "/ws"

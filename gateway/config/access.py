@@ -1,0 +1,123 @@
+"""Reading who may do what: ``[roles.NAME]``, ``[auth]``, and each listener's access keys.
+
+A listener others can reach (bound off loopback, or to an endpoint string
+other than ``unix:``) must say who may use it: ``auth`` (sign-in methods)
+and/or ``anonymous_role``; else the config is refused, naming the key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from gateway.auth.credentials import password_hash_error, token_digest_error
+from gateway.auth.identities import Token, User
+from gateway.auth.roles import LISTS, USER, Role, pattern_error
+from gateway.config.listeners import NAME_RE, ListenerConfig, StreamListenerConfig
+from gateway.config.settings import AuthSettings
+from gateway.config.tables import Table, show
+from gateway.core.channels import PATTERN_RULE
+
+
+def _names(table: Table, key: str, what: str) -> tuple[str, ...]:
+    value = table.data.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise table.error(key, f"expected a list of {what}, got {show(value)}")
+    return tuple(value)
+
+
+def parse_roles(root: Table) -> dict[str, Role]:
+    table = root.table("roles")
+    roles = {}
+    for name in table.data:
+        if not NAME_RE.match(name):
+            raise table.error(name, "expected a role name of letters, digits, . _ : -")
+        role = table.table(name)
+        role.check_keys(LISTS)
+        lists: dict[str, tuple[str, ...]] = {}
+        for key in LISTS:
+            patterns = _names(role, key, "channel patterns")
+            for pattern in patterns:
+                problem = pattern_error(pattern)
+                if problem is not None:
+                    raise role.error(
+                        key,
+                        f"{show(pattern)}: {problem}; expected {PATTERN_RULE} ({USER} may "
+                        "stand for the user's name)",
+                    )
+            lists[key] = patterns
+        roles[name] = Role(name, **lists)
+    return roles
+
+
+def _roles_of(table: Table, roles: Mapping[str, Role]) -> tuple[str, ...]:
+    names = _names(table, "roles", "role names")
+    for name in names:
+        if name not in roles:
+            known = ", ".join(sorted(roles)) or "none"
+            raise table.error("roles", f"no [roles.{name}] table (roles defined: {known})")
+    return names
+
+
+def parse_auth(root: Table, roles: Mapping[str, Role]) -> AuthSettings:
+    table = root.table("auth")
+    table.check_keys(("users", "tokens"))
+    users_table = table.table("users")
+    users = {}
+    for name in users_table.data:
+        if not NAME_RE.match(name):
+            raise users_table.error(name, "expected a user name of letters, digits, . _ : -")
+        user = users_table.table(name)
+        user.check_keys(("password", "roles"))
+        password = None
+        if "password" in user.data:
+            password = user.string("password", what="a password hash")
+            problem = password_hash_error(password)
+            if problem is not None:
+                raise user.error("password", problem)  # the value itself is never shown
+        users[name] = User(name, password, _roles_of(user, roles))
+    tokens_table = table.table("tokens")
+    tokens = {}
+    for name in tokens_table.data:
+        if not NAME_RE.match(name):
+            raise tokens_table.error(name, "expected a token name of letters, digits, . _ : -")
+        token = tokens_table.table(name)
+        token.check_keys(("sha256", "roles"))
+        digest = token.string("sha256", what='a SHA-256 hex digest (from "gateway token new")')
+        problem = token_digest_error(digest)
+        if problem is not None:
+            raise token.error("sha256", problem)
+        tokens[name] = Token(name, digest.lower(), _roles_of(token, roles))
+    return AuthSettings(users=users, tokens=tokens)
+
+
+def check_access(
+    table: Table, listener: ListenerConfig, roles: Mapping[str, Role], auth: AuthSettings
+) -> None:
+    """A listener others can reach is never open by accident; what it names exists."""
+    role = listener.anonymous_role
+    if role is not None and role not in roles:
+        known = ", ".join(sorted(roles)) or "none"
+        raise table.error("anonymous_role", f"no [roles.{role}] table (roles defined: {known})")
+    methods = listener.auth
+    if methods and listener.type == "udp":
+        raise table.error(
+            "auth", "a udp listener cannot sign peers in; give it an anonymous_role instead"
+        )
+    tls = listener.tls_settings
+    if "cert" in methods and (tls is None or tls.client_ca is None):
+        raise table.error(
+            "auth", '"cert" needs a tls or wss listener with client_ca (client certificates)'
+        )
+    if role is None and not methods and not listener.local:
+        where = (
+            listener.endpoint
+            if isinstance(listener, StreamListenerConfig) and listener.endpoint
+            else listener.host
+        )
+        raise table.error(
+            "anonymous_role",
+            f"missing: the listener is reachable from other hosts ({where}), so it may not be "
+            "open to everyone; set auth (sign-in methods) and/or anonymous_role to a "
+            '[roles.NAME] table saying what peers may do (e.g. publish = [">"], subscribe = '
+            '[">"] to stay open on purpose), or bind it to loopback (host = "127.0.0.1")',
+        )

@@ -1,0 +1,180 @@
+"""Signing in on the wire, the same on every stream transport.
+
+A peer of a listener with ``auth`` joins the bus only once it has signed in
+with its first message, within ``limits.auth_timeout`` of connecting (after
+the TLS handshake): ``AUTH token <token>`` or ``AUTH password <user>
+<password>`` as the first line (raw WebSocket: the first text message), or
+``{"type":"auth","token":...}`` / ``{"type":"auth","user":...,"password":...}``
+from a JSON client. A verified client certificate signs in by itself (``cert``).
+With an ``anonymous_role``, a first message that is no sign-in makes the peer
+anonymous and is then an ordinary message. Whatever the client sends after its
+first message waits, unread, until the outcome is known, so nothing is lost.
+Secrets are never logged.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+
+from gateway.auth.identities import Authenticator, Identity
+
+AUTH_FAILED = "authentication failed"
+AUTH_TIMED_OUT = "authentication timed out"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What a first message presents. ``secret`` is never logged or kept."""
+
+    method: str  # "password", "token" or "jwt"
+    secret: str
+    user: str = ""
+
+    def __repr__(self) -> str:  # never the secret, whatever prints it
+        return f"Attempt({self.method!r}, user={self.user!r})"
+
+
+MALFORMED = Attempt("", "")
+"""A sign-in attempt that names no usable credentials: a failure."""
+
+
+def parse_attempt(data: bytes, json_client: bool) -> Attempt | None:
+    """The sign-in attempt ``data`` (a first message) is, ``MALFORMED`` for a broken one,
+    or None when it is no sign-in at all."""
+    if json_client:
+        return _json_attempt(data)
+    if not data.startswith(b"AUTH "):
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return MALFORMED
+    parts = text.split(" ", 2)
+    if len(parts) < 3 or not parts[2]:
+        return MALFORMED
+    method, rest = parts[1], parts[2]
+    if method == "password":
+        user, _, password = rest.partition(" ")
+        return Attempt("password", password, user) if user and password else MALFORMED
+    if method in ("token", "jwt"):
+        return Attempt(method, rest)
+    return MALFORMED
+
+
+def _json_attempt(data: bytes) -> Attempt | None:
+    if data.lstrip()[:1] != b"{":
+        return None
+    try:
+        fields = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(fields, dict) or fields.get("type") != "auth":
+        return None
+    for method in ("token", "jwt"):
+        if method in fields:
+            value = fields[method]
+            return Attempt(method, value) if isinstance(value, str) and value else MALFORMED
+    user, password = fields.get("user"), fields.get("password")
+    if isinstance(user, str) and user and isinstance(password, str) and password:
+        return Attempt("password", password, user)
+    return MALFORMED
+
+
+class SigningIn(Protocol):
+    """The peer being signed in (a ``StreamPeer``)."""
+
+    def _signed_in(self, identity: Identity | None, first_is_ordinary: bool) -> None: ...
+
+    def _sign_in_failed(self, reason: str) -> None: ...
+
+
+class PendingSignIn:
+    """One connection between its handshake and its sign-in."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        peer: SigningIn,
+        authenticator: Authenticator,
+        methods: tuple[str, ...],
+        anonymous: bool,
+        json_client: bool,
+        deadline: IDelayedCall,
+        on_outcome: Any,
+    ) -> None:
+        self.peer = peer
+        self.authenticator = authenticator
+        self.methods = methods
+        self.anonymous = anonymous
+        self.json_client = json_client
+        self.deadline = deadline
+        # Called with (method, result) for the metrics and the lockout.
+        self.on_outcome = on_outcome
+        self.checking = False  # the first message arrived; its verdict is awaited
+        self.finished = False
+
+    def certificate(self, subject: str | None) -> bool:
+        """A verified client certificate: signed in by it if its name is a user."""
+        if "cert" not in self.methods or not subject:
+            return False
+        identity = self.authenticator.by_certificate(subject)
+        if identity is None:
+            return False
+        self._succeed(identity, False)
+        return True
+
+    def first(self, data: bytes) -> None:
+        """The client's first message (empty for one that cannot be a sign-in)."""
+        self.checking = True
+        attempt = parse_attempt(data, self.json_client) if data else None
+        if attempt is None:
+            if self.anonymous:
+                self._succeed(None, True)
+            else:
+                self._fail("none", AUTH_FAILED)
+            return
+        if attempt.method not in self.methods:
+            self._fail(attempt.method or "none", AUTH_FAILED)
+            return
+        if attempt.method == "token":
+            self._verdict(attempt.method, self.authenticator.by_token(attempt.secret))
+            return
+        # A password: checked off the reactor thread; meanwhile nothing more is read.
+        checked = self.authenticator.by_password(attempt.user, attempt.secret)
+        checked.addCallback(lambda identity: self._verdict("password", identity))
+        checked.addErrback(lambda failure: self._verdict("password", None))
+
+    def _verdict(self, method: str, identity: Identity | None) -> None:
+        if self.finished:
+            return  # timed out, or the connection went, while it was checked
+        if identity is None:
+            self._fail(method, AUTH_FAILED)
+        else:
+            self._succeed(identity, False)
+
+    def expired(self) -> None:
+        """``auth_timeout`` passed without a verdict."""
+        if not self.finished:
+            self._fail("none", AUTH_TIMED_OUT, timed_out=True)
+
+    def cancel(self) -> None:
+        """The connection is gone: no verdict matters any more."""
+        self.finished = True
+        if self.deadline.active():
+            self.deadline.cancel()
+
+    def _succeed(self, identity: Identity | None, first_is_ordinary: bool) -> None:
+        self.cancel()
+        self.on_outcome(identity.method if identity else "anonymous", "ok")
+        self.peer._signed_in(identity, first_is_ordinary)
+
+    def _fail(self, method: str, reason: str, timed_out: bool = False) -> None:
+        self.cancel()
+        self.on_outcome(method, "timeout" if timed_out else "failed")
+        self.peer._sign_in_failed(reason)
