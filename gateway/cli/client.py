@@ -87,11 +87,11 @@ class _StreamClient(Protocol):
         assert self.transport is not None
         transport = self.transport
         speech = self.speech
+        for request in speech.opening():
+            transport.write(request + b"\n")
         if not speech.json:
             StandardIO(Stdin(transport.write, transport.loseConnection), reactor=self.reactor)
             return
-        for request in speech.opening():
-            transport.write(request + b"\n")
         StandardIO(
             StdinLines(
                 lambda line: transport.write(speech.line(line) + b"\n"), transport.loseConnection

@@ -60,6 +60,15 @@ def _parser() -> argparse.ArgumentParser:
         help="subscribe to a channel name or pattern once connected (repeatable; implies --json)",
     )
     client.add_argument(
+        "--token", metavar="TOKEN", help="sign in with this token (a listener with auth)"
+    )
+    client.add_argument("--user", metavar="NAME", help="sign in as this user (with --password)")
+    client.add_argument(
+        "--password",
+        metavar="PASSWORD",
+        help="--user's password (default: asked for on the terminal when --user is given)",
+    )
+    client.add_argument(
         "--keepalive",
         type=float,
         default=20.0,
@@ -188,7 +197,7 @@ def _run_client(args: argparse.Namespace) -> NoReturn:
             ca=args.ca,
             cert=args.cert,
             key=args.key,
-            speech=Speech(args.json, args.subscribe),
+            speech=Speech(args.json, args.subscribe, _sign_in(args)),
         )
         raise SystemExit(code)
 
@@ -224,3 +233,18 @@ async def _serve(
         count=len(config.listeners),
     )
     await Deferred()  # until a signal stops the reactor
+
+
+def _sign_in(args: argparse.Namespace) -> tuple[str, ...]:
+    """What ``gateway client`` signs in with: ("token", TOKEN), ("password", USER, PASSWORD)
+    or nothing."""
+    if args.token:
+        return ("token", args.token)
+    if args.user:
+        password = args.password
+        if password is None:
+            import getpass
+
+            password = getpass.getpass(f"Password for {args.user}: ")
+        return ("password", args.user, password)
+    return ()

@@ -20,13 +20,31 @@ from gateway.transports.envelopes import event
 class Speech:
     """Raw lines, or JSON envelopes."""
 
-    def __init__(self, json: bool = False, subscribe: Sequence[str] = ()) -> None:
+    def __init__(
+        self, json: bool = False, subscribe: Sequence[str] = (), sign_in: Sequence[str] = ()
+    ) -> None:
         self.json = json or bool(subscribe)
         self.subscribe = list(subscribe)
+        # ("token", TOKEN) or ("password", USER, PASSWORD): the first message; none: none.
+        self.sign_in = tuple(sign_in)
 
     def opening(self) -> list[bytes]:
-        """What to send once connected: a ``subscribe`` request per ``--subscribe``."""
-        return [event({"type": "subscribe", "channel": channel}) for channel in self.subscribe]
+        """What to send once connected: the sign-in, then a ``subscribe`` request per
+        ``--subscribe``."""
+        first = []
+        if self.sign_in:
+            first.append(self._sign_in())
+        return first + [
+            event({"type": "subscribe", "channel": channel}) for channel in self.subscribe
+        ]
+
+    def _sign_in(self) -> bytes:
+        method, *rest = self.sign_in
+        if self.json:
+            if method == "token":
+                return event({"type": "auth", "token": rest[0]})
+            return event({"type": "auth", "user": rest[0], "password": rest[1]})
+        return " ".join(["AUTH", method, *rest]).encode("utf-8")
 
     def line(self, line: bytes) -> bytes:
         """One line of input as it is sent (without a newline)."""
