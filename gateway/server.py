@@ -87,7 +87,9 @@ class GatewayService(MultiService):
             reactor,
             config.gateway.name,
             access=access,
-            authenticator=Authenticator(config.auth.users, config.auth.tokens, access, verifier),
+            authenticator=Authenticator(
+                config.auth.users, config.auth.tokens, access, verifier, config.auth.jwt
+            ),
             lockout=Lockout(reactor, limits.max_auth_failures),
         )
         self.admin_port: IListeningPort | None = None
@@ -330,7 +332,7 @@ class GatewayService(MultiService):
         self.bus.max_channels = limits.max_channels
         self.bus.history.max_channels = limits.max_channels
         self.context.access.update(new.roles)
-        self.context.authenticator.update(new.auth.users, new.auth.tokens)
+        self.context.authenticator.update(new.auth.users, new.auth.tokens, new.auth.jwt)
         self.context.lockout.limit = limits.max_auth_failures
         for listener in new.listeners:
             self.listeners[listener.name].reconfigure(listener, limits)

@@ -238,8 +238,8 @@ def test_no_secret_ever_reaches_a_log_line(gw):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ('auth = ["jwt"]\n', '"jwt" is not available yet'),
-        ('auth = ["magic"]\n', 'expected "password", "token" or "cert"'),
+        ('auth = ["jwt"]\n', '"jwt" needs \\[auth\\] jwt_algorithms'),
+        ('auth = ["magic"]\n', 'expected "password", "token", "jwt" or "cert"'),
         ('auth = ["cert"]\n', '"cert" needs a tls or wss listener with client_ca'),
     ],
 )

@@ -21,6 +21,7 @@ from twisted.internet.defer import Deferred
 
 from gateway.auth.credentials import token_digest
 from gateway.auth.roles import Access, Permissions
+from gateway.auth.tokens import JwtSettings, check, remaining
 from gateway.auth.verifier import Verifier
 
 METHODS = ("password", "token", "jwt", "cert")
@@ -56,9 +57,11 @@ class Identity:
     """Who a peer signed in as, and how."""
 
     user: str
-    method: str  # "password", "token", "cert" (or "jwt")
+    method: str  # "password", "token", "jwt" or "cert"
     roles: tuple[str, ...] = ()
     credential: str = ""  # which token (its name) or user table it came from, for revocation
+    ends_in: float | None = None  # a JWT's: seconds from signing in to exp + leeway
+    expires: float | None = None  # a JWT's exp (seconds since the epoch)
 
 
 class Authenticator:
@@ -70,15 +73,19 @@ class Authenticator:
         tokens: Mapping[str, Token],
         access: Access,
         verifier: Verifier,
+        jwt: JwtSettings | None = None,
     ) -> None:
         self.access = access
         self.verifier = verifier
-        self.update(users, tokens)
+        self.update(users, tokens, jwt)
 
-    def update(self, users: Mapping[str, User], tokens: Mapping[str, Token]) -> None:
-        """New users and tokens (a reload)."""
+    def update(
+        self, users: Mapping[str, User], tokens: Mapping[str, Token], jwt: JwtSettings | None
+    ) -> None:
+        """New users, tokens and JWT settings (a reload)."""
         self.users = dict(users)
         self.tokens = dict(tokens)
+        self.jwt = jwt
         self._by_digest = {token.sha256.lower(): token for token in tokens.values()}
 
     def by_token(self, token: str) -> Identity | None:
@@ -107,6 +114,27 @@ class Authenticator:
         result: Deferred[Identity | None] = checked.addCallback(verdict)
         return result
 
+    def by_jwt(self, token: str) -> Identity | None:
+        """A valid JWT's identity: ``sub``, with the token's roles (else the user's)."""
+        if self.jwt is None:
+            return None
+        claims = check(self.jwt, token)
+        if claims is None:
+            return None
+        if claims.roles is not None:
+            roles = claims.roles
+        else:
+            user = self.users.get(claims.user)
+            roles = user.roles if user is not None else ()
+        return Identity(
+            claims.user,
+            "jwt",
+            roles,
+            credential=claims.user,
+            ends_in=remaining(self.jwt, claims),
+            expires=claims.expires,
+        )
+
     def by_certificate(self, name: str) -> Identity | None:
         """A verified client certificate naming ``name`` (its subject CN): a configured user."""
         found = self.users.get(name)
@@ -130,7 +158,7 @@ class Authenticator:
                 if user is None
                 else Identity(identity.user, identity.method, user.roles, identity.credential)
             )
-        return identity
+        return identity if self.jwt is not None else None  # a JWT's roles are its own
 
     def permissions(self, identity: Identity) -> Permissions:
         """What ``identity`` may do with the roles in force."""

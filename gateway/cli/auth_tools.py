@@ -1,4 +1,4 @@
-"""``gateway passwd`` and ``gateway token new``: make the credentials the config keeps.
+"""``gateway passwd``, ``gateway token new`` and ``gateway jwt``: make credentials.
 
 Neither keeps or logs a secret: ``passwd`` prints only the hash of the password it
 reads, ``token new`` prints the fresh token once (for the client) and its digest (for
@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
-COMMANDS = ("passwd", "token")
+COMMANDS = ("passwd", "token", "jwt")
 
 PASSWD_HELP = "hash a password for a user of the config ([auth.users.NAME])"
 PASSWD_DESCRIPTION = (
@@ -49,13 +49,57 @@ def add_commands(commands: Any) -> None:
         "new", help="make a fresh token NAME", description=TOKEN_NEW_DESCRIPTION
     )
     new.add_argument("name", metavar="NAME", type=_name, help="the token's name in the config")
+    _add_jwt(commands)
+
+
+JWT_HELP = "mint a development JWT with the config's HS secret (auth.jwt_secret_file)"
+
+
+def _add_jwt(commands: Any) -> None:
+    mint = commands.add_parser("jwt", help=JWT_HELP, description=JWT_HELP + ".")
+    mint.add_argument("--sub", required=True, metavar="USER", help="the user (the sub claim)")
+    mint.add_argument("--roles", metavar="A,B", help="a roles claim (default: the user's own)")
+    mint.add_argument(
+        "--ttl", type=float, default=3600.0, metavar="SECONDS", help="lifetime (default 3600)"
+    )
+    mint.add_argument("--config", required=True, metavar="FILE", help="the gateway's config")
 
 
 def run(args: argparse.Namespace) -> int:
     """Run the command ``args`` names (one of ``COMMANDS``); the exit code."""
     if args.command == "passwd":
         return passwd(args.user, sys.stdin, sys.stdout, sys.stderr)
+    if args.command == "jwt":
+        return jwt_mint(args, sys.stdout, sys.stderr)
     return token_new(args.name, sys.stdout)
+
+
+def jwt_mint(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``gateway jwt``: a token the config's HS secret signs (for development)."""
+    from pathlib import Path
+
+    from gateway.auth.tokens import mint
+    from gateway.config import ConfigError, load
+
+    try:
+        config = load(Path(args.config))
+    except ConfigError as e:
+        print(f"gateway jwt: {e}", file=err)
+        return 2
+    settings = config.auth.jwt
+    if settings is None or not settings.hmac:
+        print(
+            "gateway jwt: the config has no HS* jwt_algorithms with a jwt_secret_file "
+            "(tokens for public-key algorithms are signed by their issuer)",
+            file=err,
+        )
+        return 2
+    if args.ttl <= 0:
+        print("gateway jwt: --ttl must be positive", file=err)
+        return 2
+    roles = None if args.roles is None else tuple(r for r in args.roles.split(",") if r)
+    print(mint(settings, args.sub, roles, args.ttl), file=out)
+    return 0
 
 
 def passwd(user: str | None, stdin: TextIO, out: TextIO, err: TextIO) -> int:

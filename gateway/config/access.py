@@ -8,10 +8,14 @@ and/or ``anonymous_role``; else the config is refused, naming the key.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
 
 from gateway.auth.credentials import password_hash_error, token_digest_error
 from gateway.auth.identities import Token, User
 from gateway.auth.roles import LISTS, USER, Role, pattern_error
+from gateway.auth.tokens import HMAC_ALGORITHMS, PUBLIC_KEY_ALGORITHMS, JwtSettings
 from gateway.config.listeners import NAME_RE, ListenerConfig, StreamListenerConfig
 from gateway.config.settings import AuthSettings
 from gateway.config.tables import Table, show
@@ -58,9 +62,69 @@ def _roles_of(table: Table, roles: Mapping[str, Role]) -> tuple[str, ...]:
     return names
 
 
-def parse_auth(root: Table, roles: Mapping[str, Role]) -> AuthSettings:
+JWT_KEYS = (
+    "jwt_algorithms",
+    "jwt_secret_file",
+    "jwt_public_key_file",
+    "jwt_audience",
+    "jwt_issuer",
+    "jwt_leeway",
+)
+
+
+def _jwt(table: Table, base: Path) -> JwtSettings | None:
+    if not any(key in table.data for key in JWT_KEYS):
+        return None
+    algorithms = _names(table, "jwt_algorithms", 'JWT algorithms such as ["HS256"]')
+    if not algorithms:
+        raise table.error("jwt_algorithms", 'missing: pin the algorithms, e.g. ["HS256"]')
+    known = HMAC_ALGORITHMS + PUBLIC_KEY_ALGORITHMS
+    for name in algorithms:
+        if name not in known:
+            raise table.error(
+                "jwt_algorithms",
+                f"{show(name)} is not accepted; expected some of {', '.join(known)}",
+            )
+    hmac = algorithms[0] in HMAC_ALGORITHMS
+    if any((name in HMAC_ALGORITHMS) != hmac for name in algorithms):
+        raise table.error(
+            "jwt_algorithms", "do not mix HMAC (HS*) and public-key algorithms: pick one kind"
+        )
+    wanted, other = (
+        ("jwt_secret_file", "jwt_public_key_file")
+        if hmac
+        else ("jwt_public_key_file", "jwt_secret_file")
+    )
+    if other in table.data:
+        raise table.error(other, f"does not go with jwt_algorithms {show(list(algorithms))}")
+    path = table.path(wanted, base, required=True)
+    assert path is not None
+    try:
+        key = path.read_bytes()
+    except OSError as e:
+        raise table.error(wanted, f"cannot read {path}: {e.strerror or e}") from None
+    if hmac:
+        key = key.strip()
+        if len(key) < 32:
+            raise table.error(wanted, f"{path}: the secret must be at least 32 bytes")
+    else:
+        try:
+            serialization.load_pem_public_key(key)
+        except ValueError:
+            raise table.error(wanted, f"{path}: not a PEM public key") from None
+    return JwtSettings(
+        algorithms=algorithms,
+        key=key,
+        key_file=path,
+        audience=table.string("jwt_audience", "") or None,
+        issuer=table.string("jwt_issuer", "") or None,
+        leeway=table.number("jwt_leeway", 30.0, 0.0, 3600.0),
+    )
+
+
+def parse_auth(root: Table, roles: Mapping[str, Role], base: Path) -> AuthSettings:
     table = root.table("auth")
-    table.check_keys(("users", "tokens"))
+    table.check_keys(("users", "tokens", *JWT_KEYS))
     users_table = table.table("users")
     users = {}
     for name in users_table.data:
@@ -87,7 +151,7 @@ def parse_auth(root: Table, roles: Mapping[str, Role]) -> AuthSettings:
         if problem is not None:
             raise token.error("sha256", problem)
         tokens[name] = Token(name, digest.lower(), _roles_of(token, roles))
-    return AuthSettings(users=users, tokens=tokens)
+    return AuthSettings(users=users, tokens=tokens, jwt=_jwt(table, base))
 
 
 def check_access(
@@ -103,6 +167,8 @@ def check_access(
         raise table.error(
             "auth", "a udp listener cannot sign peers in; give it an anonymous_role instead"
         )
+    if "jwt" in methods and auth.jwt is None:
+        raise table.error("auth", '"jwt" needs [auth] jwt_algorithms and its key file')
     tls = listener.tls_settings
     if "cert" in methods and (tls is None or tls.client_ca is None):
         raise table.error(

@@ -236,8 +236,8 @@ def parse_listener(table: Table, base: Path) -> ListenerConfig:
 
 
 FORMATS = ("raw", "json")
-AUTH_METHODS = ("password", "token", "cert")
-"""The sign-in methods a listener's ``auth`` may list today ("jwt" is yet to come)."""
+AUTH_METHODS = ("password", "token", "jwt", "cert")
+"""The sign-in methods a listener's ``auth`` may list."""
 
 
 def _auth_methods(table: Table) -> tuple[str, ...]:
@@ -248,12 +248,10 @@ def _auth_methods(table: Table) -> tuple[str, ...]:
             f'expected a list of sign-in methods such as ["password", "token"], got {show(value)}',
         )
     for method in value:
-        if method == "jwt":
-            raise table.error(
-                "auth", '"jwt" is not available yet; use "password", "token" or "cert"'
-            )
         if method not in AUTH_METHODS:
-            raise table.error("auth", f'expected "password", "token" or "cert", got {show(method)}')
+            raise table.error(
+                "auth", f'expected "password", "token", "jwt" or "cert", got {show(method)}'
+            )
     return tuple(dict.fromkeys(value))
 
 

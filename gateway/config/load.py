@@ -89,7 +89,8 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
         ("gateway", "limits", "listeners", "cluster", "admin", "channels", "roles", "auth")
     )
     roles = parse_roles(root)
-    auth = parse_auth(root, roles)
+    base = (path if path is not None else Path(file)).parent
+    auth = parse_auth(root, roles, base)
 
     gateway_table = root.table("gateway")
     gateway_table.check_keys(("name", "workers", "log_level", "log_format", "shutdown_timeout"))
@@ -165,7 +166,6 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
     listeners: list[ListenerConfig] = []
     names: set[str] = set()
     bound: set[tuple[str, str, int]] = set()
-    base = (path if path is not None else Path(file)).parent
     for index, raw in enumerate(raw_listeners):
         table = Table(file, f"listeners[{index}]", raw)
         listener = parse_listener(table, base)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway.auth.identities import Token, User
 from gateway.auth.roles import Role
+from gateway.auth.tokens import JwtSettings
 from gateway.config.listeners import ListenerConfig
 from gateway.core.channels import has_wildcard, matches, specificity
 
@@ -77,6 +78,7 @@ class AuthSettings:
 
     users: Mapping[str, User] = field(default_factory=dict)
     tokens: Mapping[str, Token] = field(default_factory=dict)
+    jwt: JwtSettings | None = None
 
 
 @dataclass(frozen=True)

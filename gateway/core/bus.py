@@ -208,11 +208,13 @@ class Bus:
         self._unsubscribed(pattern)
         self._announce("leave", peer, pattern)
 
-    def recheck(self) -> list[tuple[IPeer, str]]:
-        """Permissions changed (a reload): end every subscription no longer allowed, and
-        let deliveries follow the new rules. Returns the (peer, subscription) ended."""
+    def recheck(self, only: IPeer | None = None) -> list[tuple[IPeer, str]]:
+        """Permissions changed (a reload; or ``only`` one peer's): end every subscription
+        no longer allowed, and let deliveries follow the new rules. Returns the (peer,
+        subscription) ended."""
         ended = []
-        for peer, entry in list(self._entries.items()):
+        entries = self._entries
+        for peer, entry in list(entries.items() if only is None else [(only, entries[only])]):
             permissions = peer.permissions
             if permissions is None:
                 continue

@@ -29,7 +29,7 @@ from gateway.flow.connection import ConnectionFlow
 from gateway.transports.address import describe
 from gateway.transports.runtime import CONNECTION_LIMIT, ListenerRuntime
 from gateway.transports.sessions import JsonSession, Publish
-from gateway.transports.signin import AUTH_FAILED, AUTH_TIMED_OUT, PendingSignIn
+from gateway.transports.signin import AUTH_FAILED, AUTH_TIMED_OUT, Attempt, PendingSignIn
 
 
 class StreamPeer:
@@ -52,6 +52,7 @@ class StreamPeer:
     _identity: Identity | None = None
     _own_permissions: Permissions | None = None
     _extra = ""  # what the "connected" line adds, e.g. ", json"
+    _expiry: IDelayedCall | None = None  # a JWT session's end
 
     def _init_peer(self, runtime: ListenerRuntime, transport_name: str) -> None:
         self.runtime = runtime
@@ -184,8 +185,7 @@ class StreamPeer:
         message, when it sent one, was an ordinary message."""
         self._signin = None
         if identity is not None:
-            self._identity = identity
-            self._own_permissions = self.runtime.context.authenticator.permissions(identity)
+            self._become(identity)
             self.runtime.identified.add(self)
         if self._closing:
             return
@@ -199,17 +199,61 @@ class StreamPeer:
         one (no sign-in: the peer is anonymous)."""
         raise NotImplementedError
 
+    def _become(self, identity: Identity) -> None:
+        """Be ``identity`` from now on (its roles, and its end for a JWT)."""
+        self._identity = identity
+        self._own_permissions = self.runtime.context.authenticator.permissions(identity)
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
+        if identity.ends_in is not None:
+            self._expiry = self.runtime.clock.callLater(identity.ends_in, self._auth_expired)
+
+    def _auth_expired(self) -> None:
+        self._expiry = None
+        if self._closing:
+            return
+        self._tell_unauthenticated("auth_expired", "authentication expired")
+        self.bus.metrics.disconnect("auth_expired")
+        self._close_unauthenticated("authentication expired")
+
+    def _refresh(self, attempt: Attempt) -> None:
+        """A signed-in JSON client's later ``auth``: a JWT for the same user extends it."""
+        assert self._session is not None
+        authenticator = self.runtime.context.authenticator
+        current = self._identity
+        new = authenticator.by_jwt(attempt.secret) if attempt.method == "jwt" else None
+        ok = (
+            new is not None
+            and current is not None
+            and current.method == "jwt"
+            and new.user == current.user
+            and "jwt" in self.runtime.config.auth
+        )
+        self.runtime.signed_in(self, attempt.method, "ok" if ok else "failed")
+        if not ok or new is None:
+            reason = "only a JWT for the same user extends a JWT session"
+            self._session.send({"type": "error", "code": "auth_failed", "reason": reason})
+            return
+        self._become(new)
+        self._session.send({"type": "authenticated", "user": new.user, "exp": new.expires})
+        for _, subscription in self.bus.recheck(only=self):  # type: ignore[arg-type]
+            self.forbidden("subscribe", subscription)
+
+    def _tell_unauthenticated(self, code: str, reason: str) -> None:
+        if self._session is not None:
+            self._session.send({"type": "error", "code": code, "reason": reason})
+        else:
+            text = f"gateway: {reason}".encode()
+            self.deliver(self.framer.frame(Batch(self.origin, self.channel, (text,), (Kind.TEXT,))))
+
     def _sign_in_failed(self, reason: str) -> None:
         self._signin = None
         if self._closing:
             return
         assert self.flow is not None
         self.flow.resume_reading(SIGN_IN)  # a closing handshake needs the client's answer
-        if self._session is not None:
-            self._session.send({"type": "error", "code": "auth_failed", "reason": reason})
-        else:
-            text = f"gateway: {reason}".encode()
-            self.deliver(self.framer.frame(Batch(self.origin, self.channel, (text,), (Kind.TEXT,))))
+        self._tell_unauthenticated("auth_failed", reason)
         self.bus.metrics.disconnect("auth_failed")
         self._close_unauthenticated(reason)
 
@@ -227,6 +271,9 @@ class StreamPeer:
         if self._signin is not None:
             self._signin.cancel()
             self._signin = None
+        if self._expiry is not None and self._expiry.active():
+            self._expiry.cancel()
+        self._expiry = None
 
     def _greet(self, count: int) -> None:
         """The welcome of a peer that just joined: JSON clients' ``welcome`` event, or
@@ -245,6 +292,7 @@ class StreamPeer:
         """From now on the client gets JSON events (``framer``) and may send requests."""
         self.framer = framer
         self._session = JsonSession(self, self.bus, self.runtime.context.relays)  # type: ignore[arg-type]
+        self._session.on_auth = self._refresh
 
     def _request(self, data: bytes) -> Publish | None:
         """What a JSON client sent: answered here (None), or what to publish."""

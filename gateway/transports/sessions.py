@@ -11,6 +11,7 @@ one event.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from twisted.logger import Logger
@@ -21,6 +22,7 @@ from gateway.core.interfaces import IFramer, IPeer
 from gateway.core.message import Kind
 from gateway.core.presence import RemotePeer
 from gateway.transports.envelopes import RequestError, parse_request, plain_message
+from gateway.transports.signin import Attempt, parse_attempt
 
 MAX_WELCOME_PEERS = 1000
 """At most this many entries in the ``peers`` list of a JSON welcome."""
@@ -107,7 +109,7 @@ class PresenceRelays:
 class JsonSession:
     """The requests and presence of one JSON client."""
 
-    __slots__ = ("bus", "peer", "relays", "welcome_peers")
+    __slots__ = ("bus", "on_auth", "peer", "relays", "welcome_peers")
 
     def __init__(
         self,
@@ -121,6 +123,8 @@ class JsonSession:
         self.relays = relays
         # How many peers the welcome lists at most (few over UDP: one datagram).
         self.welcome_peers = welcome_peers
+        # A later ``auth`` request (extending a JWT session); None: signing in is not for here.
+        self.on_auth: Callable[[Attempt], None] | None = None
 
     def welcome(self, count: int) -> None:
         """Send the ``welcome`` event, and start hearing about the peer's channel (unless
@@ -155,6 +159,15 @@ class JsonSession:
         plain = plain_message(data)
         if plain is not None:
             return plain[0], plain[1], Kind.TEXT
+        attempt = parse_attempt(data, json_client=True)
+        if attempt is not None:
+            if self.on_auth is None:
+                self._send(
+                    {"type": "error", "code": "auth_failed", "reason": "cannot sign in here"}
+                )
+            else:
+                self.on_auth(attempt)
+            return None
         try:
             request = parse_request(data)
         except RequestError as e:

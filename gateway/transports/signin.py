@@ -145,6 +145,9 @@ class PendingSignIn:
         if attempt.method == "token":
             self._verdict(attempt.method, self.authenticator.by_token(attempt.secret))
             return
+        if attempt.method == "jwt":
+            self._verdict(attempt.method, self.authenticator.by_jwt(attempt.secret))
+            return
         # A password: checked off the reactor thread; meanwhile nothing more is read.
         checked = self.authenticator.by_password(attempt.user, attempt.secret)
         checked.addCallback(lambda identity: self._verdict("password", identity))
