@@ -4,6 +4,7 @@ client certificate), and a debug-level log that never shows a secret."""
 
 from __future__ import annotations
 
+import base64
 import shutil
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from tests.conftest import (
     GATEWAY,
@@ -22,6 +24,7 @@ from tests.conftest import (
     make_certs,
     toml_listener,
     toml_table,
+    websocket,
 )
 
 OPENSSL = shutil.which("openssl") or "openssl"
@@ -59,6 +62,7 @@ def gw(run_gateway, secrets, tmp_path: Path) -> GatewayProcess:
         + roles
         + tables
         + toml_listener("tcp", auth=["password", "token"], welcome="hi {user}")
+        + toml_listener("ws", auth=["password", "token"], welcome="hi {user}", ping_interval=0)
         + toml_listener(
             "tls",
             certs=certs,
@@ -135,3 +139,21 @@ def test_no_secret_is_ever_logged_even_at_debug(gw, secrets):
     assert "connected from" in log
     for secret in (token, PASSWORD, "guess-1", digest, hashed):
         assert secret not in log
+
+
+def test_a_websocket_upgrade_may_sign_in_with_an_authorization_header(gw, secrets):
+    token, _, _ = secrets
+    with websocket(gw, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+        assert ws.recv(timeout=TIMEOUT) == "hi sensor"
+    basic = base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+    with websocket(gw, additional_headers={"Authorization": f"Basic {basic}"}) as ws:
+        assert ws.recv(timeout=TIMEOUT) == "hi alice"
+        ws.send("from a header")
+    for bad in ("Bearer not-it", "Basic " + base64.b64encode(b"alice:wrong").decode(), "Digest x"):
+        with pytest.raises(InvalidStatus) as refused:
+            websocket(gw, additional_headers={"Authorization": bad})
+        assert refused.value.response.status_code == 401
+    # Browsers send no header: the first message signs them in as before.
+    with websocket(gw) as ws:
+        ws.send(f"AUTH token {token}")
+        assert ws.recv(timeout=TIMEOUT) == "hi sensor"

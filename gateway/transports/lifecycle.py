@@ -141,8 +141,8 @@ class StreamPeer:
         assert self.flow is not None
         self.flow.start()
         runtime = self.runtime
-        if not runtime.config.auth:
-            self._attach()
+        if not runtime.config.auth or self._identity is not None:
+            self._attach()  # open, or signed in already (a WebSocket's Authorization header)
             return
         clock = runtime.clock
         self._signin = PendingSignIn(

@@ -14,10 +14,13 @@ Secrets are never logged.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
@@ -181,3 +184,30 @@ class PendingSignIn:
         self.cancel()
         self.on_outcome(method, "timeout" if timed_out else "failed")
         self.peer._sign_in_failed(reason)
+
+
+NOBODY = Identity("", "none")
+"""What ``header_identity`` fires with for credentials that do not sign anyone in."""
+
+
+def header_identity(header: str, methods: tuple[str, ...], context: Any) -> Deferred[Identity]:
+    """Who an HTTP ``Authorization`` header signs in: ``Bearer <token or JWT>`` or
+    ``Basic <user:password>``, among the listener's ``methods``; ``NOBODY`` when it signs
+    nobody in."""
+    authenticator: Authenticator = context.authenticator
+    scheme, _, value = header.strip().partition(" ")
+    scheme, value = scheme.lower(), value.strip()
+    if scheme == "bearer" and value:
+        identity = authenticator.by_token(value) if "token" in methods else None
+        if identity is None and "jwt" in methods:
+            identity = authenticator.by_jwt(value)
+        return succeed(identity or NOBODY)
+    if scheme == "basic" and value and "password" in methods:
+        try:
+            user, colon, password = base64.b64decode(value, validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return succeed(NOBODY)
+        if colon and user and password:
+            checked = authenticator.by_password(user, password)
+            return checked.addCallback(lambda identity: identity or NOBODY)
+    return succeed(NOBODY)

@@ -16,16 +16,19 @@ from urllib.parse import unquote
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.auth.identities import Identity
 from gateway.config.listeners import WsListenerConfig
 from gateway.core.channels import is_name
 from gateway.core.interfaces import IFramer, IPeer
 from gateway.core.message import Batch, Kind
 from gateway.transports.lifecycle import StreamPeer
 from gateway.transports.runtime import ListenerRuntime
+from gateway.transports.signin import NOBODY, header_identity
 from gateway.transports.websocket.envelope import (
     JSON_FRAMER,
     JSON_SUBPROTOCOL,
@@ -90,7 +93,9 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
             self.flow.received(0)  # any traffic, pongs included, keeps the peer from idling out
         super().dataReceived(data)
 
-    def onConnect(self, request: ConnectionRequest) -> str | None:
+    def onConnect(  # type: ignore[override]  # Autobahn takes a Deferred too (txaio.as_future)
+        self, request: ConnectionRequest
+    ) -> str | Deferred[str | None] | None:
         origin = request.origin  # "" when the client sent none
         if not self.factory.origins.allows(origin, request.headers.get("host")):
             self.peer_log.info(
@@ -103,6 +108,22 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
             )
             self.bus.metrics.disconnect("origin_refused")
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
+        header = request.headers.get("authorization")
+        if header and self.runtime.config.auth:
+            # Signed in by the upgrade request (non-browser clients); a bad one gets 401.
+            checked = header_identity(header, self.runtime.config.auth, self.runtime.context)
+            return checked.addCallback(lambda identity: self._accept(request, identity))
+        return self._accept(request, None)
+
+    def _accept(self, request: ConnectionRequest, identity: Identity | None) -> str | None:
+        if identity is not None:
+            if identity is NOBODY:
+                self.runtime.signed_in(self, "header", "failed")
+                self.bus.metrics.disconnect("auth_failed")
+                raise ConnectionDeny(401, "authentication failed")
+            self.runtime.signed_in(self, identity.method, "ok")
+            self._become(identity)
+            self.runtime.identified.add(self)
         self._start_channel(request.path)
         if JSON_SUBPROTOCOL in request.protocols:
             self._json = True
