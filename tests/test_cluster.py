@@ -23,6 +23,7 @@ from twisted.internet.task import Clock
 from twisted.test.iosim import FakeTransport, IOPump, connect
 from zope.interface import implementer
 
+from gateway.auth.roles import Permissions, Role
 from gateway.cluster.backplane import Backplane
 from gateway.cluster.redis import parse_redis_url
 from gateway.cluster.wire import Frame, WireError, decode, encode_batch, encode_presence
@@ -265,7 +266,7 @@ class Peer:
     subject: str | None = None
     pending_bytes = 0
     dropped_messages = 0
-    permissions = None
+    permissions: Permissions | None = None
 
     def forbidden(self, action: str, channel: str) -> None:
         raise AssertionError(f"refused {action} {channel}")
@@ -566,3 +567,28 @@ def test_a_node_listens_on_redis_only_for_what_its_peers_want(redis):
     Peer(a.bus, "u", channel="room.1").send(b"nobody")
     redis.settle()
     assert wide.payloads() == [b"once", b"by pattern"]
+
+
+class ReaderPeer(Peer):
+    """A peer whose role may read room.> but never room.secret."""
+
+    permissions = Permissions(
+        [Role("reader", subscribe=("room.>",), deny_subscribe=("room.secret",))], "bob"
+    )
+
+
+def test_permissions_and_users_hold_across_nodes(redis):
+    a, b = Node(redis, "a"), Node(redis, "b")
+    up(redis, a, b)
+    sender = Peer(a.bus, "tcp-1", channel="room.1")
+    sender.origin = Origin("tcp-1", "test", "tcp", "alice")
+    reader = ReaderPeer(b.bus, "tcp-9", channel="room.1")
+    b.bus.subscribe(reader, "room.>")
+    redis.settle()
+    sender.send(b"to room 1")
+    a.bus.publish(sender, Batch(sender.origin, "room.secret", [b"secret"]))
+    a.bus.publish(sender, Batch(sender.origin, "room.2", [b"to room 2"]))
+    redis.settle()
+    assert reader.payloads() == [b"to room 1", b"to room 2"]  # once each, never the denied one
+    assert {batch.origin.user for batch in reader.batches} == {"alice"}
+    assert b.bus.metrics.denied == {}  # filtered where it is delivered, not refused
