@@ -325,7 +325,7 @@ def test_page_loads_nothing_from_other_origins(gateway, chromium):
     network = [url for url in requests if not url.startswith("data:")]
     outside = [url for url in network if not url.startswith(origin + "/")]
     assert not outside, f"requests to other origins: {outside}"
-    assert {urlsplit(url).path for url in network} == {"/", "/app.js", "/style.css"}
+    assert {urlsplit(url).path for url in network} == {"/", "/app.js", "/style.css", "/signin.json"}
     assert sockets == [ws_url(gw)]
     assert not failed
     # The page's own account of what it loaded agrees.
@@ -373,3 +373,41 @@ def test_page_joins_and_leaves_channels_and_sends_to_a_chosen_one(run_gateway, c
     page.locator("#channel").press("Enter")
     expect(page.locator("#channel-error")).to_contain_text("not a channel name or pattern")
     screenshot(page, "browser-channels.png")
+
+
+def test_page_signs_in_with_a_form_and_never_keeps_the_password(run_gateway, chromium):
+    from gateway.auth.credentials import hash_password
+
+    password = "page password 42"
+    gw = run_gateway(
+        '\n[roles.member]\npublish = ["main"]\nsubscribe = ["main"]\n'
+        f'\n[auth.users.alice]\npassword = "{hash_password(password)}"\nroles = ["member"]\n'
+        + toml_listener("tcp", auth=["password"])
+        + toml_listener("ws", auth=["password"])
+    )
+    page = new_page(chromium())
+    page.goto(f"http://127.0.0.1:{gw.ports['ws']}/")
+    form = page.locator("#signin")
+    expect(form).to_be_visible()
+    expect(page.locator("#message")).to_be_disabled()
+    page.locator("#user").fill("alice")
+    page.locator("#password").fill("wrong")
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#signin-error")).to_contain_text("Sign-in failed")
+    expect(page.locator("#password")).to_have_value("")  # never kept in the page
+
+    page.locator("#password").fill(password)
+    page.get_by_role("button", name="Sign in").click()
+    expect(page.locator("#status")).to_have_text("Connected")
+    expect(page.locator("#me")).to_have_text(re.compile(r"^as ws-\d+ \(alice\)$"))
+    expect(form).to_be_hidden()
+    tcp = Line(gw.ports["tcp"])
+    tcp.send(f"AUTH password alice {password}\n".encode())
+    tcp.send(b"hello page\n")
+    entry = page.locator("#log li.message").filter(has_text="hello page")
+    expect(entry).to_have_count(1)
+    browser_says(page, "hello tcp")
+    assert tcp.line() == b"hello tcp"
+    stored = page.evaluate("() => JSON.stringify(localStorage) + JSON.stringify(sessionStorage)")
+    assert password not in stored and password not in page.content()
+    screenshot(page, "browser-signin.png")

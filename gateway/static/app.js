@@ -24,6 +24,12 @@
   const joinButton = $("join-button");
   const channelError = $("channel-error");
   const targetEl = $("target");
+  const signinForm = $("signin");
+  const userInput = $("user");
+  const passwordInput = $("password");
+  const tokenInput = $("token");
+  const anonymousButton = $("anonymous");
+  const signinError = $("signin-error");
 
   let socket = null;
   let myId = null;
@@ -36,6 +42,11 @@
   let home = null;
   const joined = new Set();
   let nextId = 1;
+  // How this listener signs in (from /signin.json): methods, and whether one may skip it.
+  let signin = { methods: [], anonymous: true };
+  // The auth request for the next connection only: never stored, forgotten once sent.
+  let credentials = null;
+  let signedIn = false;
 
   function socketUrl() {
     const url = new URL("ws", location.href);
@@ -187,7 +198,9 @@
         }
         setCount(event.count);
         renderOnline(event.channel_count);
-        meEl.textContent = "as " + myId;
+        meEl.textContent = "as " + myId + (event.user ? " (" + event.user + ")" : "");
+        signedIn = typeof event.user === "string";
+        signinForm.hidden = true;
         setStatus("open", "Connected");
         setConnected(true);
         home = event.channel || null;
@@ -230,6 +243,10 @@
         addEvent("Left " + event.channel);
         break;
       case "error":
+        if (event.code === "auth_failed" || event.code === "auth_expired") {
+          showSignin(event.code === "auth_failed" ? "Sign-in failed" : "Signed out: the session expired");
+          break;
+        }
         channelError.hidden = false;
         channelError.textContent = event.reason || event.code;
         break;
@@ -263,6 +280,12 @@
     }
     ws.binaryType = "arraybuffer";
     socket = ws;
+    ws.addEventListener("open", () => {
+      if (credentials !== null) {
+        ws.send(JSON.stringify(credentials)); // the first message signs in
+        credentials = null;
+      }
+    });
     ws.addEventListener("message", (msg) => {
       if (typeof msg.data !== "string") {
         return; // JSON clients only get text frames
@@ -291,6 +314,12 @@
       setConnected(false);
       meEl.textContent = "";
       const why = ev.code && ev.code !== 1006 ? " (" + ev.code + (ev.reason ? ": " + ev.reason : "") + ")" : "";
+      if (ev.code === 4001 || (signedIn && signin.methods.length > 0)) {
+        // Signing in is needed again: the password is not kept, so ask for it.
+        signedIn = false;
+        showSignin(ev.code === 4001 ? "Sign-in failed or ended" + why : "Disconnected" + why);
+        return;
+      }
       scheduleReconnect("Disconnected" + why);
     });
   }
@@ -344,6 +373,49 @@
     }
   });
 
+  function showSignin(error) {
+    if (retryTimer !== null) {
+      clearTimeout(retryTimer);
+      retryTimer = null;
+    }
+    setStatus("closed", error || "Sign in to connect");
+    signinForm.hidden = false;
+    $("signin-password").hidden = !signin.methods.includes("password");
+    $("signin-token").hidden = !(signin.methods.includes("token") || signin.methods.includes("jwt"));
+    anonymousButton.hidden = !signin.anonymous;
+    signinError.hidden = !error;
+    signinError.textContent = error || "";
+  }
+
+  signinForm.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    const token = tokenInput.value.trim();
+    if (token) {
+      credentials = signin.methods.includes("token") || token.split(".").length !== 3
+        ? { type: "auth", token: token }
+        : { type: "auth", jwt: token };
+    } else if (userInput.value && passwordInput.value) {
+      credentials = { type: "auth", user: userInput.value, password: passwordInput.value };
+    } else {
+      signinError.hidden = false;
+      signinError.textContent = "Enter a user and password, or a token";
+      return;
+    }
+    passwordInput.value = ""; // never kept in the page
+    tokenInput.value = "";
+    signinForm.hidden = true;
+    if (socket !== null) {
+      socket.close();
+    }
+    connect();
+  });
+
+  anonymousButton.addEventListener("click", () => {
+    signinForm.hidden = true;
+    credentials = null;
+    connect();
+  });
+
   window.addEventListener("online", reconnectNow);
   document.addEventListener("visibilitychange", () => {
     if (document.visibilityState === "visible") {
@@ -351,5 +423,16 @@
     }
   });
 
-  connect();
+  // Ask the listener how it signs in first; a page that cannot tell just connects.
+  fetch("signin.json", { cache: "no-store" })
+    .then((response) => (response.ok ? response.json() : signin))
+    .catch(() => signin)
+    .then((info) => {
+      signin = info;
+      if (signin.methods.length > 0) {
+        showSignin("");
+      } else {
+        connect();
+      }
+    });
 })();

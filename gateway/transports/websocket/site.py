@@ -7,6 +7,7 @@ the connection (and its place in the caps) over to the peer.
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from typing import Any
 
@@ -143,6 +144,26 @@ class StaticFile(Resource):
         return self.body
 
 
+class SignInInfo(Resource):
+    """``/signin.json``: how the page may sign in on this listener (read at each request, so a
+    reload shows): ``{"methods": [...], "anonymous": bool}``; no methods: no sign-in."""
+
+    isLeaf = True
+
+    def __init__(self, runtime: ListenerRuntime) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.runtime = runtime
+
+    def render_GET(self, request: Request) -> bytes:
+        config = self.runtime.config
+        page_methods = [m for m in config.auth if m in ("password", "token", "jwt")]
+        body = {"methods": page_methods, "anonymous": config.anonymous_role is not None}
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        return json.dumps(body).encode()
+
+
 STATIC_FILES = {
     b"": ("index.html", b"text/html; charset=utf-8"),
     b"app.js": ("app.js", b"text/javascript; charset=utf-8"),
@@ -166,6 +187,7 @@ class WebSocketSite(Site):
         root = _Root()  # type: ignore[no-untyped-call]
         for path, (name, content_type) in STATIC_FILES.items():
             root.putChild(path, StaticFile(_static(name), content_type))
+        root.putChild(b"signin.json", SignInInfo(runtime))
         root.putChild(
             WEBSOCKET_PATH.strip("/").encode("ascii"), WebSocketResource(self.peer_factory)
         )
