@@ -80,7 +80,9 @@ def test_gateway_client_json_and_subscribe(run_gateway):
         client.stdin.flush()
         assert raw.line() == b"typed"  # a JSON line is sent as the request it is
         client.stdin.close()
-        assert client.wait(timeout=TIMEOUT) == 0
+        status = client.wait(timeout=TIMEOUT)
+        assert client.stderr is not None
+        assert status == 0, client.stderr.read().decode(errors="replace")
     finally:
         if client.poll() is None:
             client.kill()

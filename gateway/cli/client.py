@@ -30,6 +30,8 @@ from gateway.transports.datagram import wire as udp
 from gateway.transports.websocket.envelope import JSON_SUBPROTOCOL
 
 SCHEMES = ("tcp", "tls", "udp", "ws", "wss")
+CLOSE_WAIT = 10.0
+"""Seconds a WebSocket client waits for the server to answer its close."""
 
 
 class UsageError(Exception):
@@ -332,7 +334,15 @@ class _WebSocketSession(WebSocketClientFactory):
         self.url = url
         self.out = out
         self.done = done
-        self.setProtocolOptions(perMessageCompressionOffers=[], autoPingInterval=0)  # type: ignore[no-untyped-call]
+        # Autobahn waits only 1 s for the server's answer to our close (and for it to drop
+        # the connection): on a busy network or machine that turned a clean end of input
+        # into "connection lost" and exit status 1.
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]
+            perMessageCompressionOffers=[],
+            autoPingInterval=0,
+            closeHandshakeTimeout=CLOSE_WAIT,
+            serverConnectionDropTimeout=CLOSE_WAIT,
+        )
 
     def buildProtocol(self, addr: Any) -> _WebSocketClient:
         protocol = _WebSocketClient(self)
