@@ -276,3 +276,29 @@ def test_auth_errors_name_the_key_and_never_show_the_secret(table, message):
 def test_a_listener_with_auth_may_face_other_hosts():
     text = '[[listeners]]\nname = "x"\ntype = "tcp"\nhost = "0.0.0.0"\nport = 1\nauth = ["token"]\n'
     assert parse(tomllib.loads(text), "c.toml").listeners[0].auth == ("token",)
+
+
+def test_peers_shows_the_user_and_never_a_credential(gw):
+    raw = gw.connect("tcp")
+    raw.send(f"AUTH token {TOKEN}\n".encode())
+    raw.lines()
+    (peer,) = [p for p in gw.peers() if p.origin.listener == "tcp"]
+    info = gw.bus.peer_info(peer)
+    assert info is not None and info["user"] == "sensor"
+    assert TOKEN not in json.dumps(info) and token_digest(TOKEN) not in json.dumps(info)
+
+
+@pytest.mark.parametrize(
+    ("json_client", "sign_in", "first"),
+    [
+        (False, ("token", "t"), b"AUTH token t"),
+        (False, ("jwt", "a.b.c"), b"AUTH jwt a.b.c"),
+        (False, ("password", "alice", "two words"), b"AUTH password alice two words"),
+        (True, ("jwt", "a.b.c"), b'{"type":"auth","jwt":"a.b.c"}'),
+        (True, ("password", "alice", "pw"), b'{"type":"auth","user":"alice","password":"pw"}'),
+    ],
+)
+def test_gateway_client_signs_in_with_its_first_message(json_client, sign_in, first):
+    from gateway.cli.speech import Speech
+
+    assert Speech(json_client, (), sign_in).opening() == [first]

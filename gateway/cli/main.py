@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     client.add_argument(
         "--token", metavar="TOKEN", help="sign in with this token (a listener with auth)"
     )
+    client.add_argument("--jwt", metavar="JWT", help="sign in with this JSON Web Token")
     client.add_argument("--user", metavar="NAME", help="sign in as this user (with --password)")
     client.add_argument(
         "--password",
@@ -236,10 +237,12 @@ async def _serve(
 
 
 def _sign_in(args: argparse.Namespace) -> tuple[str, ...]:
-    """What ``gateway client`` signs in with: ("token", TOKEN), ("password", USER, PASSWORD)
-    or nothing."""
+    """What ``gateway client`` signs in with: ("token", TOKEN), ("jwt", JWT),
+    ("password", USER, PASSWORD) or nothing."""
     if args.token:
         return ("token", args.token)
+    if args.jwt:
+        return ("jwt", args.jwt)
     if args.user:
         password = args.password
         if password is None:

@@ -25,7 +25,7 @@ class Speech:
     ) -> None:
         self.json = json or bool(subscribe)
         self.subscribe = list(subscribe)
-        # ("token", TOKEN) or ("password", USER, PASSWORD): the first message; none: none.
+        # ("token", TOKEN), ("jwt", JWT) or ("password", USER, PASSWORD): the first message.
         self.sign_in = tuple(sign_in)
 
     def opening(self) -> list[bytes]:
@@ -41,8 +41,8 @@ class Speech:
     def _sign_in(self) -> bytes:
         method, *rest = self.sign_in
         if self.json:
-            if method == "token":
-                return event({"type": "auth", "token": rest[0]})
+            if method in ("token", "jwt"):
+                return event({"type": "auth", method: rest[0]})
             return event({"type": "auth", "user": rest[0], "password": rest[1]})
         return " ".join(["AUTH", method, *rest]).encode("utf-8")
 

@@ -402,6 +402,7 @@ class Bus:
             "bytes_out": bytes_out,
             "pending_bytes": peer.pending_bytes,
             "tls_subject": peer.subject,
+            "user": origin.user,
         }
 
     def _receiver_failed(self, peer: IPeer) -> None:
