@@ -18,6 +18,7 @@ if [ "$want_test" = test ]; then
     command -v openssl >/dev/null 2>&1 || need openssl
     command -v chromium >/dev/null 2>&1 || need chromium
     command -v redis-server >/dev/null 2>&1 || need redis-server
+    command -v testssl >/dev/null 2>&1 || need testssl.sh
 fi
 if [ -n "$apt_packages" ]; then
     echo "bootstrap: installing$apt_packages with apt-get"

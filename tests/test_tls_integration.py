@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import re
 import shutil
 import signal
@@ -147,6 +148,46 @@ def test_tls_offers_forward_secret_aead_suites(gw, certs, version, expected):
     out = session.wait_for(b"welcome tls-1")
     assert re.search(f"Cipher is {expected}\n".encode(), out), out
     session.finish()
+
+
+TESTSSL = shutil.which("testssl") or shutil.which("testssl.sh")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(
+    TESTSSL is None, reason="testssl.sh is not installed (scripts/bootstrap.sh test)"
+)
+def test_testssl_finds_nothing_of_severity_low_or_above(gw, tmp_path):
+    """Protocols, cipher lists and known vulnerabilities, as testssl.sh sees them (without
+    the profile it reports cipherlist_AVERAGE and LUCKY13: the CBC suites)."""
+    report = tmp_path / "testssl.json"
+    assert TESTSSL is not None
+    subprocess.run(
+        [
+            TESTSSL,
+            "--quiet",
+            "--color",
+            "0",
+            "--warnings",
+            "off",
+            "--severity",
+            "LOW",
+            "--jsonfile",
+            str(report),
+            "-p",
+            "-s",
+            "-U",
+            f"127.0.0.1:{gw.ports['tls']}",
+        ],
+        capture_output=True,
+        timeout=170,
+    )
+    findings = [
+        f"{e['id']} {e['severity']}: {e['finding']}"
+        for e in json.loads(report.read_text())
+        if e.get("severity") in ("LOW", "MEDIUM", "HIGH", "CRITICAL")
+    ]
+    assert findings == []
 
 
 def _write_cert(folder: Path, name: str, cert: x509.Certificate, key: object) -> tuple[Path, Path]:
