@@ -73,21 +73,10 @@ class JsonClient(StreamClient):
         self.send(first + request("subscribe", self.pattern))
 
     def setup_readable(self) -> None:
-        chunks = []
-        while True:
-            view = self.loop.view
-            got = self.read_into(view)
-            if got < 0:
-                break
-            if got == 0:
-                self.fail("closed during setup")
-                return
-            chunks.append(bytes(view[:got]))
-            if not self.target.secure:
-                break
-        if not chunks:
+        got = self.setup_bytes()
+        if got is None:
             return
-        data = self.rest + b"".join(chunks)
+        data = self.rest + got
         pos = 0
         while self.state == self.SETUP:
             end = data.find(b"\n", pos)

@@ -107,7 +107,8 @@ class StreamClient(Client):
         """Send NATS protocol text (inside a frame when over WebSocket)."""
         self.send(ws_client_frame(data, 0x2) if self.websocket else data)
 
-    def setup_readable(self) -> None:
+    def setup_bytes(self) -> bytes | None:
+        """What arrived while setting up (None: nothing, or the connection failed)."""
         chunks = []
         while True:
             view = self.loop.view
@@ -116,13 +117,16 @@ class StreamClient(Client):
                 break
             if got == 0:
                 self.fail("closed during setup")
-                return
+                return None
             chunks.append(bytes(view[:got]))
             if not self.target.secure:
                 break
-        if not chunks:
+        return b"".join(chunks) if chunks else None
+
+    def setup_readable(self) -> None:
+        data = self.setup_bytes()
+        if data is None:
             return
-        data = b"".join(chunks)
         if self._accept:  # waiting for the HTTP answer to the WebSocket handshake
             data = self.rest + data
             head, sep, rest = data.partition(b"\r\n\r\n")

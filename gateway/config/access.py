@@ -7,7 +7,7 @@ and/or ``anonymous_role``; else the config is refused, naming the key.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -29,14 +29,22 @@ def _names(table: Table, key: str, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def parse_roles(root: Table) -> dict[str, Role]:
-    table = root.table("roles")
-    roles = {}
-    for name in table.data:
+def _entries(
+    parent: Table, key: str, what: str, keys: tuple[str, ...]
+) -> Iterator[tuple[str, Table]]:
+    """The ``[KEY.NAME]`` tables of ``parent``, each NAME checked, each with only ``keys``."""
+    section = parent.table(key)
+    for name in section.data:
         if not NAME_RE.match(name):
-            raise table.error(name, "expected a role name of letters, digits, . _ : -")
-        role = table.table(name)
-        role.check_keys(LISTS)
+            raise section.error(name, f"expected a {what} name of letters, digits, . _ : -")
+        entry = section.table(name)
+        entry.check_keys(keys)
+        yield name, entry
+
+
+def parse_roles(root: Table) -> dict[str, Role]:
+    roles = {}
+    for name, role in _entries(root, "roles", "role", LISTS):
         lists: dict[str, tuple[str, ...]] = {}
         for key in LISTS:
             patterns = _names(role, key, "channel patterns")
@@ -125,13 +133,8 @@ def _jwt(table: Table, base: Path) -> JwtSettings | None:
 def parse_auth(root: Table, roles: Mapping[str, Role], base: Path) -> AuthSettings:
     table = root.table("auth")
     table.check_keys(("users", "tokens", *JWT_KEYS))
-    users_table = table.table("users")
     users = {}
-    for name in users_table.data:
-        if not NAME_RE.match(name):
-            raise users_table.error(name, "expected a user name of letters, digits, . _ : -")
-        user = users_table.table(name)
-        user.check_keys(("password", "roles"))
+    for name, user in _entries(table, "users", "user", ("password", "roles")):
         password = None
         if "password" in user.data:
             password = user.string("password", what="a password hash")
@@ -139,13 +142,8 @@ def parse_auth(root: Table, roles: Mapping[str, Role], base: Path) -> AuthSettin
             if problem is not None:
                 raise user.error("password", problem)  # the value itself is never shown
         users[name] = User(name, password, _roles_of(user, roles))
-    tokens_table = table.table("tokens")
     tokens = {}
-    for name in tokens_table.data:
-        if not NAME_RE.match(name):
-            raise tokens_table.error(name, "expected a token name of letters, digits, . _ : -")
-        token = tokens_table.table(name)
-        token.check_keys(("sha256", "roles"))
+    for name, token in _entries(table, "tokens", "token", ("sha256", "roles")):
         digest = token.string("sha256", what='a SHA-256 hex digest (from "gateway token new")')
         problem = token_digest_error(digest)
         if problem is not None:

@@ -17,12 +17,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
-from twisted.logger import Logger
 
 from gateway.auth.identities import Authenticator, Identity
 
@@ -99,8 +99,6 @@ class SigningIn(Protocol):
 class PendingSignIn:
     """One connection between its handshake and its sign-in."""
 
-    log = Logger()
-
     def __init__(
         self,
         peer: SigningIn,
@@ -109,7 +107,7 @@ class PendingSignIn:
         anonymous: bool,
         json_client: bool,
         deadline: IDelayedCall,
-        on_outcome: Any,
+        on_outcome: Callable[[str, str], None],
     ) -> None:
         self.peer = peer
         self.authenticator = authenticator
