@@ -261,3 +261,32 @@ generate_dev_cert = true
     send(other, {"type": "message", "channel": "one", "text": "over tls"})
     assert [e["text"] for e in events(client) if e["type"] == "message"] == ["over tls"]
     gw.stop()
+
+
+def test_presence_false_spares_a_listener_s_json_clients_every_peer_list_and_event():
+    gw = MemoryGateway(
+        '[[listeners]]\nname = "quiet"\ntype = "tcp"\nport = 8006\nformat = "json"\n'
+        "presence = false\n"
+        '[[listeners]]\nname = "lines"\ntype = "tcp"\nport = 8007\nformat = "json"\n'
+    )
+    try:
+        quiet = gw.connect("quiet")
+        assert events(quiet) == [
+            {"type": "welcome", "peer": "quiet-1", "count": 1, "channel": "main", "presence": False}
+        ]
+        chatty = gw.connect("lines")
+        assert {"peer": "quiet-1", "transport": "tcp"} in events(chatty)[0]["peers"]
+        send(quiet, {"type": "subscribe", "channel": "room.1"})
+        assert events(quiet) == [{"type": "subscribed", "channel": "room.1"}]
+        send(chatty, {"type": "subscribe", "channel": "room.1"})
+        other = gw.connect("lines")
+        other.lines()
+        send(other, {"type": "message", "channel": "room.1", "text": "hi"})
+        # Messages as ever, but no join/leave: not on main, not on room.1.
+        assert [e["type"] for e in events(quiet)] == ["message"]
+        assert "join" in [e["type"] for e in events(chatty)]
+        other.close()
+        gw.flush()
+        assert events(quiet) == []
+    finally:
+        gw.stop()

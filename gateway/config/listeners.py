@@ -42,6 +42,7 @@ class ListenerConfig:
         "echo",
         "anonymous_role",
         "auth",
+        "presence",
     )
 
     name: str
@@ -53,6 +54,8 @@ class ListenerConfig:
     # ``auth`` either, the listener is open to everyone (allowed on local listeners only).
     anonymous_role: str | None = None
     auth: tuple[str, ...] = ()  # the sign-in methods accepted (AUTH_METHODS)
+    # Whether this listener's JSON clients get peer lists and join/leave events.
+    presence: bool = True
 
     @property
     def local(self) -> bool:
@@ -229,6 +232,7 @@ def parse_listener(table: Table, base: Path) -> ListenerConfig:
         "echo": table.boolean("echo", False),
         "anonymous_role": table.string("anonymous_role", "") or None,
         "auth": _auth_methods(table),
+        "presence": table.boolean("presence", True),
     }
     if endpoint is not None:
         common["endpoint"] = endpoint

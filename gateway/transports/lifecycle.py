@@ -291,7 +291,8 @@ class StreamPeer:
     def _speak_json(self, framer: IFramer) -> None:
         """From now on the client gets JSON events (``framer``) and may send requests."""
         self.framer = framer
-        self._session = JsonSession(self, self.bus, self.runtime.context.relays)  # type: ignore[arg-type]
+        relays, presence = self.runtime.context.relays, self.runtime.config.presence
+        self._session = JsonSession(self, self.bus, relays, presence=presence)  # type: ignore[arg-type]
         self._session.on_auth = self._refresh
 
     def _request(self, data: bytes) -> Publish | None:

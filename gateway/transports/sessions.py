@@ -109,7 +109,7 @@ class PresenceRelays:
 class JsonSession:
     """The requests and presence of one JSON client."""
 
-    __slots__ = ("bus", "on_auth", "peer", "relays", "welcome_peers")
+    __slots__ = ("bus", "on_auth", "peer", "presence", "relays", "welcome_peers")
 
     def __init__(
         self,
@@ -117,12 +117,15 @@ class JsonSession:
         bus: Bus,
         relays: PresenceRelays,
         welcome_peers: int = MAX_WELCOME_PEERS,
+        presence: bool = True,
     ) -> None:
         self.peer = peer
         self.bus = bus
         self.relays = relays
         # How many peers the welcome lists at most (few over UDP: one datagram).
         self.welcome_peers = welcome_peers
+        # False (the listener's ``presence = false``): no peer lists, no join/leave events.
+        self.presence = presence
         # A later ``auth`` request (extending a JWT session); None: signing in is not for here.
         self.on_auth: Callable[[Attempt], None] | None = None
 
@@ -131,22 +134,21 @@ class JsonSession:
         its permissions kept it from subscribing to it: then it hears of nobody there)."""
         peer = self.peer
         joined = peer.channel in self.bus.subscriptions(peer)
-        peers = self.bus.peers(peer.channel) if joined else []
         fields: dict[str, Any] = {"type": "welcome", "peer": peer.origin.peer_id}
         if peer.origin.user is not None:
             fields["user"] = peer.origin.user
-        self._send(
-            {
-                **fields,
-                "count": count,
-                "channel": peer.channel,
-                "peers": [
-                    {"peer": other.origin.peer_id, "transport": other.origin.transport}
-                    for other in peers[: self.welcome_peers]
-                ],
-                "channel_count": len(peers),
-            }
-        )
+        fields["count"] = count
+        fields["channel"] = peer.channel
+        if not self.presence:
+            self._send({**fields, "presence": False})
+            return
+        peers = self.bus.peers(peer.channel) if joined else []
+        fields["peers"] = [
+            {"peer": other.origin.peer_id, "transport": other.origin.transport}
+            for other in peers[: self.welcome_peers]
+        ]
+        fields["channel_count"] = len(peers)
+        self._send(fields)
         if joined:
             self.relays.add(peer, peer.channel)
 
@@ -198,7 +200,7 @@ class JsonSession:
             return None
         if request.type == "subscribe":
             self._send(request.answer(type="subscribed", channel=pattern))
-            if new and not has_wildcard(pattern):
+            if new and not has_wildcard(pattern) and self.presence:
                 self.relays.add(peer, pattern)
                 self.bus.replay_history(peer, pattern)
         else:

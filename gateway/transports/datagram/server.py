@@ -151,7 +151,11 @@ class DatagramPeer:
         if server.config.format == "json":
             self.framer = JSON_DATAGRAM_FRAMER
             self.session = JsonSession(
-                self, server.bus, server.runtime.context.relays, WELCOME_PEERS
+                self,
+                server.bus,
+                server.runtime.context.relays,
+                WELCOME_PEERS,
+                server.runtime.config.presence,
             )
 
     def deliver(self, wire: Datagrams) -> None:
