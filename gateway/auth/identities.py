@@ -17,7 +17,7 @@ import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 
 from gateway.auth.credentials import token_digest
 from gateway.auth.roles import Access, Permissions
@@ -87,6 +87,17 @@ class Authenticator:
         self.tokens = dict(tokens)
         self.jwt = jwt
         self._by_digest = {token.sha256.lower(): token for token in tokens.values()}
+
+    def check(self, method: str, secret: str, user: str = "") -> Deferred[Identity | None]:
+        """Who ``secret`` (a "token", "jwt" or "password" of ``user``) signs in, or None:
+        tokens and JWTs at once, passwords off the reactor thread."""
+        if method == "password":
+            return self.by_password(user, secret)
+        if method == "token":
+            return succeed(self.by_token(secret))
+        if method == "jwt":
+            return succeed(self.by_jwt(secret))
+        return succeed(None)
 
     def by_token(self, token: str) -> Identity | None:
         try:

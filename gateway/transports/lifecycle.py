@@ -23,11 +23,11 @@ from twisted.logger import Logger
 from gateway.auth.identities import Identity
 from gateway.auth.roles import Permissions
 from gateway.core.interfaces import IFramer
-from gateway.core.message import Batch, Kind, Origin
+from gateway.core.message import Origin
 from gateway.flow.backpressure import SIGN_IN
 from gateway.flow.connection import ConnectionFlow
 from gateway.transports.address import describe
-from gateway.transports.runtime import CONNECTION_LIMIT, ListenerRuntime
+from gateway.transports.runtime import CONNECTION_LIMIT, ListenerRuntime, tell
 from gateway.transports.sessions import JsonSession, Publish
 from gateway.transports.signin import AUTH_FAILED, AUTH_TIMED_OUT, Attempt, PendingSignIn
 
@@ -168,10 +168,6 @@ class StreamPeer:
 
     # Sign in (``gateway.transports.signin``)
 
-    def _signing_in(self) -> bool:
-        """Whether what the client sends now is its sign-in (then it goes to ``_sign_in``)."""
-        return self._signin is not None
-
     def _sign_in(self, first: bytes, ordinary: bool = False) -> None:
         """The client's first message (``ordinary``: one that cannot be a sign-in, such as
         a binary WebSocket message); nothing more is read until the verdict."""
@@ -186,7 +182,6 @@ class StreamPeer:
         self._signin = None
         if identity is not None:
             self._become(identity)
-            self.runtime.identified.add(self)
         if self._closing:
             return
         self._attach()
@@ -201,8 +196,8 @@ class StreamPeer:
 
     def _become(self, identity: Identity) -> None:
         """Be ``identity`` from now on (its roles, and its end for a JWT)."""
-        self._identity = identity
-        self._own_permissions = self.runtime.context.authenticator.permissions(identity)
+        self._take_roles(identity)
+        self.runtime.identified.add(self)
         if self._expiry is not None and self._expiry.active():
             self._expiry.cancel()
         self._expiry = None
@@ -244,8 +239,7 @@ class StreamPeer:
         if self._session is not None:
             self._session.send({"type": "error", "code": code, "reason": reason})
         else:
-            text = f"gateway: {reason}".encode()
-            self.deliver(self.framer.frame(Batch(self.origin, self.channel, (text,), (Kind.TEXT,))))
+            tell(self, f"gateway: {reason}".encode(), self.channel)
 
     def _sign_in_failed(self, reason: str) -> None:
         self._signin = None
@@ -283,8 +277,7 @@ class StreamPeer:
             return
         text = self.runtime.welcome_text(count, self.origin)
         if text is not None:
-            batch = Batch(self.origin, self.channel, (text,), (Kind.TEXT,))
-            self.deliver(self.framer.frame(batch))
+            tell(self, text, self.channel)
 
     # JSON clients
 
@@ -324,6 +317,9 @@ class StreamPeer:
             self.bus.metrics.disconnect("auth_revoked")
             self._close_unauthenticated("authentication revoked")
             return
+        self._take_roles(identity)
+
+    def _take_roles(self, identity: Identity) -> None:
         self._identity = identity
         self._own_permissions = self.runtime.context.authenticator.permissions(identity)
 

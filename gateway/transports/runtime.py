@@ -197,9 +197,13 @@ class ListenerRuntime:
             text = f"gateway: not allowed to publish to {channel}"
         else:
             text = f"gateway: no longer allowed to read {channel}"
-        batch = Batch(peer.origin, channel, (text.encode("utf-8"),), (Kind.TEXT,))
-        peer.deliver(peer.framer.frame(batch))
+        tell(peer, text.encode("utf-8"), channel)
 
     def gone(self, peer_id: str, why: str, verb: str = "disconnected") -> None:
         """Log that an attached peer has gone."""
         self.log.info("{peer} {verb} ({reason})", peer=peer_id, verb=verb, reason=why)
+
+
+def tell(peer: Refusable, text: bytes, channel: str) -> None:
+    """Send ``peer`` one text message from the gateway itself, framed for its transport."""
+    peer.deliver(peer.framer.frame(Batch(peer.origin, channel, (text,), (Kind.TEXT,))))

@@ -143,16 +143,13 @@ class PendingSignIn:
         if attempt.method not in self.methods:
             self._fail(attempt.method or "none", AUTH_FAILED)
             return
-        if attempt.method == "token":
-            self._verdict(attempt.method, self.authenticator.by_token(attempt.secret))
-            return
-        if attempt.method == "jwt":
-            self._verdict(attempt.method, self.authenticator.by_jwt(attempt.secret))
-            return
-        # A password: checked off the reactor thread; meanwhile nothing more is read.
-        checked = self.authenticator.by_password(attempt.user, attempt.secret)
-        checked.addCallback(lambda identity: self._verdict("password", identity))
-        checked.addErrback(lambda failure: self._verdict("password", None))
+        # A password is checked off the reactor thread; meanwhile nothing more is read.
+        method = attempt.method
+        checked = self.authenticator.check(method, attempt.secret, attempt.user)
+        checked.addCallbacks(
+            lambda identity: self._verdict(method, identity),
+            lambda failure: self._verdict(method, None),
+        )
 
     def _verdict(self, method: str, identity: Identity | None) -> None:
         if self.finished:

@@ -123,7 +123,6 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
                 raise ConnectionDeny(401, "authentication failed")
             self.runtime.signed_in(self, identity.method, "ok")
             self._become(identity)
-            self.runtime.identified.add(self)
         self._start_channel(request.path)
         if JSON_SUBPROTOCOL in request.protocols:
             self._json = True
