@@ -265,6 +265,7 @@ generate_dev_cert = true
 
 def test_presence_false_spares_a_listener_s_json_clients_every_peer_list_and_event():
     gw = MemoryGateway(
+        '[channels."room.*"]\nhistory = 2\n'
         '[[listeners]]\nname = "quiet"\ntype = "tcp"\nport = 8006\nformat = "json"\n'
         "presence = false\n"
         '[[listeners]]\nname = "lines"\ntype = "tcp"\nport = 8007\nformat = "json"\n'
@@ -288,5 +289,17 @@ def test_presence_false_spares_a_listener_s_json_clients_every_peer_list_and_eve
         other.close()
         gw.flush()
         assert events(quiet) == []
+        # History still replays on subscribe: presence is only about who is there.
+        late = gw.connect("quiet")
+        late.lines()
+        send(late, {"type": "subscribe", "channel": "room.2"})
+        assert [e["type"] for e in events(late)] == ["subscribed"]
+        send(chatty, {"type": "message", "channel": "room.2", "text": "kept"})
+        again = gw.connect("quiet")
+        again.lines()
+        send(again, {"type": "subscribe", "channel": "room.2"})
+        replayed = events(again)
+        assert replayed[0]["type"] == "subscribed"
+        assert (replayed[1]["text"], replayed[1]["history"]) == ("kept", True)
     finally:
         gw.stop()

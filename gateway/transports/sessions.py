@@ -133,22 +133,22 @@ class JsonSession:
         """Send the ``welcome`` event, and start hearing about the peer's channel (unless
         its permissions kept it from subscribing to it: then it hears of nobody there)."""
         peer = self.peer
-        joined = peer.channel in self.bus.subscriptions(peer)
         fields: dict[str, Any] = {"type": "welcome", "peer": peer.origin.peer_id}
         if peer.origin.user is not None:
             fields["user"] = peer.origin.user
         fields["count"] = count
         fields["channel"] = peer.channel
         if not self.presence:
-            self._send({**fields, "presence": False})
+            self.send({**fields, "presence": False})
             return
+        joined = peer.channel in self.bus.subscriptions(peer)
         peers = self.bus.peers(peer.channel) if joined else []
         fields["peers"] = [
             {"peer": other.origin.peer_id, "transport": other.origin.transport}
             for other in peers[: self.welcome_peers]
         ]
         fields["channel_count"] = len(peers)
-        self._send(fields)
+        self.send(fields)
         if joined:
             self.relays.add(peer, peer.channel)
 
@@ -164,7 +164,7 @@ class JsonSession:
         attempt = parse_attempt(data, json_client=True)
         if attempt is not None:
             if self.on_auth is None:
-                self._send(
+                self.send(
                     {"type": "error", "code": "auth_failed", "reason": "cannot sign in here"}
                 )
             else:
@@ -173,7 +173,7 @@ class JsonSession:
         try:
             request = parse_request(data)
         except RequestError as e:
-            self._send(e.event)
+            self.send(e.event)
             return None
         peer = self.peer
         if request is None:
@@ -185,7 +185,7 @@ class JsonSession:
                 # Refused here rather than by the bus: the error carries the request's id.
                 self.bus.metrics.deny("publish")
                 self.bus.metrics.drop("forbidden")
-                self._send(request.answer(**_refusal("publish", channel)))
+                self.send(request.answer(**_refusal("publish", channel)))
                 return None
             return channel, request.payload, request.kind
         pattern = request.channel
@@ -196,31 +196,29 @@ class JsonSession:
             else:
                 self.bus.unsubscribe(peer, pattern)
         except SubscriptionError as e:
-            self._send(request.answer(type="error", code=e.code, reason=e.reason))
+            self.send(request.answer(type="error", code=e.code, reason=e.reason))
             return None
         if request.type == "subscribe":
-            self._send(request.answer(type="subscribed", channel=pattern))
-            if new and not has_wildcard(pattern) and self.presence:
-                self.relays.add(peer, pattern)
+            self.send(request.answer(type="subscribed", channel=pattern))
+            if new and not has_wildcard(pattern):
+                if self.presence:
+                    self.relays.add(peer, pattern)
                 self.bus.replay_history(peer, pattern)
         else:
             self.relays.discard(peer, pattern)
-            self._send(request.answer(type="unsubscribed", channel=pattern))
+            self.send(request.answer(type="unsubscribed", channel=pattern))
         return None
 
     def forbidden(self, action: str, channel: str) -> None:
         """Tell the client it was refused ``action`` on ``channel`` (see ``IPeer.forbidden``)."""
         if action == "publish":
-            self._send(_refusal(action, channel))
+            self.send(_refusal(action, channel))
         else:
             self.relays.discard(self.peer, channel)
-            self._send({"type": "unsubscribed", "channel": channel, "reason": "forbidden"})
+            self.send({"type": "unsubscribed", "channel": channel, "reason": "forbidden"})
 
     def send(self, fields: dict[str, Any]) -> None:
         """Send the client one event."""
-        self._send(fields)
-
-    def _send(self, fields: dict[str, Any]) -> None:
         self.peer.deliver(_event(self.peer, fields))
 
 
