@@ -164,9 +164,7 @@ class JsonSession:
         attempt = parse_attempt(data, json_client=True)
         if attempt is not None:
             if self.on_auth is None:
-                self.send(
-                    {"type": "error", "code": "auth_failed", "reason": "cannot sign in here"}
-                )
+                self.send({"type": "error", "code": "auth_failed", "reason": "cannot sign in here"})
             else:
                 self.on_auth(attempt)
             return None
