@@ -19,7 +19,7 @@ import binascii
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
@@ -185,11 +185,12 @@ NOBODY = Identity("", "none")
 """What ``header_identity`` fires with for credentials that do not sign anyone in."""
 
 
-def header_identity(header: str, methods: tuple[str, ...], context: Any) -> Deferred[Identity]:
+def header_identity(
+    header: str, methods: tuple[str, ...], authenticator: Authenticator
+) -> Deferred[Identity]:
     """Who an HTTP ``Authorization`` header signs in: ``Bearer <token or JWT>`` or
     ``Basic <user:password>``, among the listener's ``methods``; ``NOBODY`` when it signs
     nobody in."""
-    authenticator: Authenticator = context.authenticator
     scheme, _, value = header.strip().partition(" ")
     scheme, value = scheme.lower(), value.strip()
     if scheme == "bearer" and value:

@@ -111,7 +111,8 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
         header = request.headers.get("authorization")
         if header and self.runtime.config.auth:
             # Signed in by the upgrade request (non-browser clients); a bad one gets 401.
-            checked = header_identity(header, self.runtime.config.auth, self.runtime.context)
+            authenticator = self.runtime.context.authenticator
+            checked = header_identity(header, self.runtime.config.auth, authenticator)
             return checked.addCallback(lambda identity: self._accept(request, identity))
         return self._accept(request, None)
 
