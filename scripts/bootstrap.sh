@@ -19,6 +19,7 @@ if [ "$want_test" = test ]; then
     command -v chromium >/dev/null 2>&1 || need chromium
     command -v redis-server >/dev/null 2>&1 || need redis-server
     command -v testssl >/dev/null 2>&1 || need testssl.sh
+    command -v socat >/dev/null 2>&1 || need socat
 fi
 if [ -n "$apt_packages" ]; then
     echo "bootstrap: installing$apt_packages with apt-get"

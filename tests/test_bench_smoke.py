@@ -237,3 +237,43 @@ def test_channels_need_a_way_to_choose_them():
     )
     assert done.returncode == 2
     assert "--channels" in done.stderr
+
+
+# Binary stream peers: subscribers of a length-prefixed listener
+
+
+def test_length_prefixed_subscribers_get_every_message_in_order(run_gateway):
+    gw = run_gateway(
+        CONFIG
+        + toml_listener("u16", "tcp", framing="u16")
+        + toml_listener("u32", "tcp", framing="u32")
+    )
+    result = bench(
+        "--sub",
+        f"tcp://127.0.0.1:{gw.ports['u16']}?framing=u16",
+        "--sub",
+        f"tcp://127.0.0.1:{gw.ports['u32']}?framing=u32",
+        "--pub",
+        f"tcp://127.0.0.1:{gw.ports['tcp']}",
+        "-n",
+        "4",
+        *SHORT,
+    )
+    assert result["lost"] == 0
+    for name in ("tcp-u16", "tcp-u32"):
+        subscribers = result["transports"][name]
+        assert subscribers["connected"] == 2
+        assert subscribers["received"] >= subscribers["expected"] > 0
+        assert subscribers["misordered"] == subscribers["duplicated"] == 0
+
+
+def test_a_framing_on_a_websocket_url_is_a_usage_error():
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", "--sub", "ws://127.0.0.1:1/ws?framing=u32"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "?framing= takes lines, u16, u32, on tcp:// and tls://" in done.stderr

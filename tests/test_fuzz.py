@@ -54,8 +54,10 @@ from gateway.transports.datagram.wire import (
     hello,
     response,
 )
-from gateway.transports.line import LINE_FRAMER, LineFactory, LineProtocol
+from gateway.transports.line import LINE_FRAMER
 from gateway.transports.runtime import GatewayContext, ListenerRuntime
+from gateway.transports.stream import StreamProtocol
+from gateway.transports.tcp import StreamFactory
 from gateway.transports.websocket.envelope import JSON_SUBPROTOCOL
 from gateway.transports.websocket.peer import WebSocketPeer
 from gateway.transports.websocket.site import WebSocketSite
@@ -214,7 +216,7 @@ class Honest:
         self.bus = bus
         self.record = FakePeer(bus, "record", BatchFramer())
         self.lines = FakePeer(bus, "lines", LINE_FRAMER)
-        factory = LineFactory(runtime(bus, TcpListenerConfig(name="honest-tcp"), Limits(), clock))
+        factory = StreamFactory(runtime(bus, TcpListenerConfig(name="honest-tcp"), Limits(), clock))
         self.line_peer = factory.buildProtocol(None)
         self.line_io = WriteLog()
         self.line_peer.makeConnection(self.line_io)
@@ -331,8 +333,8 @@ def test_line_protocol_survives_any_bytes_and_relays_only_whole_lines(setup, sen
     bus, clock = Bus(), Clock()
     honest = Honest(bus, clock)
     listener = TcpListenerConfig(name="fuzz", quit_command=setup.quit_command, echo=setup.echo)
-    factory = LineFactory(runtime(bus, listener, setup.limits, clock))
-    senders: list[LineProtocol] = []
+    factory = StreamFactory(runtime(bus, listener, setup.limits, clock))
+    senders: list[StreamProtocol] = []
     ios: list[ContractTransport] = []
     for _ in sent:
         io = ContractTransport()

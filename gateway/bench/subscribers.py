@@ -15,6 +15,7 @@ from gateway.bench.wire import (
     PROBE,
     LineWire,
     NatsWire,
+    PrefixWire,
     WebSocketWire,
     Wire,
     parse_header,
@@ -73,6 +74,8 @@ class StreamClient(Client):
             self.wire = NatsWire(size, subject, 1)
         elif self.websocket:
             self.wire = WebSocketWire(size)
+        elif target.framing != "lines":
+            self.wire = PrefixWire(size, target.framing)
         else:
             self.wire = LineWire(size)
         # NATS over WebSocket: the NATS stream is carried in frames of any size.

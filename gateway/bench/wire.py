@@ -125,6 +125,30 @@ class LineWire(Wire):
                 return pos
 
 
+class PrefixWire(Wire):
+    """Messages after their big-endian length (a listener's ``framing = "u16"``/``"u32"``)."""
+
+    def __init__(self, size: int, framing: str) -> None:
+        self.name = framing
+        self.head = struct.Struct("!H" if framing == "u16" else "!I")
+        super().__init__(size, self.head.pack(size), b"")
+
+    def slow(self, data: bytes, sub: StreamClient) -> int:
+        pos = 0
+        total = len(data)
+        size = self.head.size
+        while total - pos >= size:
+            length: int = self.head.unpack_from(data, pos)[0]
+            start = pos + size
+            if total - start < length:
+                break
+            regular = sub.message(data, start, length)
+            pos = start + length
+            if not regular:
+                return pos
+        return pos
+
+
 class WebSocketWire(Wire):
     name = "websocket"
 

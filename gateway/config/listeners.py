@@ -97,13 +97,19 @@ class StreamListenerConfig(ListenerConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class TcpListenerConfig(StreamListenerConfig):
-    """``type = "tcp"``: newline-terminated lines."""
+    """``type = "tcp"``: newline-terminated lines, or binary messages (``framing``)."""
 
     type: ClassVar[str] = "tcp"
-    KEYS: ClassVar[tuple[str, ...]] = (*StreamListenerConfig.KEYS, "quit_command", "format")
+    KEYS: ClassVar[tuple[str, ...]] = (
+        *StreamListenerConfig.KEYS,
+        "quit_command",
+        "format",
+        "framing",
+    )
 
     quit_command: str = ""
     format: str = "raw"  # or "json": one JSON envelope per line, both ways
+    framing: str = "lines"  # or "u16", "u32" (length-prefixed), "chunks" (a byte stream)
 
     @classmethod
     def read(cls, table: Table, base: Path) -> dict[str, Any]:
@@ -111,6 +117,7 @@ class TcpListenerConfig(StreamListenerConfig):
             **super().read(table, base),
             "quit_command": table.string("quit_command", ""),
             "format": _format(table),
+            "framing": _framing(table),
         }
 
 
@@ -240,6 +247,10 @@ def parse_listener(table: Table, base: Path) -> ListenerConfig:
 
 
 FORMATS = ("raw", "json")
+FRAMINGS = ("lines", "u16", "u32", "chunks")
+"""How a ``tcp``/``tls`` listener's peers delimit messages (``docs/protocol.md``)."""
+LINES_ONLY = ("welcome", "quit_command")
+"""Keys that only a ``framing = "lines"`` listener takes."""
 AUTH_METHODS = ("password", "token", "jwt", "cert")
 """The sign-in methods a listener's ``auth`` may list."""
 
@@ -263,6 +274,27 @@ def _format(table: Table) -> str:
     value = table.string("format", "raw")
     if value not in FORMATS:
         raise table.error("format", f'expected "raw" or "json", got {show(value)}')
+    return value
+
+
+def _framing(table: Table) -> str:
+    value = table.string("framing", "lines")
+    if value not in FRAMINGS:
+        raise table.error(
+            "framing", f'expected "lines", "u16", "u32" or "chunks", got {show(value)}'
+        )
+    if value == "lines":
+        return value
+    if table.data.get("format", "raw") != "raw":
+        raise table.error("format", f'"json" needs framing = "lines", not {show(value)}')
+    for key in LINES_ONLY:
+        if table.data.get(key):
+            raise table.error(key, f'applies to framing = "lines" only, not {show(value)}')
+    if value == "chunks" and set(table.data.get("auth") or ()) - {"cert"}:
+        raise table.error(
+            "auth",
+            'framing = "chunks" keeps no message boundaries, so it signs in by "cert" only',
+        )
     return value
 
 

@@ -47,6 +47,7 @@ class StreamPeer:
     transport: Any
     transport_name = ""
     refused_at = float("-inf")  # when the peer was last told of a refusal (raw peers)
+    quiet = False  # True: a binary stream, into which the gateway writes no text of its own
     # Set only while signing in, and once signed in (class defaults: idle peers stay small).
     _signin: PendingSignIn | None = None
     _identity: Identity | None = None

@@ -1,4 +1,4 @@
-"""Line-oriented stream peers (the ``tcp`` listener; ``tls`` is the same under TLS).
+"""Line-oriented stream peers (``framing = "lines"``, the default of ``tcp``/``tls``).
 
 Wire rules: ``\\n`` ends a message, one trailing ``\\r`` is removed, empty
 lines are ignored, payloads are any bytes. Outbound messages are written
@@ -9,26 +9,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IHandshakeListener, ISystemHandle, ITCPTransport
-from twisted.internet.protocol import Factory, Protocol
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from gateway.config.listeners import TcpListenerConfig
-from gateway.config.settings import Limits
-from gateway.core.interfaces import IFramer, IPeer
+from gateway.core.interfaces import IFramer
 from gateway.core.message import Batch, Kind
-from gateway.tls.server import peer_subject
 from gateway.transports.envelopes import (
     event,
     message_envelopes,
     plain_message_runs,
     verbatim_envelopes,
 )
-from gateway.transports.lifecycle import StreamPeer
-from gateway.transports.listening import ListenerService
-from gateway.transports.runtime import GatewayContext, ListenerRuntime
+from gateway.transports.runtime import ListenerRuntime
+from gateway.transports.stream import StreamProtocol
 
 
 @implementer(IFramer)
@@ -73,56 +65,22 @@ class JsonLineFramer:
 JSON_LINE_FRAMER = JsonLineFramer()
 
 
-@implementer(IPeer, IHandshakeListener)
-class LineProtocol(StreamPeer, Protocol):
+class LineProtocol(StreamProtocol):
     """One stream peer: splits its bytes into lines and relays them as batches."""
 
     framer = LINE_FRAMER
     _first_line = b""  # while signing in: the first line, kept in case it is no sign-in
 
-    def __init__(self, factory: LineFactory) -> None:
-        runtime = factory.runtime
-        self._init_peer(runtime, runtime.config.type)
-        config = runtime.config
-        assert isinstance(config, TcpListenerConfig)
-        self.max_message_bytes = runtime.limits.max_message_bytes
+    def __init__(self, runtime: ListenerRuntime) -> None:
+        super().__init__(runtime)
+        config = self.config
         self.quit_command = config.quit_command.encode("utf-8") if config.quit_command else None
-        self._buffer = b""
         self._json = config.format == "json"
         # The channel and binary-ness of the run of JSON messages being gathered.
         self._run_channel = self.channel
         self._run_binary = False
         if self._json:
             self._speak_json(JSON_LINE_FRAMER)
-
-    # Connection lifecycle
-
-    def connectionMade(self) -> None:
-        transport: Any = self.transport
-        if ITCPTransport.providedBy(transport):
-            transport.setTcpNoDelay(True)
-            transport.setTcpKeepAlive(True)
-        # Plain TCP: only this protocol writes to the socket, so writing
-        # straight to it while nothing is queued is safe (not under TLS).
-        write_through = self.transport_name == "tcp" and ISystemHandle.providedBy(transport)
-        if not self._admit(write_through=write_through):
-            return
-        if self.transport_name == "tls":
-            self._arm_deadline(self.runtime.limits.handshake_timeout)
-        else:
-            self._join()
-
-    def handshakeCompleted(self) -> None:
-        """IHandshakeListener: the TLS handshake is done; now the peer joins."""
-        if not self._closing:
-            self._join(peer_subject(self.transport))
-
-    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
-        if reason.check(ConnectionDone):
-            why = "closed by the peer"
-        else:
-            why = f"connection lost: {reason.getErrorMessage()}"
-        self._gone(why)
 
     # Inbound
 
@@ -259,58 +217,3 @@ class LineProtocol(StreamPeer, Protocol):
         # A run of one JSON client's messages to one channel (binary ones alone).
         kinds = (Kind.BINARY,) if self._run_binary else None
         self.bus.publish(self, Batch(self.origin, self._run_channel, payloads, kinds))
-
-    def _too_long(self, size: int) -> None:
-        limit = self.max_message_bytes
-        self.peer_log.warn(
-            "{peer} sent a line of at least {size} bytes (limit {limit}); closing",
-            peer=self.origin.peer_id,
-            size=size,
-            limit=limit,
-        )
-        self._oversize()
-        if self.origin.peer_id:
-            self.deliver(b"gateway: message too long (limit %d bytes), closing\n" % limit)
-        self.close(f"message too long: {size} bytes, limit {limit}")
-
-    # Going
-
-    def close(self, reason: str) -> None:
-        if self._closing:
-            return
-        self._leave(reason)
-        transport: Any = self.transport
-        # A transport waits for its producer to go before it closes (TLS does).
-        transport.unregisterProducer()
-        transport.loseConnection()
-        self._disarm_deadline()
-        self._cut_later()
-
-    def abort(self, reason: str) -> None:
-        """Drop the connection now, discarding anything not yet sent."""
-        self._leave(reason)
-        transport: Any = self.transport
-        transport.abortConnection()
-
-
-class LineFactory(Factory):
-    """Builds a ``LineProtocol`` per connection of one ``tcp``/``tls`` listener."""
-
-    noisy = False
-
-    def __init__(self, runtime: ListenerRuntime) -> None:
-        self.runtime = runtime
-
-    def buildProtocol(self, addr: Any) -> LineProtocol:
-        return LineProtocol(self)
-
-
-class LineListener(ListenerService):
-    """A ``tcp`` or ``tls`` listener."""
-
-    def protocol_factory(self) -> LineFactory:
-        return LineFactory(self.runtime)
-
-
-def build(config: TcpListenerConfig, limits: Limits, context: GatewayContext) -> LineListener:
-    return LineListener(ListenerRuntime(config, limits, context))

@@ -7,7 +7,7 @@ from typing import Any
 
 from gateway.config.listeners import ListenerConfig
 from gateway.config.settings import Limits
-from gateway.transports import line
+from gateway.transports import tcp
 from gateway.transports.datagram import server as datagram
 from gateway.transports.listening import ListenerService
 from gateway.transports.runtime import GatewayContext
@@ -17,8 +17,8 @@ Builder = Callable[[Any, Limits, GatewayContext], ListenerService]
 """``build(listener_config, limits, context)``: the service of one listener."""
 
 BUILDERS: Mapping[str, Builder] = {
-    "tcp": line.build,
-    "tls": line.build,
+    "tcp": tcp.build,
+    "tls": tcp.build,
     "udp": datagram.build,
     "ws": websocket.build,
     "wss": websocket.build,

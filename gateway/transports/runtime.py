@@ -72,6 +72,7 @@ class Refusable(Protocol):
     origin: Origin
     framer: IFramer
     refused_at: float  # when it was last told, for the once-a-second limit
+    quiet: bool  # True: its stream is binary, and the gateway writes no text of its own into it
 
     def deliver(self, wire: Any) -> None: ...
 
@@ -205,5 +206,8 @@ class ListenerRuntime:
 
 
 def tell(peer: Refusable, text: bytes, channel: str) -> None:
-    """Send ``peer`` one text message from the gateway itself, framed for its transport."""
+    """Send ``peer`` one text message from the gateway itself, framed for its transport
+    (nothing to a ``quiet`` peer, whose stream is binary)."""
+    if peer.quiet:
+        return
     peer.deliver(peer.framer.frame(Batch(peer.origin, channel, (text,), (Kind.TEXT,))))

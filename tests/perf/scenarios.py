@@ -126,6 +126,24 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
             rounds,
         ),
         Scenario(
+            "u32",
+            "Length-prefixed fan-out: 1 TCP lines publisher, 100 TCP subscribers of a "
+            '`framing = "u32"` listener, flood',
+            {
+                "gateway": [
+                    "--sub",
+                    f"tcp://127.0.0.1:{ports.gw_u32}?framing=u32",
+                    "--pub",
+                    gw_tcp,
+                    "-n",
+                    "100",
+                    *flood,
+                ],
+                REFERENCE: tcp100,
+            },
+            rounds,
+        ),
+        Scenario(
             "tcp1000",
             f"TCP fan-out: 1 publisher, {many} TCP subscribers, flood",
             {

@@ -86,6 +86,7 @@ class Ports:
     def __init__(self) -> None:
         self.gw_tcp = free_port()
         self.gw_json = free_port()
+        self.gw_u32 = free_port()
         self.gw_tls = free_port()
         self.gw_udp = free_port(socket.SOCK_DGRAM)
         self.gw_ws = free_port()
@@ -117,6 +118,12 @@ name = "json"
 type = "tcp"
 port = {ports.gw_json}
 format = "json"
+
+[[listeners]]
+name = "u32"
+type = "tcp"
+port = {ports.gw_u32}
+framing = "u32"
 
 [[listeners]]
 name = "tls"

@@ -134,6 +134,7 @@ class DatagramPeer:
     pending_bytes = 0  # every datagram goes out at once, or is dropped
     dropped_messages = 0
     refused_at = float("-inf")
+    quiet = False
 
     def __init__(self, server: DatagramServer, address: Address) -> None:
         self.server = server
