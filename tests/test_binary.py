@@ -307,3 +307,35 @@ def test_framers_frame_a_batch_once_and_count_what_they_framed():
     assert CHUNK_FRAMER.count(CHUNK_FRAMER.frame(Batch(origin, "main", [b"z"]))) == 1
     clipped = U16_FRAMER.frame(Batch(origin, "main", [b"q" * 65_536]))
     assert clipped == Clipped(b"", 1)
+
+
+def test_a_stalled_u32_receiver_is_cut_past_max_pending_bytes_and_drops_are_counted_whole():
+    text = LISTENERS.format(limit=100_000).replace(
+        "[limits]\n", '[limits]\nmax_pending_bytes = 1024\nslow_consumer = "drop"\n'
+    )
+    gw = MemoryGateway(text)
+    sender, slow = gw.connect("lines"), gw.connect("u32")
+    slow.stall()
+    for i in range(20):
+        sender.send(b"%02d" % i + b"x" * 98 + b"\n")  # 104 bytes each with the prefix
+    assert gw.bus.metrics.dropped["slow_consumer"] == 11  # 9 x 104 bytes fit in 1024
+    slow.unstall()
+    assert take(slow) == u32(*(b"%02d" % i + b"x" * 98 for i in range(9)))
+    sender.send(b"after\n")
+    assert take(slow) == u32(b"after")
+
+
+def test_binary_messages_cross_the_cluster_as_binary():
+    from gateway.testing import FakeBackplane
+
+    gw = gateway()
+    backplane = FakeBackplane(gw.bus, gw.flush)
+    sender, browser = gw.connect("u32"), gw.websocket("ws")
+    sender.send(u32(b"\x00to other nodes"))
+    (forwarded,) = backplane.forwarded
+    assert list(forwarded.messages()) == [(b"\x00to other nodes", Kind.BINARY)]
+    assert browser.take() == [(b"\x00to other nodes", True)]
+    receiver = gw.connect("u16")
+    assert backplane.remote_message(b"from afar") == 3  # the u32, u16 and WebSocket peers
+    gw.flush()
+    assert take(receiver) == u16(b"from afar")
