@@ -106,7 +106,7 @@ class GatewayService(MultiService):
             service.reuse_port = reuse_port
             service.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners[listener.name] = service
-        self.bus.history.resize(self._history_size)
+        self.bus.history.resize(self._history_size, self._history_ttl)
         self.backplane: Backplane | None = None
         if config.cluster is not None:
             from gateway.cluster.backplane import Backplane  # the Redis client only when clustering
@@ -117,6 +117,9 @@ class GatewayService(MultiService):
 
     def _history_size(self, channel: str) -> int:
         return self.config.channel(channel).history
+
+    def _history_ttl(self, channel: str) -> float:
+        return self.config.channel(channel).history_ttl
 
     # Listening
 

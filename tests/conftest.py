@@ -346,19 +346,22 @@ def tls_connect(gw: GatewayProcess, listener: str = "tls") -> ssl.SSLSocket:
     return tls_context(gw).wrap_socket(raw, server_hostname="localhost")
 
 
-def ws_url(gw: GatewayProcess, listener: str = "ws") -> str:
+def ws_url(gw: GatewayProcess, listener: str = "ws", path: str = "/ws") -> str:
     """The URL of WebSocket ``listener``: ``wss://localhost`` for wss, else ``ws://127.0.0.1``."""
     if listener == "wss":
-        return f"wss://localhost:{gw.ports[listener]}/ws"
-    return f"ws://127.0.0.1:{gw.ports[listener]}/ws"
+        return f"wss://localhost:{gw.ports[listener]}{path}"
+    return f"ws://127.0.0.1:{gw.ports[listener]}{path}"
 
 
-def websocket(gw: GatewayProcess, listener: str = "ws", **kwargs: Any) -> ClientConnection:
-    """A ``websockets`` client of ``listener`` (``wss``: trusting the dev CA); ``kwargs`` go to
-    ``connect``."""
+def websocket(
+    gw: GatewayProcess, listener: str = "ws", path: str = "/ws", **kwargs: Any
+) -> ClientConnection:
+    """A ``websockets`` client of ``listener`` (``wss``: trusting the dev CA) on ``path``
+    (``/ws/room.1?since=17&epoch=E``); ``kwargs`` go to ``connect``."""
     if listener == "wss":
         kwargs["ssl"] = tls_context(gw)
-    client: ClientConnection = connect(ws_url(gw, listener), open_timeout=TIMEOUT, **kwargs)
+    url = ws_url(gw, listener, path)
+    client: ClientConnection = connect(url, open_timeout=TIMEOUT, **kwargs)
     return client
 
 

@@ -103,7 +103,7 @@ def reference(batch: Batch) -> list[bytes]:
     kinds: list[Kind | None] = [None] * len(batch.payloads)
     if batch.kinds is not None:
         kinds = list(batch.kinds)
-    out = []
+    out: list[bytes] = []
     for payload, kind in zip(batch.payloads, kinds, strict=True):
         fields: dict[str, Any] = {
             "type": "message",
@@ -112,8 +112,15 @@ def reference(batch: Batch) -> list[bytes]:
             "listener": batch.origin.listener,
             "channel": batch.channel,
         }
+        if batch.origin.user is not None:
+            fields["user"] = batch.origin.user
         if batch.history:
             fields["history"] = True
+        if batch.recovered:
+            fields["recovered"] = True
+        if batch.epoch is not None:
+            fields["offset"] = batch.offset + len(out)
+            fields["epoch"] = batch.epoch
         try:
             if kind is Kind.BINARY:
                 raise UnicodeDecodeError("utf-8", b"", 0, 1, "binary")
@@ -146,6 +153,31 @@ def test_verbatim_text_makes_the_same_events_as_the_json_encoder(payloads, kind,
     verbatim = verbatim_envelopes(batch)
     if verbatim is not None:
         assert all(b'"text":' in e for e in expected)
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(PAYLOADS, min_size=1, max_size=5),
+    st.sampled_from([None, "binary"]),
+    st.sampled_from([(True, False), (False, True), (False, False)]),
+    st.integers(1, 10**12),
+    st.sampled_from(["e", "50%", "%d%b", 'q"é']),
+)
+def test_numbered_messages_carry_their_offset_and_epoch_as_the_json_encoder_would(
+    payloads, kind, flags, offset, epoch
+):
+    kinds = None if kind is None else [Kind.BINARY] * len(payloads)
+    history, recovered = flags
+    origin = Origin("tcp-1%s", "in%d", "tcp", user="50%é")  # a literal % anywhere
+    batch = Batch(origin, "room", payloads, kinds, history=history, offset=offset, epoch=epoch)
+    batch.recovered = recovered
+    expected = reference(batch)
+    assert [json.loads(e)["offset"] for e in expected] == list(
+        range(offset, offset + len(payloads))
+    )
+    assert message_envelopes(batch) == expected
+    assert JSON_LINE_FRAMER.frame(batch) == b"".join(e + b"\n" for e in expected)
+    assert verbatim_envelopes(batch) is None  # offsets differ per message: no shared head
 
 
 def test_a_json_lines_client_publishes_plain_runs_to_their_channels_in_order():

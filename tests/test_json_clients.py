@@ -98,8 +98,10 @@ def test_subscribe_publish_and_unsubscribe_on_every_transport(gw):
     gw.flush()
     udp.send(json.dumps({"type": "subscribe", "channel": "room.>"}).encode())
     assert events(lines) == [{"type": "subscribed", "channel": "room.*", "id": 1}]
-    assert [e for e in browser.events() if e["type"] == "subscribed"] == [
-        {"type": "subscribed", "channel": "room.1", "id": "b"}
+    subscribed = [e for e in browser.events() if e["type"] == "subscribed"]
+    epoch = subscribed[0]["epoch"]  # room.1 keeps history: its place (no message yet)
+    assert subscribed == [
+        {"type": "subscribed", "channel": "room.1", "offset": 0, "epoch": epoch, "id": "b"}
     ]
     assert [json.loads(d) for d in udp.received()] == [{"type": "subscribed", "channel": "room.>"}]
 
@@ -189,8 +191,12 @@ def test_history_replays_on_subscribe(gw):
     events(lines)
     send(lines, {"type": "subscribe", "channel": "room.7"})
     answers = events(lines)
-    assert answers[0] == {"type": "subscribed", "channel": "room.7"}
-    assert [(e["text"], e["history"]) for e in answers[1:]] == [("b", True), ("c", True)]
+    epoch = answers[0]["epoch"]
+    assert answers[0] == {"type": "subscribed", "channel": "room.7", "offset": 3, "epoch": epoch}
+    assert [(e["text"], e["history"], e["offset"]) for e in answers[1:]] == [
+        ("b", True, 2),
+        ("c", True, 3),
+    ]
 
 
 def test_presence_per_subscribed_channel(gw):
@@ -278,7 +284,9 @@ def test_presence_false_spares_a_listener_s_json_clients_every_peer_list_and_eve
         chatty = gw.connect("lines")
         assert {"peer": "quiet-1", "transport": "tcp"} in events(chatty)[0]["peers"]
         send(quiet, {"type": "subscribe", "channel": "room.1"})
-        assert events(quiet) == [{"type": "subscribed", "channel": "room.1"}]
+        assert [(e["type"], e["channel"], e["offset"]) for e in events(quiet)] == [
+            ("subscribed", "room.1", 0)
+        ]
         send(chatty, {"type": "subscribe", "channel": "room.1"})
         other = gw.connect("lines")
         other.lines()

@@ -6,6 +6,7 @@ Every problem is reported as one line naming the file and the key, e.g.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -48,9 +49,24 @@ def _channels(root: Table) -> dict[str, ChannelSettings]:
         if not is_pattern(name):
             raise table.error(name, f"expected {PATTERN_RULE}")
         channel = table.table(name)
-        channel.check_keys(("history",))
-        channels[name] = ChannelSettings(history=channel.integer("history", 0, 0, 100_000))
+        channel.check_keys(("history", "history_ttl"))
+        history = channel.integer("history", 0, 0, 100_000)
+        channels[name] = ChannelSettings(history=history, history_ttl=_history_ttl(channel))
+        if channels[name].history_ttl and not history:
+            raise channel.error("history_ttl", "needs history above 0")
     return channels
+
+
+def _history_ttl(channel: Table) -> float:
+    """``history_ttl``: seconds above 0 (absent: no limit, 0.0)."""
+    if "history_ttl" not in channel.data:
+        return 0.0
+    value = channel.data["history_ttl"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise channel.error(
+            "history_ttl", f"expected a number of seconds above 0, got {show(value)}"
+        )
+    return float(value)
 
 
 def _cluster(root: Table) -> ClusterSettings | None:

@@ -40,7 +40,8 @@ class AdminSettings:
 
 @dataclass(frozen=True)
 class ChannelSettings:
-    history: int = 0
+    history: int = 0  # messages kept (and numbered: offsets, epoch); 0: none
+    history_ttl: float = 0.0  # seconds a kept message is kept at most; 0: no limit
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from twisted.logger import Logger
 
 from gateway.core.accounting import Entry
 from gateway.core.channels import has_wildcard, is_pattern
-from gateway.core.history import History
+from gateway.core.history import History, deliver_all, may_replay
 from gateway.core.interfaces import IPeer
 from gateway.core.message import Batch, Origin
 from gateway.core.metrics import Metrics
@@ -80,7 +80,7 @@ class Bus:
         self.max_subscriptions = max_subscriptions
         self.max_channels = max_channels
         self.routes = Routes(max_channels)
-        self.history = History(max_channels=max_channels)
+        self.history = History(max_channels=max_channels, clock=clock)
         self.presence = Presence()
         self._entries: dict[IPeer, Entry] = {}
         self._ids: dict[str, itertools.count[int]] = {}
@@ -342,19 +342,9 @@ class Bus:
         """Send ``peer`` the remembered messages of ``channel`` (default: its own), oldest
         first, if it may receive them; returns how many."""
         name = channel if channel is not None else peer.channel
-        permissions = peer.permissions
-        if permissions is not None and not (
-            permissions.may_subscribe(name) and permissions.may_receive(name)
-        ):
+        if not may_replay(peer, name):
             return 0
-        framer = peer.framer
-        replayed = 0
-        for batch in self.history.replay(name):
-            wire = framer.frame(batch)
-            if wire is not None:
-                peer.deliver(wire)
-                replayed += 1
-        return replayed
+        return deliver_all(peer, self.history.replay(name))
 
     # Counting
 

@@ -1,75 +1,276 @@
-"""Channel history: the last messages of each channel that keeps some, for peers that join.
+"""Channel history: the last messages of each channel that keeps some, numbered.
 
-How many messages a channel keeps comes from a function of its name (the
-config's ``[channels.NAME]`` tables, patterns included), asked once per
-channel and again after a reload (``resize``). A channel that keeps nothing
-costs one dict entry; at most ``max_channels`` channels are remembered, and
-over that the ones keeping nothing are forgotten first (then the oldest).
+How many messages a channel keeps (and for how long: ``history_ttl``) comes
+from functions of its name (the config's ``[channels.NAME]`` tables, patterns
+included), asked once per channel and again after a reload (``resize``). A
+channel that keeps nothing costs one dict entry; at most ``max_channels``
+channels are remembered, and over that the ones keeping nothing are forgotten
+first (then the oldest).
+
+Each channel that keeps history has a ``ChannelLog``: its messages get offsets
+1, 2, 3, ... and the log an **epoch**, a random string made when the log
+starts. An offset names one message only together with its epoch: a log
+starts again, with a new epoch and offsets from 1, whenever the history is
+lost (the process restarts, the channel is forgotten under ``max_channels``,
+a reload sizes it to 0).
+
+Recording runs on every fan-out of such a channel, so it costs one tuple per
+batch, never one per message: a batch is kept as one *run* (first offset,
+sender, payloads, kinds, time), and the batch itself is stamped with its first
+offset and the epoch for the JSON framers (offsets within a batch follow one
+by one). This module is the memory store; a store elsewhere (sqlite, Redis)
+offers the same ``record``/``position``/``since``/``replay``.
 """
 
 from __future__ import annotations
 
+import secrets
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Sequence
 
+from twisted.internet.interfaces import IReactorTime
+
+from gateway.core.interfaces import IPeer
 from gateway.core.message import Batch, Kind, Origin
 
-Entry = tuple[Origin, bytes, Kind | None]
-_UNKNOWN = object()
+Run = tuple[int, Origin, Sequence[bytes], Sequence[Kind] | None, float]
+"""One recorded batch: offset of its first message, sender, payloads, kinds, when."""
 
 
 def _none(channel: str) -> int:
     return 0
 
 
+def _forever(channel: str) -> float:
+    return 0.0
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 12 random URL-safe characters (72 bits: never the same twice)."""
+    return secrets.token_urlsafe(9)
+
+
+class ChannelLog:
+    """The kept messages of one channel, as runs, and its numbering (``last``, ``epoch``)."""
+
+    __slots__ = ("_held", "epoch", "last", "runs", "size", "ttl")
+
+    def __init__(self, size: int, ttl: float, epoch: str) -> None:
+        self.size = size  # at most this many messages are kept
+        self.ttl = ttl  # seconds a message is kept; 0: no limit
+        self.epoch = epoch
+        self.last = 0  # the offset of the last message given one; 0: none yet
+        self.runs: deque[Run] = deque()
+        # Messages in ``runs``: the first run may begin with some no longer kept.
+        self._held = 0
+
+    @property
+    def kept(self) -> int:
+        """How many messages are kept: offsets ``last - kept + 1`` to ``last``."""
+        return min(self._held, self.size)
+
+    def record(self, batch: Batch, now: float) -> None:
+        """Number ``batch`` (stamping it) and keep it, forgetting what no longer fits."""
+        payloads = batch.payloads
+        count = len(payloads)
+        if not count:
+            return
+        first = self.last + 1
+        batch.offset = first
+        batch.epoch = self.epoch
+        self.last += count
+        kinds = batch.kinds
+        size = self.size
+        if count > size:  # only its last ``size`` messages can be kept
+            cut = count - size
+            payloads = payloads[cut:]
+            kinds = kinds[cut:] if kinds is not None else None
+            first += cut
+            count = size
+        runs = self.runs
+        runs.append((first, batch.origin, payloads, kinds, now))
+        held = self._held + count
+        while held - len(runs[0][2]) >= size:
+            held -= len(runs.popleft()[2])
+        self._held = held
+        dead = held - size
+        if dead > 0 and 2 * dead >= len(runs[0][2]):
+            self._drop_dead()
+        if self.ttl:
+            self.expire(now)
+
+    def _drop_dead(self) -> None:
+        """Let go of the first run's messages that are no longer kept (done once half of
+        it is, so that a long run is not copied for every message after it)."""
+        dead = self._held - self.size
+        if dead <= 0:
+            return
+        first, origin, payloads, kinds, at = self.runs[0]
+        kinds = kinds[dead:] if kinds is not None else None
+        self.runs[0] = (first + dead, origin, payloads[dead:], kinds, at)
+        self._held = self.size
+
+    def expire(self, now: float) -> None:
+        """Forget the messages ``ttl`` seconds old or older (a run's messages share a time)."""
+        runs = self.runs
+        limit = now - self.ttl
+        while runs and runs[0][4] <= limit:
+            self._held -= len(runs.popleft()[2])
+
+    def resize(self, size: int, ttl: float) -> None:
+        """New settings (a reload): what still fits is kept, with its offsets and epoch."""
+        self._drop_dead()
+        self.size = size
+        self.ttl = ttl
+        runs = self.runs
+        while runs and self._held - len(runs[0][2]) >= size:
+            self._held -= len(runs.popleft()[2])
+        self._drop_dead()
+
+    def after(self, offset: int, channel: str, recovered: bool) -> list[Batch]:
+        """The kept messages after ``offset``, oldest first, as batches (one per run):
+        marked ``recovered``, or else ``history`` (a plain replay)."""
+        start = max(offset + 1, self.last - self.kept + 1)
+        pieces = []
+        for first, origin, payloads, kinds, _ in reversed(self.runs):
+            if first + len(payloads) <= start:
+                break
+            skip = max(0, start - first)
+            pieces.append(
+                Batch(
+                    origin,
+                    channel,
+                    payloads[skip:] if skip else payloads,
+                    kinds[skip:] if skip and kinds is not None else kinds,
+                    history=not recovered,
+                    offset=first + skip,
+                    epoch=self.epoch,
+                    recovered=recovered,
+                )
+            )
+        pieces.reverse()
+        return pieces
+
+
+_UNKNOWN = ChannelLog(0, 0.0, "")  # not asked about yet (None: keeps no history)
+
+
 class History:
-    """Bounded per-channel deques of ``(origin, payload, kind)``."""
+    """The ``ChannelLog`` of every channel that keeps history (the memory store)."""
 
-    def __init__(self, size_of: Callable[[str], int] = _none, max_channels: int = 100_000) -> None:
+    def __init__(
+        self,
+        size_of: Callable[[str], int] = _none,
+        max_channels: int = 100_000,
+        ttl_of: Callable[[str], float] = _forever,
+        clock: IReactorTime | None = None,
+        epochs: Callable[[], str] = new_epoch,
+    ) -> None:
         self.size_of = size_of
+        self.ttl_of = ttl_of
         self.max_channels = max_channels
-        self._kept: dict[str, deque[Entry] | None] = {}
+        self.clock = clock  # for ``history_ttl``; without one, messages never expire
+        self.epochs = epochs
+        self._kept: dict[str, ChannelLog | None] = {}
 
-    def of(self, channel: str) -> deque[Entry] | None:
-        """The deque of ``channel``, or None when it keeps no history."""
-        kept = self._kept.get(channel, _UNKNOWN)
-        if kept is _UNKNOWN:
-            size = self.size_of(channel)
-            kept = deque(maxlen=size) if size > 0 else None
+    def _now(self) -> float:
+        return self.clock.seconds() if self.clock is not None else 0.0
+
+    def _start(self, channel: str) -> ChannelLog | None:
+        size = self.size_of(channel)
+        return ChannelLog(size, self.ttl_of(channel), self.epochs()) if size > 0 else None
+
+    def of(self, channel: str) -> ChannelLog | None:
+        """The log of ``channel``, or None when it keeps no history."""
+        log = self._kept.get(channel, _UNKNOWN)
+        if log is _UNKNOWN:
+            log = self._start(channel)
             if len(self._kept) >= self.max_channels:
                 self._make_room()
-            self._kept[channel] = kept
-        return kept  # type: ignore[return-value]
+            self._kept[channel] = log
+        return log
 
     def _make_room(self) -> None:
-        empty = [name for name, kept in self._kept.items() if kept is None]
+        empty = [name for name, log in self._kept.items() if log is None]
         for name in empty:
             del self._kept[name]
         if len(self._kept) >= self.max_channels:
             del self._kept[next(iter(self._kept))]
 
+    def _fresh(self, channel: str) -> ChannelLog | None:
+        """The log of ``channel`` with what ``history_ttl`` forgets forgotten."""
+        log = self.of(channel)
+        if log is not None and log.ttl:
+            log.expire(self._now())
+        return log
+
     def record(self, batch: Batch) -> None:
-        """Remember ``batch`` if its channel keeps history."""
-        kept = self.of(batch.channel)
-        if kept is not None:
-            kinds = batch.kinds or (None,) * len(batch.payloads)
-            kept.extend(zip((batch.origin,) * len(kinds), batch.payloads, kinds, strict=True))
+        """Number and remember ``batch`` if its channel keeps history."""
+        log = self._kept.get(batch.channel, _UNKNOWN)
+        if log is _UNKNOWN:
+            log = self.of(batch.channel)
+        if log is not None:
+            log.record(batch, self._now())
 
-    def replay(self, channel: str) -> Iterator[Batch]:
-        """The kept messages of ``channel``, oldest first, one batch each (``history=True``)."""
-        kept = self.of(channel)
-        for origin, payload, kind in tuple(kept or ()):
-            yield Batch(
-                origin, channel, (payload,), None if kind is None else (kind,), history=True
-            )
+    def position(self, channel: str) -> tuple[int, str] | None:
+        """``(offset of the last message, epoch)`` of a channel name, or None when it
+        keeps no history."""
+        log = self.of(channel)
+        return None if log is None else (log.last, log.epoch)
 
-    def resize(self, size_of: Callable[[str], int] | None = None) -> None:
-        """Sizes changed (a reload): keep what still fits, drop what keeps nothing now."""
+    def replay(self, channel: str) -> list[Batch]:
+        """The kept messages of ``channel``, oldest first, marked ``history``."""
+        log = self._fresh(channel)
+        return [] if log is None else log.after(0, channel, recovered=False)
+
+    def since(self, channel: str, offset: int, epoch: str) -> list[Batch] | None:
+        """Every message of ``channel`` after ``offset`` of ``epoch``, marked
+        ``recovered`` (none when ``offset`` is the last), or None when that cannot be
+        told: another epoch, an offset never given, or messages after it forgotten."""
+        log = self._fresh(channel)
+        if log is None or epoch != log.epoch or offset > log.last:
+            return None
+        if offset < log.last - log.kept:
+            return None  # a gap: some messages after ``offset`` are no longer kept
+        return log.after(offset, channel, recovered=True)
+
+    def resize(
+        self,
+        size_of: Callable[[str], int] | None = None,
+        ttl_of: Callable[[str], float] | None = None,
+    ) -> None:
+        """Settings changed (a reload): keep what still fits; a channel that keeps
+        nothing now loses its history (and will start a new epoch)."""
         if size_of is not None:
             self.size_of = size_of
-        for channel, kept in list(self._kept.items()):
+        if ttl_of is not None:
+            self.ttl_of = ttl_of
+        for channel, log in list(self._kept.items()):
             size = self.size_of(channel)
             if size <= 0:
                 self._kept[channel] = None
-            elif kept is None or kept.maxlen != size:
-                self._kept[channel] = deque(kept or (), maxlen=size)
+            elif log is None:
+                self._kept[channel] = self._start(channel)
+            else:
+                log.resize(size, self.ttl_of(channel))
+
+
+def may_replay(peer: IPeer, channel: str) -> bool:
+    """Whether ``peer`` may be sent the history of ``channel``: it may subscribe to it
+    and receive it."""
+    permissions = peer.permissions
+    return permissions is None or (
+        permissions.may_subscribe(channel) and permissions.may_receive(channel)
+    )
+
+
+def deliver_all(peer: IPeer, batches: Iterable[Batch]) -> int:
+    """Frame each batch for ``peer`` and deliver it; returns how many messages went."""
+    framer = peer.framer
+    sent = 0
+    for batch in batches:
+        wire = framer.frame(batch)
+        if wire is not None:
+            peer.deliver(wire)
+            sent += len(batch)
+    return sent

@@ -49,9 +49,25 @@ class Batch:
     kind is defined by their content (see ``Kind.of``) and only worked out by
     the framers that need it. ``lines`` optionally holds the payloads already
     joined as newline-terminated lines, which line framers send unchanged.
+
+    On a channel that keeps history, ``offset`` is the offset of the first
+    message (the others follow one by one) and ``epoch`` the channel's epoch
+    (``gateway.core.history``); otherwise they are 0 and None. The bus stamps
+    them; nothing else changes a batch once published (history keeps its
+    payloads as they are).
     """
 
-    __slots__ = ("channel", "history", "kinds", "lines", "origin", "payloads")
+    __slots__ = (
+        "channel",
+        "epoch",
+        "history",
+        "kinds",
+        "lines",
+        "offset",
+        "origin",
+        "payloads",
+        "recovered",
+    )
 
     def __init__(
         self,
@@ -61,6 +77,9 @@ class Batch:
         kinds: Sequence[Kind] | None = None,
         lines: bytes | None = None,
         history: bool = False,
+        offset: int = 0,
+        epoch: str | None = None,
+        recovered: bool = False,
     ) -> None:
         self.origin = origin
         self.channel = channel
@@ -69,6 +88,11 @@ class Batch:
         self.lines = lines
         # True for messages replayed from a channel's history to a peer that joined.
         self.history = history
+        # Numbered by the channel's history: the first message's offset, and the epoch.
+        self.offset = offset
+        self.epoch = epoch
+        # True for messages a JSON client missed and asked for (``since``): recovered.
+        self.recovered = recovered
 
     def __len__(self) -> int:
         return len(self.payloads)

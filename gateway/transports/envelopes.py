@@ -16,12 +16,12 @@ import json
 import re
 from typing import Any
 
-from gateway.core.channels import is_name
+from gateway.core.channels import has_wildcard, is_name
 from gateway.core.message import Batch, Kind
 
 REQUESTS = ("subscribe", "unsubscribe", "message")
 ERROR_CODES = {
-    "bad_request": "the request is malformed (wrong type of a field, a message without text or base64)",
+    "bad_request": "the request is malformed (wrong type of a field, a message without text or base64, a bad since)",
     "bad_channel": "the channel is missing, not a name (or pattern, to subscribe), or a pattern to publish to",
     "too_many_subscriptions": "the peer has max_subscriptions subscriptions already",
     "too_many_channels": "the gateway has max_channels names and patterns in use already",
@@ -41,6 +41,8 @@ def event(fields: dict[str, Any]) -> bytes:
 
 def message_envelopes(batch: Batch) -> list[bytes]:
     """One ``message`` event per message of ``batch``, as UTF-8 JSON bytes."""
+    if batch.epoch is not None:
+        return _numbered_envelopes(batch, batch.epoch)
     verbatim = verbatim_envelopes(batch)
     if verbatim is not None:
         head, tail = verbatim
@@ -53,6 +55,24 @@ def message_envelopes(batch: Batch) -> list[bytes]:
     ]
 
 
+def _numbered_envelopes(batch: Batch, epoch: str) -> list[bytes]:
+    """The ``message`` events of a batch of a channel that keeps history: each with its
+    ``offset`` (the batch's first, then one more per message) and the ``epoch``."""
+    offsets = range(batch.offset, batch.offset + len(batch.payloads))
+    head = _message_head(batch) + ',"offset":'
+    tail = ',"epoch":' + compact(epoch)
+    if _verbatim(batch):
+        # One formatting per message; a literal % of the head (a user name) doubled.
+        template = head.replace("%", "%%") + "%d" + tail.replace("%", "%%") + ',"text":"%b"}'
+        encoded = template.encode("utf-8")
+        return [encoded % pair for pair in zip(offsets, batch.payloads, strict=True)]
+    kinds = batch.kinds if batch.kinds is not None else (None,) * len(batch.payloads)
+    return [
+        (head + str(offset) + tail + _payload_field(payload, kind) + "}").encode("utf-8")
+        for offset, payload, kind in zip(offsets, batch.payloads, kinds, strict=True)
+    ]
+
+
 _ESCAPED = bytes(range(0x20)) + b'"\\'
 """The bytes a JSON string escapes (``ensure_ascii=False``): all else goes in as it is."""
 
@@ -62,23 +82,31 @@ def verbatim_envelopes(batch: Batch) -> tuple[bytes, bytes] | None:
     each payload of ``batch`` (what ``message_envelopes`` makes), or None.
 
     The common case: text that JSON takes as it is (valid UTF-8 with nothing to
-    escape). Then a framer joins a whole batch in one call instead of encoding
-    each message.
+    escape), on a channel that keeps no history (whose messages each have an
+    offset of their own). Then a framer joins a whole batch in one call instead
+    of encoding each message.
     """
+    if batch.epoch is not None or not _verbatim(batch):
+        return None
+    return (_message_head(batch) + ',"text":"').encode("utf-8"), b'"}'
+
+
+def _verbatim(batch: Batch) -> bool:
+    """Whether every payload of ``batch`` is text that JSON takes as it is."""
     kinds = batch.kinds
     if kinds is not None and Kind.BINARY in kinds:
-        return None
+        return False
     payloads = batch.payloads
     # An ASCII byte between payloads: then valid UTF-8 as a whole means each is.
     body = payloads[0] if len(payloads) == 1 else b" ".join(payloads)
     if len(body.translate(None, _ESCAPED)) != len(body):  # C speed, unlike a regex search
-        return None
+        return False
     if not body.isascii():
         try:
             body.decode("utf-8")
         except UnicodeDecodeError:
-            return None
-    return (_message_head(batch) + ',"text":"').encode("utf-8"), b'"}'
+            return False
+    return True
 
 
 def _message_head(batch: Batch) -> str:
@@ -98,6 +126,8 @@ def _message_head(batch: Batch) -> str:
         head += ',"user":' + compact(origin.user)
     if batch.history:
         head += ',"history":true'
+    if batch.recovered:
+        head += ',"recovered":true'
     return head
 
 
@@ -172,7 +202,7 @@ def _utf8(data: bytes) -> bool:
 class Request:
     """A client request: ``type`` is one of ``REQUESTS``."""
 
-    __slots__ = ("channel", "fields", "kind", "payload", "type")
+    __slots__ = ("channel", "fields", "kind", "payload", "since", "type")
 
     def __init__(self, fields: dict[str, Any]) -> None:
         self.fields = fields
@@ -180,6 +210,8 @@ class Request:
         self.channel: str | None = None
         self.payload = b""
         self.kind = Kind.TEXT
+        # A subscribe's ``since``: (offset, epoch) of the last message the client had.
+        self.since: tuple[int, str] | None = None
 
     def answer(self, **fields: Any) -> dict[str, Any]:
         """An answer event, carrying the request's ``id`` when it had one."""
@@ -224,7 +256,24 @@ def parse_request(data: bytes) -> Request | None:
             raise RequestError(request, "bad_channel", f"cannot publish to {channel!r}")
     elif channel is None:
         raise RequestError(request, "bad_channel", f'{request.type} needs a "channel"')
+    elif request.type == "subscribe" and "since" in fields:
+        request.since = _since(request, channel)
     return request
+
+
+def _since(request: Request, channel: str) -> tuple[int, str]:
+    """A subscribe's ``"since":{"offset":17,"epoch":"..."}``: where the client left off."""
+    since = request.fields["since"]
+    if not isinstance(since, dict):
+        raise RequestError(request, "bad_request", '"since" must be an object')
+    offset, epoch = since.get("offset"), since.get("epoch")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise RequestError(request, "bad_request", '"since" needs "offset": an integer >= 0')
+    if not isinstance(epoch, str):
+        raise RequestError(request, "bad_request", '"since" needs "epoch": a string')
+    if has_wildcard(channel):
+        raise RequestError(request, "bad_request", '"since" needs a channel name, not a pattern')
+    return offset, epoch
 
 
 def _payload(request: Request) -> None:

@@ -54,6 +54,7 @@ class StreamPeer:
     _own_permissions: Permissions | None = None
     _extra = ""  # what the "connected" line adds, e.g. ", json"
     _expiry: IDelayedCall | None = None  # a JWT session's end
+    _since: tuple[int, str] | None = None  # a JSON client's place on its channel (a ws URL's)
 
     def _init_peer(self, runtime: ListenerRuntime, transport_name: str) -> None:
         self.runtime = runtime
@@ -77,6 +78,10 @@ class StreamPeer:
     def address(self) -> str:
         """The remote address (worked out when asked: idle peers stay small)."""
         return describe(self.transport.getPeer()) if self.transport is not None else ""
+
+    def _host(self) -> str | None:
+        """The remote IP address (None for a transport without one, such as a unix socket)."""
+        return getattr(self.transport.getPeer(), "host", None)
 
     @property
     def pending_bytes(self) -> int:
@@ -165,7 +170,6 @@ class StreamPeer:
         )
         count = self.runtime.attach(self, extra=self._extra)  # type: ignore[arg-type]
         self._greet(count)
-        self.bus.replay_history(self)  # type: ignore[arg-type]
 
     # Sign in (``gateway.transports.signin``)
 
@@ -226,7 +230,7 @@ class StreamPeer:
             and new.user == current.user
             and "jwt" in self.runtime.config.auth
         )
-        self.runtime.signed_in(self, attempt.method, "ok" if ok else "failed")
+        self.runtime.signed_in(self._host(), attempt.method, "ok" if ok else "failed")
         if not ok or new is None:
             reason = "only a JWT for the same user extends a JWT session"
             self._session.send({"type": "error", "code": "auth_failed", "reason": reason})
@@ -260,7 +264,7 @@ class StreamPeer:
             self._signin.expired()
 
     def _sign_in_outcome(self, method: str, result: str) -> None:
-        self.runtime.signed_in(self, method, result)
+        self.runtime.signed_in(self._host(), method, result)
 
     def _stop_signing_in(self) -> None:
         if self._signin is not None:
@@ -271,14 +275,15 @@ class StreamPeer:
         self._expiry = None
 
     def _greet(self, count: int) -> None:
-        """The welcome of a peer that just joined: JSON clients' ``welcome`` event, or
-        the listener's ``welcome`` text, framed as a message for the peer's transport."""
+        """The welcome of a peer that just joined, then its channel's history (JSON clients:
+        ``welcome``, and what they missed after ``_since``; else the ``welcome`` text)."""
         if self._session is not None:
-            self._session.welcome(count)
+            self._session.join(count, self._since)
             return
         text = self.runtime.welcome_text(count, self.origin)
         if text is not None:
             tell(self, text, self.channel)
+        self.bus.replay_history(self)  # type: ignore[arg-type]
 
     # JSON clients
 

@@ -50,7 +50,7 @@ class JsonLineFramer:
     def frame(self, batch: Batch) -> bytes:
         verbatim = verbatim_envelopes(batch)
         if verbatim is None:
-            return b"".join(envelope + b"\n" for envelope in message_envelopes(batch))
+            return b"\n".join(message_envelopes(batch)) + b"\n"
         head, tail = verbatim  # the whole batch in one join
         tail += b"\n"
         return head + (tail + head).join(batch.payloads) + tail

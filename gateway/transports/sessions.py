@@ -18,10 +18,11 @@ from twisted.logger import Logger
 
 from gateway.core.bus import Bus, SubscriptionError
 from gateway.core.channels import has_wildcard
+from gateway.core.history import deliver_all, may_replay
 from gateway.core.interfaces import IFramer, IPeer
-from gateway.core.message import Kind
+from gateway.core.message import Batch, Kind
 from gateway.core.presence import RemotePeer
-from gateway.transports.envelopes import RequestError, parse_request, plain_message
+from gateway.transports.envelopes import Request, RequestError, parse_request, plain_message
 from gateway.transports.signin import Attempt, parse_attempt
 
 MAX_WELCOME_PEERS = 1000
@@ -129,7 +130,19 @@ class JsonSession:
         # A later ``auth`` request (extending a JWT session); None: signing in is not for here.
         self.on_auth: Callable[[Attempt], None] | None = None
 
-    def welcome(self, count: int) -> None:
+    def join(self, count: int, since: tuple[int, str] | None = None) -> None:
+        """The welcome, then the peer's channel's history: its last messages, or with
+        ``since`` (the offset and epoch a WebSocket URL gave) the messages after it,
+        recovered, when they are all kept (the welcome says whether they are)."""
+        peer = self.peer
+        missed = None if since is None else self._missed(peer.channel, since)
+        self.welcome(count, None if since is None else missed is not None)
+        if missed is None:
+            self.bus.replay_history(peer)
+        else:
+            deliver_all(peer, missed)
+
+    def welcome(self, count: int, recovered: bool | None = None) -> None:
         """Send the ``welcome`` event, and start hearing about the peer's channel (unless
         its permissions kept it from subscribing to it: then it hears of nobody there)."""
         peer = self.peer
@@ -138,10 +151,14 @@ class JsonSession:
             fields["user"] = peer.origin.user
         fields["count"] = count
         fields["channel"] = peer.channel
+        joined = peer.channel in self.bus.subscriptions(peer)
+        if joined:
+            fields.update(self._position(peer.channel))
+        if recovered is not None:
+            fields["recovered"] = recovered
         if not self.presence:
             self.send({**fields, "presence": False})
             return
-        joined = peer.channel in self.bus.subscriptions(peer)
         peers = self.bus.peers(peer.channel) if joined else []
         fields["peers"] = [
             {"peer": other.origin.peer_id, "transport": other.origin.transport}
@@ -196,9 +213,14 @@ class JsonSession:
         except SubscriptionError as e:
             self.send(request.answer(type="error", code=e.code, reason=e.reason))
             return None
-        if request.type == "subscribe":
-            self.send(request.answer(type="subscribed", channel=pattern))
-            if new and not has_wildcard(pattern):
+        if request.since is not None:
+            self._recover(request, pattern, request.since, new)
+        elif request.type == "subscribe":
+            if has_wildcard(pattern):
+                self.send(request.answer(type="subscribed", channel=pattern))
+                return None
+            self.send(request.answer(type="subscribed", channel=pattern, **self._position(pattern)))
+            if new:
                 if self.presence:
                     self.relays.add(peer, pattern)
                 self.bus.replay_history(peer, pattern)
@@ -206,6 +228,36 @@ class JsonSession:
             self.relays.discard(peer, pattern)
             self.send(request.answer(type="unsubscribed", channel=pattern))
         return None
+
+    def _recover(self, request: Request, channel: str, since: tuple[int, str], new: bool) -> None:
+        """A subscribe with ``since``: the messages after it (each ``recovered``), then
+        ``subscribed`` with ``"recovered":true``; or, when they are not all kept,
+        ``"recovered":false`` and the last messages as a plain replay."""
+        peer = self.peer
+        missed = self._missed(channel, since)
+        if missed is not None:
+            deliver_all(peer, missed)
+        position = self._position(channel)
+        recovered = missed is not None
+        self.send(
+            request.answer(type="subscribed", channel=channel, recovered=recovered, **position)
+        )
+        if new and self.presence:
+            self.relays.add(peer, channel)
+        if missed is None:
+            self.bus.replay_history(peer, channel)
+
+    def _missed(self, channel: str, since: tuple[int, str]) -> list[Batch] | None:
+        """What the peer missed on ``channel`` after ``since``, or None when that cannot
+        be told (or it may not have it)."""
+        if not may_replay(self.peer, channel):
+            return None
+        return self.bus.history.since(channel, *since)
+
+    def _position(self, channel: str) -> dict[str, Any]:
+        """``offset`` (the last given) and ``epoch`` of a channel name that keeps history."""
+        position = self.bus.history.position(channel)
+        return {} if position is None else {"offset": position[0], "epoch": position[1]}
 
     def forbidden(self, action: str, channel: str) -> None:
         """Tell the client it was refused ``action`` on ``channel`` (see ``IPeer.forbidden``)."""

@@ -144,6 +144,17 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
             rounds,
         ),
         Scenario(
+            "hist",
+            "History: tcp100 on a channel that keeps `history = 1000` (memory store), flood",
+            {
+                "gateway": ["--sub", f"tcp://127.0.0.1:{ports.gw_hist}", "-n", "100", *flood],
+                REFERENCE: tcp100,
+            },
+            rounds,
+            # A subscriber of a later round would first get the last round's 1,000 messages.
+            fresh=True,
+        ),
+        Scenario(
             "tcp1000",
             f"TCP fan-out: 1 publisher, {many} TCP subscribers, flood",
             {

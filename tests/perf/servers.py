@@ -87,6 +87,7 @@ class Ports:
         self.gw_tcp = free_port()
         self.gw_json = free_port()
         self.gw_u32 = free_port()
+        self.gw_hist = free_port()
         self.gw_tls = free_port()
         self.gw_udp = free_port(socket.SOCK_DGRAM)
         self.gw_ws = free_port()
@@ -108,6 +109,9 @@ name = "bench"
 [limits]
 max_connections = 30000
 
+[channels.hist]
+history = 1000
+
 [[listeners]]
 name = "tcp"
 type = "tcp"
@@ -124,6 +128,12 @@ name = "u32"
 type = "tcp"
 port = {ports.gw_u32}
 framing = "u32"
+
+[[listeners]]
+name = "hist"
+type = "tcp"
+port = {ports.gw_hist}
+channel = "hist"
 
 [[listeners]]
 name = "tls"

@@ -119,13 +119,14 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
     def _accept(self, request: ConnectionRequest, identity: Identity | None) -> str | None:
         if identity is not None:
             if identity is NOBODY:
-                self.runtime.signed_in(self, "header", "failed")
+                self.runtime.signed_in(self._host(), "header", "failed")
                 self.bus.metrics.disconnect("auth_failed")
                 raise ConnectionDeny(401, "authentication failed")
-            self.runtime.signed_in(self, identity.method, "ok")
+            self.runtime.signed_in(self._host(), identity.method, "ok")
             self._become(identity)
         self._start_channel(request.path)
         if JSON_SUBPROTOCOL in request.protocols:
+            self._since = self._start_since(request.params)
             self._json = True
             self._speak_json(JSON_FRAMER)
             return JSON_SUBPROTOCOL
@@ -146,6 +147,17 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
             self.bus.metrics.disconnect("forbidden")
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "not allowed to subscribe to it")
         self.channel = name
+
+    def _start_since(self, params: dict[str, list[str]]) -> tuple[int, str] | None:
+        """``?since=17&epoch=E``: a JSON client resumes its starting channel after offset 17
+        of epoch E (``gateway.core.history``); raw clients' queries are ignored."""
+        if "since" not in params and "epoch" not in params:
+            return None
+        offset, epoch = params.get("since", [""])[0], params.get("epoch", [])
+        if not (offset.isascii() and offset.isdigit() and len(offset) <= 20 and epoch):
+            self.bus.metrics.disconnect("bad_request")
+            raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, "since needs an offset and an epoch")
+        return int(offset), epoch[0]
 
     def onOpen(self) -> None:
         transport: Any = self.transport
