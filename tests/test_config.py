@@ -116,7 +116,7 @@ ERRORS = [
     ),
     (
         BASE_TCP.replace('type = "tcp"', 'type = "sctp"'),
-        'c.toml: listeners[0].type: expected one of tcp, tls, ws, wss, udp, got "sctp"',
+        'c.toml: listeners[0].type: expected one of tcp, tls, ws, wss, udp, dtls, got "sctp"',
     ),
     (BASE_TCP.replace('name = "tcp"\n', ""), "c.toml: listeners[0].name: missing (required)"),
     (BASE_TCP.replace("port = 8006\n", ""), "c.toml: listeners[0].port: missing (required)"),

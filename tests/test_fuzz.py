@@ -43,13 +43,13 @@ from gateway.config.listeners import MAX_UDP_PAYLOAD
 from gateway.core.bus import Bus
 from gateway.core.interfaces import IFramer, IPeer
 from gateway.core.message import Batch, Kind, Origin
+from gateway.dtls.cookies import COOKIE_WINDOW
 from gateway.flow.connection import Governor
 from gateway.transports.datagram.server import DatagramServer
 from gateway.transports.datagram.wire import (
     CHALLENGE,
     CHALLENGE_SIZE,
     CONTROL_PREFIX,
-    COOKIE_WINDOW,
     HELLO,
     hello,
     response,

@@ -361,12 +361,13 @@ def test_each_listener_type_has_its_own_keys_and_defaults():
 
     from gateway.config import (
         LISTENER_CLASSES,
+        DtlsListenerConfig,
         TcpListenerConfig,
         UdpListenerConfig,
         WsListenerConfig,
     )
 
-    assert list(LISTENER_CLASSES) == ["tcp", "tls", "ws", "wss", "udp"]
+    assert list(LISTENER_CLASSES) == ["tcp", "tls", "ws", "wss", "udp", "dtls"]
     tcp = TcpListenerConfig(name="t")
     assert (tcp.type, tcp.host, tcp.port, tcp.channel, tcp.welcome, tcp.quit_command) == (
         "tcp",
@@ -382,9 +383,12 @@ def test_each_listener_type_has_its_own_keys_and_defaults():
     assert "ping_interval" not in names["tcp"] and "quit_command" not in names["ws"]
     assert "tls" in names["tls"] and "tls" in names["wss"] and "tls" not in names["ws"]
     assert "welcome" not in names["udp"] and "endpoint" not in names["udp"]
+    assert "challenge" not in LISTENER_CLASSES["dtls"].KEYS  # the cookie exchange, always on
+    assert DtlsListenerConfig(name="d", tls=None).challenge  # type: ignore[arg-type]
     for kind, cls in LISTENER_CLASSES.items():
         keys = set(cls.KEYS) - {"type", "cert", "key", "client_ca", "min_tls", "generate_dev_cert"}
-        assert keys == names[kind] - {"tls"}, kind
+        inherited = {"challenge"} if kind == "dtls" else set()
+        assert keys == names[kind] - {"tls"} - inherited, kind
 
 
 def test_memory_gateway_finds_listeners_by_type_and_connects_websockets():

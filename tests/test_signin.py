@@ -240,7 +240,7 @@ def test_no_secret_ever_reaches_a_log_line(gw):
     [
         ('auth = ["jwt"]\n', '"jwt" needs \\[auth\\] jwt_algorithms'),
         ('auth = ["magic"]\n', 'expected "password", "token", "jwt" or "cert"'),
-        ('auth = ["cert"]\n', '"cert" needs a tls or wss listener with client_ca'),
+        ('auth = ["cert"]\n', '"cert" needs a tls, wss or dtls listener with client_ca'),
     ],
 )
 def test_listener_auth_errors(extra, message):

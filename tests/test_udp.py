@@ -10,7 +10,8 @@ import pytest
 from gateway.core.bus import Bus
 from gateway.core.message import Batch, Origin
 from gateway.testing import DatagramPort, MemoryGateway
-from gateway.transports.datagram.server import DATAGRAM_FRAMER, DatagramListener, DatagramServer
+from gateway.transports.datagram.framing import DATAGRAM_FRAMER
+from gateway.transports.datagram.server import DatagramListener, DatagramServer
 
 Address = tuple[str, int]
 A, B, C = ("127.0.0.1", 1000), ("127.0.0.1", 2000), ("127.0.0.1", 3000)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from gateway.config.errors import ConfigError
 from gateway.config.listeners import (
     LISTENER_CLASSES,
+    DtlsListenerConfig,
     ListenerConfig,
     StreamListenerConfig,
     TcpListenerConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "ClusterSettings",
     "Config",
     "ConfigError",
+    "DtlsListenerConfig",
     "GatewaySettings",
     "Limits",
     "ListenerConfig",

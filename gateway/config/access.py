@@ -170,7 +170,7 @@ def check_access(
     tls = listener.tls_settings
     if "cert" in methods and (tls is None or tls.client_ca is None):
         raise table.error(
-            "auth", '"cert" needs a tls or wss listener with client_ca (client certificates)'
+            "auth", '"cert" needs a tls, wss or dtls listener with client_ca (client certificates)'
         )
     if role is None and not methods and not listener.local:
         where = (

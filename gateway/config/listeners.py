@@ -210,6 +210,40 @@ class UdpListenerConfig(ListenerConfig):
         }
 
 
+DEFAULT_MTU = 1400
+"""The ciphertext MTU a ``dtls`` listener assumes: an Ethernet path (1500) minus IP and UDP
+headers, with room for tunnels."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DtlsListenerConfig(_Secure, UdpListenerConfig):
+    """``type = "dtls"``: UDP under DTLS 1.2; one record per message, peers by their sessions."""
+
+    type: ClassVar[str] = "dtls"
+    KEYS: ClassVar[tuple[str, ...]] = (
+        *(key for key in UdpListenerConfig.KEYS if key != "challenge"),
+        *(key for key in _TLS_KEYS if key != "min_tls"),
+        "welcome",
+        "mtu",
+    )
+
+    welcome: str = ""
+    mtu: int = DEFAULT_MTU  # the ciphertext MTU: no record (so no message) is ever larger
+    # Not a key here: the DTLS cookie exchange always proves a source receives at its address.
+    challenge: bool = True
+
+    @classmethod
+    def read(cls, table: Table, base: Path) -> dict[str, Any]:
+        udp = UdpListenerConfig.read(table, base)
+        del udp["challenge"]  # the DTLS cookie exchange is the challenge, always on
+        return {
+            **udp,
+            "tls": _tls(table, base),
+            "welcome": _welcome(table),
+            "mtu": table.integer("mtu", DEFAULT_MTU, 576, 65507),
+        }
+
+
 LISTENER_CLASSES: dict[str, type[ListenerConfig]] = {
     cls.type: cls
     for cls in (
@@ -218,6 +252,7 @@ LISTENER_CLASSES: dict[str, type[ListenerConfig]] = {
         WsListenerConfig,
         WssListenerConfig,
         UdpListenerConfig,
+        DtlsListenerConfig,
     )
 }
 LISTENER_TYPES = tuple(LISTENER_CLASSES)

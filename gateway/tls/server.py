@@ -86,6 +86,22 @@ def _select_protocol(
     return select
 
 
+def use_material(context: SSL.Context, material: Material, what: str) -> None:
+    """Give ``context`` the certificate chain and key of ``material``, and name its client
+    CAs to clients (so they can pick a certificate); raises ``TlsFileError`` saying
+    ``what`` OpenSSL refused."""
+    try:
+        context.use_certificate(material.chain[0])
+        for extra in material.chain[1:]:
+            context.add_extra_chain_cert(extra)
+        context.use_privatekey(material.key)
+        context.check_privatekey()
+    except SSL.Error as e:
+        raise TlsFileError("cert", f"{what}: OpenSSL refused it: {e}") from None
+    for ca in material.client_cas or ():
+        context.add_client_ca(ca)
+
+
 def _context(material: Material, settings: TlsSettings, alpn: Sequence[bytes]) -> SSL.Context:
     options = CertificateOptions(
         raiseMinimumTo=MIN_TLS_VERSIONS[settings.min_tls],
@@ -99,17 +115,7 @@ def _context(material: Material, settings: TlsSettings, alpn: Sequence[bytes]) -
     # The certificate and key go straight to the context as cryptography
     # objects: CertificateOptions takes only pyOpenSSL X509/PKey objects,
     # which pyOpenSSL now deprecates.
-    try:
-        context.use_certificate(material.chain[0])
-        for extra in material.chain[1:]:
-            context.add_extra_chain_cert(extra)
-        context.use_privatekey(material.key)
-        context.check_privatekey()
-    except SSL.Error as e:
-        raise TlsFileError("cert", f"{settings.cert}: OpenSSL refused it: {e}") from None
-    for ca in material.client_cas or ():
-        # Tells clients which CAs are accepted, so they can pick a certificate.
-        context.add_client_ca(ca)
+    use_material(context, material, str(settings.cert))
     context.set_options(SSL.OP_NO_RENEGOTIATION)
     context.set_alpn_select_callback(_select_protocol(alpn))
     return context
@@ -150,7 +156,7 @@ class ServerTls:
 
 
 def peer_subject(transport: object) -> str | None:
-    """Who the TLS peer's certificate names: its subject CN, else its first SAN.
+    """Who the TLS peer's certificate names (``certificate_subject``).
 
     None when ``transport`` is not TLS or the peer sent no certificate.
     """
@@ -159,11 +165,15 @@ def peer_subject(transport: object) -> str | None:
         return None
     peer = tls.getPeerCertificate()
     if isinstance(peer, X509):
-        cert = peer.to_cryptography()
-    elif isinstance(peer, x509.Certificate):
-        cert = peer
-    else:
-        return None
+        return certificate_subject(peer.to_cryptography())
+    if isinstance(peer, x509.Certificate):
+        return certificate_subject(peer)
+    return None
+
+
+def certificate_subject(cert: x509.Certificate) -> str | None:
+    """The subject CN of a client certificate, else its first subject alternative name,
+    else None: what a peer id shows after its listener's name (``tls-3:alice``)."""
     for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         value = attribute.value
         return value if isinstance(value, str) else value.decode("utf-8", "replace")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
@@ -24,10 +24,22 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway.config.listeners import LISTEN_BACKLOG, ListenerConfig, StreamListenerConfig
 from gateway.config.settings import Limits
-from gateway.tls.files import TlsFileError
+from gateway.tls.files import TlsFileError, TlsSettings
 from gateway.tls.server import ServerTls
 from gateway.transports.address import host_port
 from gateway.transports.runtime import ListenerRuntime
+
+
+class ReloadableTls(Protocol):
+    """A listener's certificate material that a reload re-reads (``ServerTls``, and the
+    DTLS listener's)."""
+
+    settings: TlsSettings
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    def reload(self) -> None: ...
 
 
 class ListenError(Exception):
@@ -50,7 +62,7 @@ class ListenerService(Service):
         self.name = runtime.config.name
         self.port: IListeningPort | None = None
         self.where = ""
-        self.server_tls: ServerTls | None = None
+        self.server_tls: ReloadableTls | None = None
         # What the port serves each connection with (under TLS, the TLS factory).
         self.factory: Any = None
         # Set by a worker process: listen on a port the other workers share.
@@ -77,11 +89,12 @@ class ListenerService(Service):
         tls = config.tls_settings
         if tls is not None:
             try:
-                self.server_tls = ServerTls(tls)
+                server_tls = ServerTls(tls)
             except TlsFileError as e:
                 raise ListenError(f'listener "{config.name}": {e.key}: {e.problem}') from e
+            self.server_tls = server_tls
             # Outside the site, never between TLS and the site (Autobahn needs that).
-            factory = TLSMemoryBIOFactory(self.server_tls, False, factory, reactor)
+            factory = TLSMemoryBIOFactory(server_tls, False, factory, reactor)
             factory.noisy = False
         self.factory = factory
         if self.reuse_port:

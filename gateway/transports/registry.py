@@ -8,6 +8,7 @@ from typing import Any
 from gateway.config.listeners import ListenerConfig
 from gateway.config.settings import Limits
 from gateway.transports import tcp
+from gateway.transports.datagram import secure as dtls
 from gateway.transports.datagram import server as datagram
 from gateway.transports.listening import ListenerService
 from gateway.transports.runtime import GatewayContext
@@ -20,6 +21,7 @@ BUILDERS: Mapping[str, Builder] = {
     "tcp": tcp.build,
     "tls": tcp.build,
     "udp": datagram.build,
+    "dtls": dtls.build,
     "ws": websocket.build,
     "wss": websocket.build,
 }

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from gateway.auth.identities import Authenticator, Identity
 from gateway.auth.lockout import Lockout
 from gateway.auth.roles import Access
-from gateway.config.listeners import ListenerConfig, StreamListenerConfig
+from gateway.config.listeners import ListenerConfig
 from gateway.config.settings import Limits
 from gateway.core.bus import Bus
 from gateway.core.interfaces import IFramer, IPeer
@@ -140,12 +140,11 @@ class ListenerRuntime:
             if identity is not None:
                 peer.reauthorize(authenticator.still_valid(identity))
 
-    def signed_in(self, peer: Any, method: str, result: str) -> None:
-        """Count a sign-in's outcome; a failure also counts against the peer's address."""
+    def signed_in(self, host: str | None, method: str, result: str) -> None:
+        """Count a sign-in's outcome; a failure also counts against the peer's ``host``."""
         self.bus.metrics.auth(self.config.name, method, result)
         if result == "ok":
             return
-        host = getattr(peer.transport.getPeer(), "host", None)
         if host and self.context.lockout.failed(host):
             self.context.governor.warnings.emit(
                 "auth_lockout",
@@ -170,10 +169,10 @@ class ListenerRuntime:
 
     def welcome_text(self, count: int, origin: Origin) -> bytes | None:
         """The listener's ``welcome`` for a peer that just joined, or None without one."""
-        config = self.config
-        if not isinstance(config, StreamListenerConfig) or not config.welcome:
+        welcome: str = getattr(self.config, "welcome", "")  # stream and dtls listeners
+        if not welcome:
             return None
-        text = config.welcome.format(
+        text = welcome.format(
             count=count,
             peer=origin.peer_id,
             name=self.context.gateway_name,

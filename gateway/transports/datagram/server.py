@@ -22,9 +22,6 @@ docs/protocol.md for the exact format.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import os
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
@@ -38,26 +35,23 @@ from gateway.auth.roles import Permissions
 from gateway.config.listeners import MAX_UDP_PAYLOAD, UdpListenerConfig
 from gateway.config.settings import Limits
 from gateway.core.interfaces import IFramer, IPeer
-from gateway.core.message import Batch
+from gateway.core.message import Batch, Origin
+from gateway.dtls.cookies import Cookies
 from gateway.flow.caps import TokenBucket
 from gateway.flow.ratelog import RateLimitedLog
 from gateway.transports.address import host_port
+from gateway.transports.datagram.framing import DATAGRAM_FRAMER, JSON_DATAGRAM_FRAMER, Datagrams
 from gateway.transports.datagram.wire import (
     CHALLENGE_SIZE,
     CONTROL_PREFIX,
-    COOKIE_BYTES,
-    COOKIE_WINDOW,
     challenge,
-    is_control,
     parse_control,
 )
-from gateway.transports.envelopes import event, message_envelopes
 from gateway.transports.listening import ListenerService, listen_shared_datagram
-from gateway.transports.runtime import GatewayContext, ListenerRuntime
+from gateway.transports.runtime import GatewayContext, ListenerRuntime, tell
 from gateway.transports.sessions import JsonSession
 
 Address = tuple[str, int]
-Datagrams = tuple[list[bytes], int, int]
 """The datagrams to send, and how many messages were too large or reserved to send."""
 IPAddress = IPv4Address | IPv6Address
 
@@ -76,51 +70,6 @@ def is_loopback(network: IPv4Network | IPv6Network) -> bool:
     return any(network.subnet_of(loopback) for loopback in _LOOPBACK_V6)
 
 
-@implementer(IFramer)
-class DatagramFramer:
-    """One datagram per payload, minus those too large or reserved (counted)."""
-
-    name = "datagram"
-
-    def frame(self, batch: Batch) -> Datagrams | None:
-        datagrams = [payload + b"\n" for payload in batch.payloads]
-        if max(map(len, datagrams)) <= MAX_UDP_PAYLOAD and not any(map(is_control, datagrams)):
-            return datagrams, 0, 0
-        # A message that looked like a control datagram would confuse UDP clients.
-        fitting = [d for d in datagrams if len(d) <= MAX_UDP_PAYLOAD]
-        too_large = len(datagrams) - len(fitting)
-        allowed = [d for d in fitting if not is_control(d)]
-        return allowed, too_large, len(fitting) - len(allowed)
-
-    def count(self, wire: Datagrams) -> int:
-        return len(wire[0])
-
-
-DATAGRAM_FRAMER = DatagramFramer()
-
-
-def _fitting(datagrams: list[bytes]) -> Datagrams:
-    fitting = [d for d in datagrams if len(d) <= MAX_UDP_PAYLOAD]
-    return fitting, len(datagrams) - len(fitting), 0
-
-
-@implementer(IFramer)
-class JsonDatagramFramer:
-    """Each message as a JSON envelope in a datagram of its own (``format = "json"``)."""
-
-    name = "datagram-json"
-
-    def frame(self, batch: Batch) -> Datagrams:
-        return _fitting([envelope + b"\n" for envelope in message_envelopes(batch)])
-
-    def count(self, wire: Datagrams) -> int:
-        return len(wire[0])
-
-    def event(self, fields: dict[str, Any]) -> Datagrams:
-        return _fitting([event(fields) + b"\n"])
-
-
-JSON_DATAGRAM_FRAMER = JsonDatagramFramer()
 WELCOME_PEERS = 20
 """A JSON welcome over UDP lists at most this many peers: it must fit one datagram."""
 
@@ -130,18 +79,20 @@ class DatagramPeer:
     """A source address that has sent to a UDP listener recently."""
 
     framer: IFramer = DATAGRAM_FRAMER
-    subject = None
+    subject: str | None = None
     pending_bytes = 0  # every datagram goes out at once, or is dropped
     dropped_messages = 0
     refused_at = float("-inf")
     quiet = False
 
-    def __init__(self, server: DatagramServer, address: Address) -> None:
+    def __init__(
+        self, server: DatagramServer, address: Address, origin: Origin | None = None
+    ) -> None:
         self.server = server
         self.remote = address
         self.address = host_port(address[0], address[1])
         config = server.runtime.config
-        self.origin = server.runtime.new_origin("udp")
+        self.origin = origin or server.runtime.new_origin("udp")
         self.channel = config.channel
         self.echo = config.echo
         self.expiry: IDelayedCall | None = None
@@ -165,6 +116,10 @@ class DatagramPeer:
             self.server.bus.metrics.drop("udp_too_large", too_large)
         if reserved:
             self.server.bus.metrics.drop("udp_reserved", reserved)
+        self.send(datagrams)
+
+    def send(self, datagrams: list[bytes]) -> None:
+        """Send each message (with its ``\n``) as one datagram."""
         write = self.server.write
         for datagram in datagrams:
             write(datagram, self.remote)
@@ -197,7 +152,7 @@ class DatagramServer(DatagramProtocol):
         self.peers: dict[Address, DatagramPeer] = {}
         self.warnings = RateLimitedLog(self.log, self.clock)
         # Per listener and per run: cookies from before a restart are worthless.
-        self.secret = os.urandom(32)
+        self.cookies = Cookies(self.clock)
         # Bytes to read per datagram: enough to see that one is too large. Fixed
         # when the port opens, so a reload cannot raise the limit beyond it.
         self.read_size = max(self.max_message_bytes + 3, _READ_AT_LEAST)
@@ -230,22 +185,25 @@ class DatagramServer(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         address: Address = (addr[0], addr[1])
-        received = len(datagram)
-        if datagram.endswith(b"\n"):
-            datagram = datagram[:-2] if datagram.endswith(b"\r\n") else datagram[:-1]
         peer = self.peers.get(address)
         if peer is None:
-            self._from_stranger(datagram, received, address)
-            return
+            self._from_stranger(message_of(datagram), len(datagram), address)
+        else:
+            self.received(peer, datagram)
+
+    def received(self, peer: DatagramPeer, message: bytes) -> None:
+        """One message (a datagram, or a DTLS record) from ``peer``: relayed, unless it is
+        empty or a control datagram (which only keep the peer alive) or too long."""
+        message = message_of(message)
         assert peer.expiry is not None
-        if not datagram or datagram.startswith(CONTROL_PREFIX):
+        if not message or message.startswith(CONTROL_PREFIX):
             peer.expiry.reset(self.config.peer_timeout)
             return
-        if len(datagram) > self.max_message_bytes:
-            self._oversize(address)
+        if len(message) > self.max_message_bytes:
+            self._oversize(peer.remote)
             return
         peer.expiry.reset(self.config.peer_timeout)
-        self._relay(peer, datagram)
+        self._relay(peer, message)
 
     def _relay(self, peer: DatagramPeer, datagram: bytes) -> None:
         if peer.bucket is not None and not peer.bucket.has(1):
@@ -283,7 +241,7 @@ class DatagramServer(DatagramProtocol):
                 self._relay(peer, datagram)
             return
         if control is not None and control[0] == b"response":
-            if self._cookie_valid(control[1], ip, address[1]):
+            if self._cookie_valid(control[1], address):
                 self._new_peer(address)
                 return
             self._ignore("udp_bad_cookie", address, "a wrong or expired cookie")
@@ -296,8 +254,7 @@ class DatagramServer(DatagramProtocol):
                 f"shorter than a challenge ({CHALLENGE_SIZE} bytes), so not answered",
             )
         if received >= CHALLENGE_SIZE:
-            window = int(self.clock.seconds() // COOKIE_WINDOW)
-            self.write(challenge(self._cookie(ip, address[1], window)), address)
+            self.write(challenge(self.cookies.make(address)), address)
 
     def _allowed_ip(self, host: str) -> IPAddress | None:
         """The source's IP (IPv4-mapped IPv6 as IPv4) when ``allow`` admits it."""
@@ -309,21 +266,12 @@ class DatagramServer(DatagramProtocol):
             ip = ip.ipv4_mapped
         return ip if any(ip in network for network in self.config.allow) else None
 
-    def _cookie(self, ip: IPAddress, port: int, window: int) -> bytes:
-        text = ip.packed + port.to_bytes(2, "big") + window.to_bytes(8, "big", signed=True)
-        return hmac.new(self.secret, text, hashlib.sha256).digest()[:COOKIE_BYTES]
-
-    def _cookie_valid(self, cookie_hex: bytes, ip: IPAddress, port: int) -> bool:
-        if len(cookie_hex) != 2 * COOKIE_BYTES:
-            return False
+    def _cookie_valid(self, cookie_hex: bytes, address: Address) -> bool:
         try:
             cookie = bytes.fromhex(cookie_hex.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             return False
-        window = int(self.clock.seconds() // COOKIE_WINDOW)
-        return any(
-            hmac.compare_digest(cookie, self._cookie(ip, port, w)) for w in (window, window - 1)
-        )
+        return self.cookies.valid(address, cookie)
 
     def _ignore(self, cause: str, address: Address, why: str) -> None:
         self.bus.metrics.drop(cause)
@@ -349,12 +297,20 @@ class DatagramServer(DatagramProtocol):
         if len(self.peers) >= self.config.max_peers:
             self._ignore("udp_max_peers", address, f"max_peers ({self.config.max_peers}) reached")
             return None
-        peer = DatagramPeer(self, address)
+        return self.join(DatagramPeer(self, address))
+
+    def join(self, peer: DatagramPeer) -> DatagramPeer:
+        """Put ``peer`` on the bus: its expiry, the log line, welcome, history."""
+        address = peer.remote
         peer.expiry = self.clock.callLater(self.config.peer_timeout, self.forget, peer, "timed out")
         self.peers[address] = peer
         count = self.runtime.attach(peer, verb="joined")
         if peer.session is not None:
             peer.session.welcome(count)
+        else:
+            text = self.runtime.welcome_text(count, peer.origin)  # dtls listeners have one
+            if text is not None:
+                tell(peer, text, peer.channel)
         self.bus.replay_history(peer)
         return peer
 
@@ -386,6 +342,13 @@ class DatagramServer(DatagramProtocol):
             self.forget(peer, "gateway stopping")
 
 
+def message_of(datagram: bytes) -> bytes:
+    """A datagram's message: one trailing ``\n`` or ``\r\n`` removed."""
+    if datagram.endswith(b"\n"):
+        return datagram[:-2] if datagram.endswith(b"\r\n") else datagram[:-1]
+    return datagram
+
+
 def _udp(runtime: ListenerRuntime) -> UdpListenerConfig:
     config = runtime.config
     assert isinstance(config, UdpListenerConfig)
@@ -397,7 +360,10 @@ class DatagramListener(ListenerService):
 
     def __init__(self, runtime: ListenerRuntime) -> None:
         super().__init__(runtime)
-        self.server = DatagramServer(runtime)
+        self.server = self.make_server()
+
+    def make_server(self) -> DatagramServer:
+        return DatagramServer(runtime=self.runtime)
 
     async def open(self, reactor: Any) -> IListeningPort:
         config = self.config

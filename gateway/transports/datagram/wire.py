@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from operator import methodcaller
 
+from gateway.dtls.cookies import COOKIE_BYTES
+
 CONTROL_PREFIX = b"\x00GW1"
 """Datagrams starting with these 4 bytes are control datagrams, never messages."""
 HELLO = CONTROL_PREFIX + b" hello"
 CHALLENGE = CONTROL_PREFIX + b" challenge "
 RESPONSE = CONTROL_PREFIX + b" response "
-COOKIE_BYTES = 16
-COOKIE_WINDOW = 30.0
-"""Seconds per cookie window; a cookie is accepted in its window and the next."""
 CHALLENGE_SIZE = len(CHALLENGE) + 2 * COOKIE_BYTES
 """47: a datagram shorter than this from an unverified source gets no answer."""
 HELLO_SIZE = 64
