@@ -301,3 +301,17 @@ def test_a_source_that_keeps_failing_to_sign_in_is_locked_out(tmp_path):
     locked.pump()
     assert not locked.client.done and locked.sent == []
     assert gw.bus.metrics.dropped["auth_lockout"] == 1
+
+
+def test_records_behind_the_sign_in_in_the_same_datagram_are_relayed(tmp_path):
+    gw = gateway(tmp_path, keys='auth = ["token"]', auth=AUTH)
+    line = gw.connect("tcp")
+    device = Device(gw, tmp_path)
+    device.pump()
+    connection = device.client.connection
+    connection.send(f"AUTH token {TOKEN}\n".encode())
+    connection.send(b"one\n")
+    connection.send(b"two\n")
+    [datagram] = device.client.datagrams()  # three records in one datagram
+    device.port.send(datagram, SOURCE)
+    assert line.received() == b"one\ntwo\n"

@@ -152,14 +152,13 @@ class SecureDatagramServer(DatagramServer):
         self._stranger(datagram, address)
 
     def _records(self, session: DtlsSession, messages: list[bytes]) -> None:
-        peer = self.peers.get(session.address)
-        if isinstance(peer, DtlsPeer) and peer.dtls is session:
-            for message in messages:
+        for message in messages:  # a sign-in may end between two records of one datagram
+            peer = self.peers.get(session.address)
+            if isinstance(peer, DtlsPeer) and peer.dtls is session:
                 self.received(peer, message)
-            return
-        signin = self.signing_in.get(session)
-        if signin is not None:
-            for message in messages:
+                continue
+            signin = self.signing_in.get(session)
+            if signin is not None:
                 signin.message(message)
 
     def _stranger(self, datagram: bytes, address: Address) -> None:
