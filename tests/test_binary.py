@@ -339,3 +339,19 @@ def test_binary_messages_cross_the_cluster_as_binary():
     assert backplane.remote_message(b"from afar") == 3  # the u32, u16 and WebSocket peers
     gw.flush()
     assert take(receiver) == u16(b"from afar")
+
+
+def test_a_batch_reaches_each_prefixed_receiver_in_one_write():
+    gw = gateway()
+    sender, receiver = gw.connect("lines"), gw.connect("u32")
+    writes: list[bytes] = []
+    write = receiver.server_io.write
+
+    def record(data: bytes) -> None:
+        writes.append(data)
+        write(data)
+
+    receiver.server_io.write = record
+    sender.send(b"".join(b"line %d\n" % i for i in range(100)))
+    assert len(writes) == 1
+    assert writes[0] == u32(*(b"line %d" % i for i in range(100)))
