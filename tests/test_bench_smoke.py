@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import toml_listener
+from tests.conftest import make_certs, toml_listener
 
 CONFIG = """
 [[listeners]]
@@ -277,3 +277,92 @@ def test_a_framing_on_a_websocket_url_is_a_usage_error():
     )
     assert done.returncode == 2
     assert "?framing= takes lines, u16, u32, on tcp:// and tls://" in done.stderr
+
+
+# DTLS subscribers: UDP sockets with a DTLS 1.2 session each
+
+
+def test_dtls_subscribers_join_by_their_handshake_and_count_each_record(run_gateway, tmp_path):
+    certs = tmp_path / "certs"
+    make_certs(certs)
+    gw = run_gateway(CONFIG + toml_listener("dtls", certs=certs))
+    result = bench(
+        "--sub",
+        f"tcp://127.0.0.1:{gw.ports['tcp']}",
+        "--sub",
+        f"dtls://127.0.0.1:{gw.ports['dtls']}",
+        "--ca",
+        str(certs / "ca.pem"),
+        "-n",
+        "6",
+        "--rate",
+        "300",
+        *SHORT,
+    )
+    assert result["lost"] == 0
+    dtls = result["transports"]["dtls"]
+    assert dtls["connected"] == 3 and dtls["failed"] == 0
+    assert dtls["received"] >= dtls["expected"] > 0
+    assert dtls["misordered"] == dtls["duplicated"] == 0
+    assert dtls["latency_ms"]["samples"] > 0
+    # Each subscriber's close_notify at the end ends its session.
+    for n in range(1, 4):
+        gw.wait_for(rf"dtls-{n} left \(closed by the peer\)")
+
+
+def test_dtls_subscribers_refuse_a_gateway_they_cannot_verify(run_gateway, tmp_path):
+    certs = tmp_path / "certs"
+    make_certs(certs)
+    other = tmp_path / "other"
+    make_certs(other)
+    gw = run_gateway(CONFIG + toml_listener("dtls", certs=certs))
+    done = subprocess.run(
+        [
+            *GATEWAY_BENCH,
+            "--cpu",
+            "none",
+            "--sub",
+            f"dtls://127.0.0.1:{gw.ports['dtls']}",
+            "--pub",
+            f"tcp://127.0.0.1:{gw.ports['tcp']}",
+            "--ca",
+            str(other / "ca.pem"),
+            "-n",
+            "1",
+            "--connect-timeout",
+            "5",
+            *SHORT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "not trusted" in done.stderr + done.stdout
+
+
+def test_the_dtls_subscribers_clock_runs_timers_on_the_bench_loop():
+    from gateway.bench.clock import SECOND, now_ns
+    from gateway.bench.dtls import LoopClock
+    from gateway.bench.loop import Loop
+
+    loop = Loop()
+    clock = LoopClock(loop)
+    fired: dict[str, int] = {}
+
+    def fire(name: str) -> None:
+        fired[name] = now_ns()
+
+    start = now_ns()
+    clock.callLater(0.01, fire, "first")
+    moved = clock.callLater(0.02, fire, "moved")
+    cancelled = clock.callLater(0.01, fire, "cancelled")
+    cancelled.cancel()
+    moved.reset(0.05)
+    assert len(clock.getDelayedCalls()) == 2
+    assert loop.run_until(lambda: len(fired) == 2, now_ns() + 2 * SECOND)
+    assert list(fired) == ["first", "moved"]
+    assert fired["moved"] - start >= SECOND // 20  # not at its first time
+    assert clock.getDelayedCalls() == [] and not moved.active()
+    loop.close()

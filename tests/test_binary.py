@@ -351,7 +351,7 @@ def test_a_batch_reaches_each_prefixed_receiver_in_one_write():
         writes.append(data)
         write(data)
 
-    receiver.server_io.write = record
+    receiver.server_io.write = record  # type: ignore[method-assign]
     sender.send(b"".join(b"line %d\n" % i for i in range(100)))
     assert len(writes) == 1
     assert writes[0] == u32(*(b"line %d" % i for i in range(100)))

@@ -16,6 +16,7 @@ from tests.conftest import (
     GatewayProcess,
     Interactive,
     Line,
+    gateway_client,
     make_certs,
     toml_listener,
     toml_table,
@@ -164,3 +165,18 @@ def test_a_client_certificate_signs_the_device_in(run_gateway, certs):
     session.send(b"as alice")
     assert tcp.line() == b"as alice"
     session.finish()
+
+
+def test_gateway_client_speaks_dtls(run_gateway, certs):
+    gw = run_gateway(config(certs))
+    tcp = Line(gw.ports["tcp"])
+    url = f"dtls://localhost:{gw.ports['dtls']}"
+    client = gateway_client(url, "--ca", str(certs / "ca.pem"))
+    client.wait_for(b"welcome dtls-1")
+    client.send(b"typed in gateway client")
+    assert tcp.line() == b"typed in gateway client"
+    tcp.send(b"back to it\n")
+    client.wait_for(b"back to it\n")
+    client.finish()  # end of input: close_notify, exit 0
+    assert client.proc.returncode == 0
+    gw.wait_for(r"dtls-1 left \(closed by the peer\)")

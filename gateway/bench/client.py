@@ -41,7 +41,7 @@ class Client:
     def start(self) -> None:
         target = self.target
         family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-        kind = socket.SOCK_DGRAM if target.scheme == "udp" else socket.SOCK_STREAM
+        kind = socket.SOCK_DGRAM if target.datagram else socket.SOCK_STREAM
         sock = socket.socket(family, kind)
         sock.setblocking(False)
         if self.source is not None:

@@ -329,6 +329,11 @@ def _subscriber(
         client = JsonClient(
             loop, target, tally, size, pattern, options.unsubscribe, source, channel, channels
         )
+    elif target.scheme == "dtls":
+        from gateway.bench.dtls import DtlsSubscriber  # loads the DTLS engine: dtls:// only
+
+        tally = tallies.setdefault(target.transport, Tally())
+        client = DtlsSubscriber(loop, target, tally, size, source)
     elif target.lossy:
         client = DatagramClient(
             loop, target, tallies.setdefault(target.transport, Tally()), size, source

@@ -11,9 +11,15 @@ import select
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.bench.client import Client
 from gateway.bench.clock import now_ns
+from gateway.bench.target import BenchError
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 
 class _Libc:
@@ -99,6 +105,7 @@ class Loop:
         self._timer_ids = 0
         self.ca = ca
         self._contexts: dict[bool, ssl.SSLContext] = {}
+        self._dtls: SSL.Context | None = None
 
     def tls_context(self, alpn: bool) -> ssl.SSLContext:
         context = self._contexts.get(alpn)
@@ -108,6 +115,20 @@ class Loop:
                 context.set_alpn_protocols(["http/1.1"])
             self._contexts[alpn] = context
         return context
+
+    def dtls_context(self) -> SSL.Context:
+        """The DTLS client context of the dtls:// subscribers, trusting ``ca`` (the DTLS
+        engine, pyOpenSSL and Twisted's interfaces are loaded on the first call only)."""
+        if self._dtls is None:
+            from gateway.dtls.client import client_context, client_files
+            from gateway.tls.files import TlsFileError
+
+            try:
+                trust, _ = client_files(Path(self.ca) if self.ca else None, None, None)
+            except TlsFileError as e:
+                raise BenchError(f"--ca: {e.problem}") from None
+            self._dtls = client_context(trust)
+        return self._dtls
 
     def register(self, client: Client | Ticker, events: int) -> None:
         fd = client.fd

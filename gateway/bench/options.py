@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="URL",
         required=True,
         help="where subscribers connect; repeat to spread them over several URLs: "
-        "tcp://, tls://, udp://, ws://HOST:PORT/ws, wss://, nats:// (nats-server), "
+        "tcp://, tls://, udp://, dtls://, ws://HOST:PORT/ws, wss://, nats:// (nats-server), "
         "nats+ws://HOST:PORT/ (nats-server's WebSocket)",
     )
     parser.add_argument(
@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CPU to pin the generator to (default: the last one, when there are several; 'none')",
     )
     parser.add_argument(
-        "--ca", metavar="PEM", help="tls, wss: trust this CA (default: the system's)"
+        "--ca", metavar="PEM", help="tls, wss, dtls: trust this CA (default: the system's)"
     )
     parser.add_argument(
         "--subject",
@@ -161,6 +161,8 @@ class Options:
             if not fallback:
                 raise BenchError("give --pub URL: no tcp, tls or nats --sub URL to publish to")
             self.pub = fallback[0]
+        if self.pub.scheme == "dtls":
+            raise BenchError("--pub: dtls:// is for subscribers; publish over tcp, tls or udp")
         self.subscribers = args.subscribers
         self.publishers = args.publishers
         self.size = args.size

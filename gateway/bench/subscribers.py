@@ -338,9 +338,6 @@ class DatagramClient(Client):
         assert sock is not None
         buffer = self.scratch
         view = self.scratch_view
-        expected = self.size + 1
-        loop = self.loop
-        tally = self.tally
         for _ in range(512):
             try:
                 got = sock.recv_into(view)
@@ -349,23 +346,30 @@ class DatagramClient(Client):
             except OSError as e:  # e.g. ICMP port unreachable: the listener is gone
                 self.fail(f"receive: {e}")
                 return
-            if got != expected:
-                continue
-            kind = buffer[0]
-            if kind == DATA:
-                self.count += 1
-                tally.count += 1
-                if loop.parse_all or loop.measuring:
-                    publisher, sequence, sent = parse_header(buffer, 0)
-                    last = self.last_sequence.get(publisher, -1)
-                    if sequence != last + 1:
-                        tally.misordered += 1
-                    self.last_sequence[publisher] = sequence
-                    if loop.measuring:
-                        tally.latencies.append(now_ns() - sent)
-            elif kind == PROBE:
-                self.synced = True
-                tally.probes += 1
+            self.message(buffer, got)
+
+    def message(self, data: bytes | bytearray, length: int) -> None:
+        """One datagram (or DTLS record): a message of the bench when it is ``size`` bytes and
+        a newline (its first ``length`` bytes of ``data``)."""
+        if length != self.size + 1:
+            return
+        kind = data[0]
+        tally = self.tally
+        if kind == DATA:
+            self.count += 1
+            tally.count += 1
+            loop = self.loop
+            if loop.parse_all or loop.measuring:
+                publisher, sequence, sent = parse_header(data, 0)
+                last = self.last_sequence.get(publisher, -1)
+                if sequence != last + 1:
+                    tally.misordered += 1
+                self.last_sequence[publisher] = sequence
+                if loop.measuring:
+                    tally.latencies.append(now_ns() - sent)
+        elif kind == PROBE:
+            self.synced = True
+            tally.probes += 1
 
 
 Subscriber = StreamClient | DatagramClient

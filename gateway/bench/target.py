@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
-SCHEMES = ("tcp", "tls", "udp", "ws", "wss", "nats", "nats+ws")
+SCHEMES = ("tcp", "tls", "udp", "dtls", "ws", "wss", "nats", "nats+ws")
 STREAM_SCHEMES = ("tcp", "tls", "ws", "wss", "nats", "nats+ws")
+DATAGRAM_SCHEMES = ("udp", "dtls")
 FRAMINGS = ("lines", "u16", "u32")
 """What ``?framing=`` may ask of a tcp:// or tls:// subscriber (the listener's ``framing``)."""
 
@@ -57,9 +58,14 @@ class Target:
         return self.scheme in ("tls", "wss")
 
     @property
+    def datagram(self) -> bool:
+        """Whether clients connect over UDP (udp, and dtls: DTLS 1.2 over UDP)."""
+        return self.scheme in DATAGRAM_SCHEMES
+
+    @property
     def lossy(self) -> bool:
-        """Whether messages may be lost by design (no flow control)."""
-        return self.scheme == "udp"
+        """Whether messages may be lost by design (no flow control): datagrams."""
+        return self.datagram
 
     def __str__(self) -> str:
         path = self.path if self.scheme in ("ws", "wss", "nats+ws") else ""

@@ -23,13 +23,14 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from gateway.cli import dtls_client
 from gateway.cli.speech import Speech, Stdin, StdinLines
 from gateway.tls.client import client_options
 from gateway.tls.files import TlsFileError
 from gateway.transports.datagram import wire as udp
 from gateway.transports.websocket.envelope import JSON_SUBPROTOCOL
 
-SCHEMES = ("tcp", "tls", "udp", "ws", "wss")
+SCHEMES = ("tcp", "tls", "udp", "dtls", "ws", "wss")
 CLOSE_WAIT = 10.0
 """Seconds a WebSocket client waits for the server to answer its close."""
 
@@ -371,14 +372,13 @@ async def run(
         print(f"gateway client: {e}", file=sys.stderr)
         return 2
     out = out if out is not None else sys.stdout.buffer
+    if scheme == "dtls":
+        files = (ca, cert, key)
+        return await dtls_client.run(reactor, url, (host, port), out, speech, keepalive, files)
     done: Deferred[int] = Deferred()
     if scheme == "tcp":
-        reactor.connectTCP(
-            host,
-            port,
-            _StreamClientFactory(reactor, out, done, url, host, speech=speech),
-            timeout=10,
-        )
+        factory = _StreamClientFactory(reactor, out, done, url, host, speech=speech)
+        reactor.connectTCP(host, port, factory, timeout=10)
     elif scheme == "tls":
         try:
             options = client_options(

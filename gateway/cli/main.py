@@ -38,13 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     client.add_argument(
         "url",
-        help="tcp://HOST:PORT, tls://HOST:PORT, udp://HOST:PORT, ws://HOST:PORT/ws or wss://HOST:PORT/ws",
+        help="tcp://HOST:PORT, tls://HOST:PORT, udp://HOST:PORT, dtls://HOST:PORT, "
+        "ws://HOST:PORT/ws or wss://HOST:PORT/ws",
     )
     client.add_argument(
-        "--ca", metavar="PEM", help="tls, wss: trust this CA (default: the system's)"
+        "--ca", metavar="PEM", help="tls, wss, dtls: trust this CA (default: the system's)"
     )
-    client.add_argument("--cert", metavar="PEM", help="tls: client certificate (mutual TLS)")
-    client.add_argument("--key", metavar="PEM", help="tls: private key of --cert")
+    client.add_argument("--cert", metavar="PEM", help="tls, dtls: client certificate (mutual TLS)")
+    client.add_argument("--key", metavar="PEM", help="tls, dtls: private key of --cert")
     client.add_argument(
         "--json",
         action="store_true",
@@ -74,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=20.0,
         metavar="SECONDS",
-        help="udp: send a hello datagram this often so the gateway keeps us (default 20, 0 = once)",
+        help="udp: send a hello datagram this often so the gateway keeps us (default 20, "
+        "0 = once); dtls: an empty record (0 = never)",
     )
     certs = commands.add_parser(
         "certs",

@@ -6,6 +6,8 @@
 - ``session``: ``DtlsSession``, one per source whose cookie verified: the rest
   of the handshake, one message per application-data record, close_notify,
   and retransmission on the injected clock;
+- ``client``: ``DtlsClient``, the other end (``gateway client dtls://`` and
+  the bench's ``dtls://`` subscribers), on the same session code;
 - ``cookies`` (the keyed cookies), ``records`` (DTLS record framing: what goes
   in one datagram) and ``context`` (the DTLS 1.2 profile).
 

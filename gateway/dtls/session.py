@@ -4,7 +4,8 @@
 ``DTLSv1_listen`` verified the cookie: OpenSSL keeps that ClientHello, and the
 same connection goes on with ``do_handshake``. From then on the listener hands
 the session every datagram from its source (``receive``) and sends what the
-session gives its owner's ``transmit``.
+session gives its owner's ``transmit``. (``DtlsClient`` runs the other end on a
+session too, from a client connection: ``begin`` sends its ClientHello.)
 
 - Each application-data record is one message; ``send`` writes one message as
   one record, and refuses (returns False, sends nothing) a message that would
@@ -83,11 +84,12 @@ def outgoing(connection: SSL.Connection, mtu: int) -> list[bytes]:
 class DtlsSession:
     """The DTLS session of one source, after its cookie verified.
 
-    ``handshake_done``, ``subject`` (who the client certificate names, when
-    one was required) and ``max_message_bytes`` (the largest message ``send``
-    takes) are set once the handshake completes; ``ended`` and ``end_reason``
-    once it ends. ``discarded`` counts datagrams dropped as not whole DTLS
-    records, ``retransmissions`` the flights OpenSSL sent again on a timeout.
+    ``handshake_done``, ``subject`` (who the peer's certificate names: the
+    client's when one was required, the server's for a ``DtlsClient``) and
+    ``max_message_bytes`` (the largest message ``send`` takes) are set once the
+    handshake completes; ``ended`` and ``end_reason`` once it ends.
+    ``discarded`` counts datagrams dropped as not whole DTLS records,
+    ``retransmissions`` the flights OpenSSL sent again on a timeout.
     """
 
     def __init__(
@@ -98,7 +100,8 @@ class DtlsSession:
         clock: IReactorTime,
         mtu: int,
     ) -> None:
-        """Made by ``DtlsServer.accept`` only (``connection`` has passed ``DTLSv1_listen``)."""
+        """Made by ``DtlsServer.accept`` (``connection`` has passed ``DTLSv1_listen``) and by
+        ``DtlsClient`` (``connection`` is in the connect state)."""
         self.address = address
         self.handshake_done = False
         self.subject: str | None = None

@@ -200,7 +200,7 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
         ),
         Scenario(
             "mixed",
-            "Mixed: 25 tcp + 25 tls + 25 ws + 25 udp subscribers, 1 TCP publisher, flood",
+            "Mixed: 25 tcp + 25 tls + 25 ws + 25 udp + 25 dtls subscribers, 1 TCP publisher, flood",
             {
                 "gateway": [
                     "--sub",
@@ -211,10 +211,12 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
                     urls["ws"],
                     "--sub",
                     urls["udp"],
+                    "--sub",
+                    f"dtls://127.0.0.1:{ports.gw_dtls}",
                     "--ca",
                     ca,
                     "-n",
-                    "100",
+                    "125",
                     *flood,
                 ],
                 # The one-sendto-per-datagram limit: 25 UDP peers of the raw server.

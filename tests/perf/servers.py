@@ -90,6 +90,7 @@ class Ports:
         self.gw_hist = free_port()
         self.gw_tls = free_port()
         self.gw_udp = free_port(socket.SOCK_DGRAM)
+        self.gw_dtls = free_port(socket.SOCK_DGRAM)
         self.gw_ws = free_port()
         self.gw_wss = free_port()
         self.nats = free_port()
@@ -147,6 +148,15 @@ generate_dev_cert = true
 name = "udp"
 type = "udp"
 port = {ports.gw_udp}
+max_peers = 20000
+
+[[listeners]]
+name = "dtls"
+type = "dtls"
+port = {ports.gw_dtls}
+cert = "certs/server.pem"
+key = "certs/server.key"
+generate_dev_cert = true
 max_peers = 20000
 
 [[listeners]]
