@@ -4,7 +4,8 @@
 a ``ListenerService`` child (built by ``gateway.transports.registry``), the
 cluster backplane another child. Started by ``twistd``/``twist`` (or
 ``startService`` in an application), it listens in ``privilegedStartService``;
-``gateway --config`` awaits ``listen()`` first so that a port in use exits 1.
+``gateway --config`` awaits ``listen()`` first so that a port in use exits 1 (and a
+history file that cannot be opened: ``listen`` reads it back before binding).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from gateway.core.bus import Bus
 from gateway.core.metrics import Metrics
 from gateway.flow.connection import Governor
 from gateway.ops.admin import AdminSite
+from gateway.stores.durable import DurableHistory, Runner
+from gateway.stores.sqlite import HistoryFileError
 from gateway.tls.devcerts import ensure_dev_server_cert
 from gateway.tls.pki import PkiError
 from gateway.transports.address import host_port
@@ -59,9 +62,11 @@ class GatewayService(MultiService):
         reuse_port: bool = False,
         prepare: Callable[[Config], Config] | None = None,
         verifier: Verifier | None = None,
+        history_runner: Runner | None = None,
     ) -> None:
         """``verifier`` checks password hashes: by default a pool of threads this service
-        owns (``VerifierService``); tests on a memory reactor pass an inline one."""
+        owns (``VerifierService``); tests on a memory reactor pass an inline one. So does
+        ``history_runner`` for the sqlite history store's work (by default its own thread)."""
         super().__init__()  # type: ignore[no-untyped-call]
         self.config = config
         self.reactor = reactor
@@ -107,6 +112,12 @@ class GatewayService(MultiService):
             service.setServiceParent(self)  # type: ignore[no-untyped-call]
             self.listeners[listener.name] = service
         self.bus.history.resize(self._history_size, self._history_ttl)
+        # [history] store = "sqlite:PATH": the logs persisted (read back by ``listen``).
+        self.store: DurableHistory | None = None
+        if config.history.path is not None:
+            self.store = DurableHistory(
+                config.history.path, self.bus.history, reactor, history_runner
+            )
         self.backplane: Backplane | None = None
         if config.cluster is not None:
             from gateway.cluster.backplane import Backplane  # the Redis client only when clustering
@@ -128,12 +139,15 @@ class GatewayService(MultiService):
         if self.listening:
             return list(self.listeners.values())
         try:
+            await self._open_store()
             self._generate_dev_certs()
             for service in self.listeners.values():
                 await service.listen(self.reactor)
             self._listen_admin()
         except ListenError:
             await self._stop_listening()
+            if self.store is not None:
+                await self.store.close()
             raise
         self.listening = True
         for service in self.listeners.values():
@@ -145,6 +159,16 @@ class GatewayService(MultiService):
                 where=host_port(address.host, address.port),
             )
         return list(self.listeners.values())
+
+    async def _open_store(self) -> None:
+        """Read the history file back before anyone is served: each channel continues
+        where it was (a file that cannot be used stops the start, as a port in use does)."""
+        if self.store is None:
+            return
+        try:
+            await self.store.open()
+        except HistoryFileError as e:
+            raise ListenError(f"[history] store: {e}") from e
 
     def privilegedStartService(self) -> None:
         """``IService``: listen (bound ports are what needs privileges), unless already done."""
@@ -239,6 +263,8 @@ class GatewayService(MultiService):
         for runtime in self._runtimes():
             runtime.abort_all("gateway shutting down")
         await self._stop_listening()
+        if self.store is not None:
+            await self.store.close()  # after the peers: what they were sent is numbered
         self.listening = False
         self.log.info("stopped")
 
@@ -291,7 +317,16 @@ class GatewayService(MultiService):
         backplane = self.backplane_state()
         if backplane is not None and not backplane[0]:
             found.append("backplane: down")
+        kind, problem, _ = self.history_state()
+        if problem is not None:
+            found.append(f"history: {kind} failing: {problem}")
         return found
+
+    def history_state(self) -> tuple[str, str | None, int]:
+        store = self.store
+        if store is None:
+            return "memory", None, 0
+        return store.kind, store.problem, store.unwritten
 
     def udp_peer_counts(self) -> dict[str, int]:
         return {

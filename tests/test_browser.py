@@ -23,12 +23,15 @@ from cryptography.x509.oid import NameOID
 from playwright.sync_api import Browser, Error, Page, expect, sync_playwright
 
 from tests.conftest import (
+    JSON_SUBPROTOCOL,
     TIMEOUT,
     Datagram,
     GatewayProcess,
     Line,
+    free_port,
     make_certs,
     toml_listener,
+    toml_table,
     websocket,
     ws_url,
 )
@@ -411,3 +414,77 @@ def test_page_signs_in_with_a_form_and_never_keeps_the_password(run_gateway, chr
     stored = page.evaluate("() => JSON.stringify(localStorage) + JSON.stringify(sessionStorage)")
     assert password not in stored and password not in page.content()
     screenshot(page, "browser-signin.png")
+
+
+@pytest.mark.parametrize("store", ["sqlite", "memory"])
+def test_page_recovers_what_it_missed_while_the_gateway_restarted(run_gateway, chromium, store):
+    """The page remembers its offset and epoch per channel and resumes with them: its own
+    channel in the WebSocket URL, a joined one with a subscribe. With the sqlite store the
+    missed messages just appear; with the memory store the epoch changed, so the page shows
+    where messages may have been missed, then the channel's last messages."""
+    ports = {name: free_port() for name in ("tcp", "room", "ws")}
+    toml = (
+        (toml_table("history", store="sqlite:history.db") if store == "sqlite" else "")
+        + toml_table("channels.main", history=100)
+        + toml_table('channels."room.*"', history=100)
+        + toml_listener("tcp", port=ports["tcp"])
+        + toml_listener("room", "tcp", port=ports["room"], channel="room.1")
+        + toml_listener("ws", port=ports["ws"], ping_interval=0)
+    )
+    gw = run_gateway(toml)
+    context = chromium().new_context(viewport={"width": 1100, "height": 720})
+    page = context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    page.goto(f"http://127.0.0.1:{ports['ws']}/")
+    me = wait_connected(page)
+    page.locator("#channel").fill("room.1")
+    page.locator("#channel").press("Enter")
+    expect(page.locator("#channels li .name")).to_have_text(["main", "room.1"])
+    tcp, room = Line(ports["tcp"]), Line(ports["room"])
+    tcp.send(b"before 1\nbefore 2\n")
+    room.send(b"room before\n")
+    for text in ("before 1", "before 2", "room before"):
+        expect(page.locator("#log li.message", has_text=text)).to_have_count(1)
+    browser_says(page, "from the page")  # offset 3: the page's own, never sent back to it
+    assert tcp.line() == b"from the page"
+    tcp.close()
+    room.close()
+
+    # The gateway restarts; the page, offline meanwhile, misses what is sent then.
+    assert gw.stop() == 0
+    expect(page.locator("#status")).to_have_attribute("data-state", "closed")
+    context.set_offline(True)
+    gw = run_gateway(toml)
+    tcp, room = Line(ports["tcp"]), Line(ports["room"])
+    tcp.send(b"missed 1\nmissed 2\n")
+    room.send(b"room missed\n")
+    with websocket(gw, subprotocols=[JSON_SUBPROTOCOL]) as witness:  # all of it recorded
+        while json.loads(witness.recv(timeout=TIMEOUT)).get("text") != "missed 2":
+            pass
+    context.set_offline(False)
+    page.evaluate("window.dispatchEvent(new Event('online'))")  # reconnect now
+    wait_connected(page)
+
+    for text in ("missed 1", "missed 2", "room missed", "before 1", "before 2", "room before"):
+        expect(page.locator("#log li.message", has_text=text)).to_have_count(1)
+    # Recovered too (with sqlite), and not shown twice: the page showed it when it sent it.
+    expect_message(page, "from the page", f"you ({me})", "ws")
+    resumed = [url for url in sockets if "since=" in url]
+    assert resumed and re.search(r"/ws\?since=2&epoch=[\w-]+$", resumed[-1]), sockets
+    markers = page.locator("#log li.missed")
+    if store == "sqlite":
+        expect(markers).to_have_count(0)  # nothing was missed: the same epoch went on
+    else:
+        expect(markers).to_have_count(2)  # a new epoch: the page cannot know what it missed
+        expect(markers.locator(".channel")).to_have_text(["main", "room.1"])
+        expect(markers.first).to_contain_text("— some messages were missed —")
+    entries = page.locator("#log li").all_inner_texts()
+    first_missed = next(i for i, text in enumerate(entries) if "missed 1" in text)
+    assert all("missed —" not in text for text in entries[first_missed:][:1])
+    if store == "memory":
+        assert any("missed —" in text for text in entries[:first_missed])
+    screenshot(page, f"browser-recovery-{store}.png")
+    tcp.close()
+    room.close()

@@ -21,6 +21,7 @@ from gateway.config.settings import (
     ClusterSettings,
     Config,
     GatewaySettings,
+    HistorySettings,
     Limits,
 )
 from gateway.tls.files import TlsSettings
@@ -34,6 +35,7 @@ __all__ = [
     "ConfigError",
     "DtlsListenerConfig",
     "GatewaySettings",
+    "HistorySettings",
     "Limits",
     "ListenerConfig",
     "StreamListenerConfig",

@@ -27,6 +27,7 @@ from gateway.config.settings import (
     ClusterSettings,
     Config,
     GatewaySettings,
+    HistorySettings,
     Limits,
 )
 from gateway.config.tables import Table, show
@@ -55,6 +56,37 @@ def _channels(root: Table) -> dict[str, ChannelSettings]:
         if channels[name].history_ttl and not history:
             raise channel.error("history_ttl", "needs history above 0")
     return channels
+
+
+def _history(root: Table, base: Path, gateway: GatewaySettings) -> HistorySettings:
+    """``[history] store``: "memory" (the default) or "sqlite:PATH" (relative to the
+    config file's folder); "redis" is named but not available yet."""
+    table = root.table("history")
+    table.check_keys(("store",))
+    expected = 'expected "memory" or "sqlite:PATH"'
+    value = table.data.get("store", "memory")
+    if not isinstance(value, str):
+        raise table.error("store", f"{expected}, got {show(value)}")
+    if value == "memory":
+        return HistorySettings()
+    if value == "redis":
+        raise table.error(
+            "store",
+            '"redis" is not available yet (history in Redis Streams comes in a later '
+            f"version); {expected}",
+        )
+    kind, colon, path = value.partition(":")
+    if kind != "sqlite" or not colon:
+        raise table.error("store", f"{expected}, got {show(value)}")
+    if not path.strip():
+        raise table.error("store", 'expected a file path after "sqlite:", got an empty one')
+    if gateway.workers > 1:
+        raise table.error(
+            "store",
+            "an sqlite file belongs to one process: it cannot serve "
+            f"{gateway.workers} workers (gateway.workers)",
+        )
+    return HistorySettings(store="sqlite", path=base / Path(path).expanduser())
 
 
 def _history_ttl(channel: Table) -> float:
@@ -102,7 +134,17 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
     """Validate parsed TOML ``data``; ``file`` names it in errors."""
     root = Table(file, "", data)
     root.check_keys(
-        ("gateway", "limits", "listeners", "cluster", "admin", "channels", "roles", "auth")
+        (
+            "gateway",
+            "limits",
+            "listeners",
+            "cluster",
+            "admin",
+            "channels",
+            "history",
+            "roles",
+            "auth",
+        )
     )
     roles = parse_roles(root)
     base = (path if path is not None else Path(file)).parent
@@ -132,6 +174,7 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
         raise gateway_table.error(
             "workers", "more than 1 worker needs a [cluster] table (the workers share it)"
         )
+    history = _history(root, base, gateway)
 
     limits_table = root.table("limits")
     limits_table.check_keys(
@@ -216,6 +259,7 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
         channels=_channels(root),
         roles=roles,
         auth=auth,
+        history=history,
     )
 
 

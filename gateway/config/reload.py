@@ -2,8 +2,8 @@
 
 A listener keeps its identity (type, address, channel, echo, endpoint) until a
 restart; its other keys, the limits, channel history sizes and TLS material
-apply at once. ``[admin]``, ``[cluster]`` and the gateway's name, workers and
-log settings need a restart too.
+apply at once. ``[admin]``, ``[cluster]``, ``[history]`` and the gateway's name,
+workers and log settings need a restart too.
 """
 
 from __future__ import annotations
@@ -31,7 +31,12 @@ def without_restart_changes(old: Config, new: Config) -> Config:
         listeners.append(candidate if keep_new and candidate is not None else listener)
     gateway = replace(new.gateway, **{key: getattr(old.gateway, key) for key in _GATEWAY_RESTART})
     return replace(
-        new, listeners=tuple(listeners), admin=old.admin, cluster=old.cluster, gateway=gateway
+        new,
+        listeners=tuple(listeners),
+        admin=old.admin,
+        cluster=old.cluster,
+        history=old.history,
+        gateway=gateway,
     )
 
 
@@ -53,6 +58,8 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         changes.append("[admin]")
     if old.cluster != new.cluster:
         changes.append("[cluster]")
+    if old.history != new.history:
+        changes.append("[history]")
     for key in _GATEWAY_RESTART:
         if getattr(old.gateway, key) != getattr(new.gateway, key):
             changes.append(f"gateway.{key}")

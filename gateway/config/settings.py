@@ -45,6 +45,18 @@ class ChannelSettings:
 
 
 @dataclass(frozen=True)
+class HistorySettings:
+    """``[history]``: where the history of channels that keep some lives."""
+
+    store: str = "memory"  # "memory" or "sqlite" ("redis": not available yet)
+    path: Path | None = None  # the sqlite file (``store = "sqlite:PATH"``)
+
+    def describe(self) -> str:
+        """``memory``, or ``sqlite PATH``: for logs and /healthz."""
+        return self.store if self.path is None else f"{self.store} {self.path}"
+
+
+@dataclass(frozen=True)
 class Limits:
     max_message_bytes: int = 65536
     max_pending_bytes: int = 1024 * 1024
@@ -93,6 +105,7 @@ class Config:
     channels: Mapping[str, ChannelSettings] = field(default_factory=dict)
     roles: Mapping[str, Role] = field(default_factory=dict)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    history: HistorySettings = field(default_factory=HistorySettings)
 
     def channel(self, name: str) -> ChannelSettings:
         """Settings of channel ``name``: its own table, else the most specific pattern's

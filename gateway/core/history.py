@@ -18,8 +18,10 @@ Recording runs on every fan-out of such a channel, so it costs one tuple per
 batch, never one per message: a batch is kept as one *run* (first offset,
 sender, payloads, kinds, time), and the batch itself is stamped with its first
 offset and the epoch for the JSON framers (offsets within a batch follow one
-by one). This module is the memory store; a store elsewhere (sqlite, Redis)
-offers the same ``record``/``position``/``since``/``replay``.
+by one). This module is the memory store, and stays the numbering authority
+and what recovery reads whatever the store: a durable store (``gateway.stores``)
+is a ``Journal`` that persists what the logs record and gives the logs back
+(``restore``) when the gateway starts again.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -50,6 +53,24 @@ def new_epoch() -> str:
     return secrets.token_urlsafe(9)
 
 
+class Journal(Protocol):
+    """Told of every change to the logs, in order, on the reactor thread (a durable store).
+
+    Each call must return at once: persisting happens elsewhere, later."""
+
+    def started(self, channel: str, log: ChannelLog) -> None:
+        """``channel`` starts a new log: a new epoch, nothing kept yet."""
+
+    def recorded(self, channel: str, log: ChannelLog, run: Run) -> None:
+        """``log`` numbered and kept ``run`` (its messages, or the last ``log.size`` of them)."""
+
+    def resized(self, channel: str, log: ChannelLog) -> None:
+        """``log`` has a new ``size`` or ``ttl`` (a reload)."""
+
+    def forgotten(self, channel: str) -> None:
+        """``channel`` lost its history (sized to 0, or forgotten under ``max_channels``)."""
+
+
 class ChannelLog:
     """The kept messages of one channel, as runs, and its numbering (``last``, ``epoch``)."""
 
@@ -69,12 +90,28 @@ class ChannelLog:
         """How many messages are kept: offsets ``last - kept + 1`` to ``last``."""
         return min(self._held, self.size)
 
-    def record(self, batch: Batch, now: float) -> None:
-        """Number ``batch`` (stamping it) and keep it, forgetting what no longer fits."""
+    @classmethod
+    def restored(
+        cls, size: int, ttl: float, epoch: str, last: int, runs: Iterable[Run], now: float
+    ) -> ChannelLog:
+        """A log as a store kept it: ``runs`` oldest first, one after another, the last
+        ending at offset ``last``; then trimmed to ``size`` and ``ttl``."""
+        log = cls(size, ttl, epoch)
+        log.last = last
+        log.runs.extend(runs)
+        log._held = sum(len(run[2]) for run in log.runs)
+        log.resize(size, ttl)
+        if ttl:
+            log.expire(now)
+        return log
+
+    def record(self, batch: Batch, now: float) -> Run | None:
+        """Number ``batch`` (stamping it) and keep it, forgetting what no longer fits;
+        the run kept (None for an empty batch)."""
         payloads = batch.payloads
         count = len(payloads)
         if not count:
-            return
+            return None
         first = self.last + 1
         batch.offset = first
         batch.epoch = self.epoch
@@ -88,7 +125,8 @@ class ChannelLog:
             first += cut
             count = size
         runs = self.runs
-        runs.append((first, batch.origin, payloads, kinds, now))
+        run = (first, batch.origin, payloads, kinds, now)
+        runs.append(run)
         held = self._held + count
         while held - len(runs[0][2]) >= size:
             held -= len(runs.popleft()[2])
@@ -98,6 +136,7 @@ class ChannelLog:
             self._drop_dead()
         if self.ttl:
             self.expire(now)
+        return run
 
     def _drop_dead(self) -> None:
         """Let go of the first run's messages that are no longer kept (done once half of
@@ -172,13 +211,25 @@ class History:
         self.clock = clock  # for ``history_ttl``; without one, messages never expire
         self.epochs = epochs
         self._kept: dict[str, ChannelLog | None] = {}
+        # A durable store, told of every change (None: the memory store alone).
+        self.journal: Journal | None = None
 
     def _now(self) -> float:
         return self.clock.seconds() if self.clock is not None else 0.0
 
     def _start(self, channel: str) -> ChannelLog | None:
         size = self.size_of(channel)
-        return ChannelLog(size, self.ttl_of(channel), self.epochs()) if size > 0 else None
+        if size <= 0:
+            return None
+        log = ChannelLog(size, self.ttl_of(channel), self.epochs())
+        if self.journal is not None:
+            self.journal.started(channel, log)
+        return log
+
+    def _forget(self, channel: str) -> None:
+        """``channel``'s log (if it has one) is no longer kept."""
+        if self._kept.pop(channel, None) is not None and self.journal is not None:
+            self.journal.forgotten(channel)
 
     def of(self, channel: str) -> ChannelLog | None:
         """The log of ``channel``, or None when it keeps no history."""
@@ -190,12 +241,28 @@ class History:
             self._kept[channel] = log
         return log
 
+    def known(self, channel: str) -> ChannelLog | None:
+        """The log of ``channel`` if it has one now (never starts one)."""
+        return self._kept.get(channel)
+
+    def restore(self, channel: str, epoch: str, last: int, runs: Iterable[Run]) -> bool:
+        """Give ``channel`` back the log a store kept (at start), trimmed to today's
+        settings; False when it keeps no history now."""
+        size = self.size_of(channel)
+        if size <= 0:
+            return False
+        if channel not in self._kept and len(self._kept) >= self.max_channels:
+            self._make_room()
+        log = ChannelLog.restored(size, self.ttl_of(channel), epoch, last, runs, self._now())
+        self._kept[channel] = log
+        return True
+
     def _make_room(self) -> None:
         empty = [name for name, log in self._kept.items() if log is None]
         for name in empty:
             del self._kept[name]
         if len(self._kept) >= self.max_channels:
-            del self._kept[next(iter(self._kept))]
+            self._forget(next(iter(self._kept)))
 
     def _fresh(self, channel: str) -> ChannelLog | None:
         """The log of ``channel`` with what ``history_ttl`` forgets forgotten."""
@@ -210,7 +277,10 @@ class History:
         if log is _UNKNOWN:
             log = self.of(batch.channel)
         if log is not None:
-            log.record(batch, self._now())
+            run = log.record(batch, self._now())
+            journal = self.journal
+            if journal is not None and run is not None:
+                journal.recorded(batch.channel, log, run)
 
     def position(self, channel: str) -> tuple[int, str] | None:
         """``(offset of the last message, epoch)`` of a channel name, or None when it
@@ -245,14 +315,21 @@ class History:
             self.size_of = size_of
         if ttl_of is not None:
             self.ttl_of = ttl_of
+        journal = self.journal
         for channel, log in list(self._kept.items()):
             size = self.size_of(channel)
             if size <= 0:
                 self._kept[channel] = None
+                if log is not None and journal is not None:
+                    journal.forgotten(channel)
             elif log is None:
                 self._kept[channel] = self._start(channel)
             else:
-                log.resize(size, self.ttl_of(channel))
+                ttl = self.ttl_of(channel)
+                if (size, ttl) != (log.size, log.ttl):
+                    log.resize(size, ttl)
+                    if journal is not None:
+                        journal.resized(channel, log)
 
 
 def may_replay(peer: IPeer, channel: str) -> bool:

@@ -49,6 +49,8 @@ class AdminSite(Site):
         """Scrapes are routine: no access log."""
 
     def healthz(self, request: Request) -> bytes:
+        """``ok``; or 503 with one line per problem (``backplane: down``, ``history: sqlite
+        failing: ...``). The healthy body stays exactly ``ok``: checks compare it."""
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         problems = self.gateway.problems()
         if problems:

@@ -32,6 +32,9 @@ class Health(Protocol):
     def backplane_state(self) -> tuple[bool, int] | None:
         """(up, batches not forwarded) of the cluster backplane, or None without one."""
 
+    def history_state(self) -> tuple[str, str | None, int]:
+        """(kind, why it is failing or None, messages not written) of the history store."""
+
 
 class GatewayCollector(Collector):
     """Prometheus metrics read from the gateway at scrape time."""
@@ -163,6 +166,22 @@ class GatewayCollector(Collector):
             )
             lost.add_metric([], unforwarded)
             yield lost
+
+        kind, problem, unwritten = gateway.history_state()
+        store = GaugeMetricFamily(
+            "gateway_history_store_up",
+            "1 while the history store writes (the memory store: always)",
+            labels=["store"],
+        )
+        store.add_metric([kind], 0 if problem is not None else 1)
+        yield store
+        if kind != "memory":
+            behind = CounterMetricFamily(
+                "gateway_history_unwritten",
+                "Messages numbered but never written to the history store (left out or failed)",
+            )
+            behind.add_metric([], unwritten)
+            yield behind
 
 
 def _bound(value: float) -> str:

@@ -1,5 +1,6 @@
 // The gateway's browser client: one WebSocket with the gateway.v1.json
-// subprotocol, reconnecting with backoff. No build step, no dependencies.
+// subprotocol, reconnecting with backoff and recovering what it missed meanwhile
+// (offsets and epochs: docs/history.md). No build step, no dependencies.
 "use strict";
 
 (function () {
@@ -41,6 +42,18 @@
   // are joined again after a reconnect.
   let home = null;
   const joined = new Set();
+  // Where we are on each channel that keeps history: the offset of the last message we
+  // have and its epoch, for as long as the tab lives. A reconnect resumes from there.
+  const positions = new Map();
+  // After recovered:false on a channel of the same epoch: what was already shown, so
+  // that the replay that follows does not show it twice.
+  const shown = new Map();
+  // Every peer id this tab has had, and the last messages it sent: those come back in a
+  // recovery (the gateway does not echo them, so our offset is behind them) under an
+  // earlier id, and were shown when sent. After a restart another peer may have that id.
+  const myIds = new Set();
+  const mySent = [];
+  const MAX_SENT = 50;
   let nextId = 1;
   // How this listener signs in (from /signin.json): methods, and whether one may skip it.
   let signin = { methods: [], anonymous: true };
@@ -53,7 +66,69 @@
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     url.hash = "";
     url.search = "";
+    const at = home === null ? undefined : positions.get(home);
+    if (at !== undefined) {
+      // Resume the listener's channel (ours) right after the last message we have.
+      url.search = "?since=" + at.offset + "&epoch=" + encodeURIComponent(at.epoch);
+    }
     return url.href;
+  }
+
+  // Move our position on ``channel`` to what ``event`` says we have (a message, or a
+  // welcome/subscribed event giving the channel's position). A new epoch starts over.
+  function advance(channel, event) {
+    if (typeof event.offset !== "number" || typeof event.epoch !== "string" || !channel) {
+      return;
+    }
+    const at = positions.get(channel);
+    if (at === undefined || at.epoch !== event.epoch) {
+      positions.set(channel, { offset: event.offset, epoch: event.epoch });
+    } else if (event.offset > at.offset) {
+      at.offset = event.offset;
+    }
+  }
+
+  // The answer to a recovery: recovered:false means messages may have been missed here.
+  function recovery(channel, event) {
+    if (event.recovered !== false) {
+      return;
+    }
+    const at = positions.get(channel);
+    if (at !== undefined && at.epoch === event.epoch) {
+      shown.set(channel, { offset: at.offset, epoch: at.epoch });
+    } else {
+      shown.delete(channel);
+    }
+    positions.delete(channel); // start again from what this answer says
+    addMissed(channel);
+  }
+
+  // Whether a recovered or replayed message is one this tab sent under an earlier id.
+  function sentEarlier(event) {
+    if (event.recovered !== true && event.history !== true) {
+      return false;
+    }
+    if (!myIds.has(event.from) || typeof event.text !== "string") {
+      return false;
+    }
+    const i = mySent.findIndex((m) => m.channel === event.channel && m.text === event.text);
+    if (i < 0) {
+      return false;
+    }
+    mySent.splice(i, 1);
+    return true;
+  }
+
+  // Whether a replayed message was shown already (before a gap in the same epoch).
+  function seen(event) {
+    const before = shown.get(event.channel);
+    return (
+      event.history === true &&
+      before !== undefined &&
+      before.epoch === event.epoch &&
+      typeof event.offset === "number" &&
+      event.offset <= before.offset
+    );
   }
 
   function setStatus(state, text) {
@@ -105,6 +180,15 @@
     item.appendChild(span("via", transport));
     item.appendChild(span("channel", options.channel || ""));
     item.appendChild(span(options.binary ? "text binary" : "text", body));
+    append(item);
+  }
+
+  function addMissed(channel) {
+    const item = document.createElement("li");
+    item.className = "missed";
+    item.appendChild(span("when", timeNow()));
+    item.appendChild(span("channel", channel || ""));
+    item.appendChild(span("event", "— some messages were missed —"));
     append(item);
   }
 
@@ -191,6 +275,7 @@
     switch (event.type) {
       case "welcome":
         myId = event.peer;
+        myIds.add(myId);
         retryMs = RETRY_FIRST_MS;
         peers.clear();
         for (const p of event.peers || []) {
@@ -206,8 +291,18 @@
         home = event.channel || null;
         renderChannels();
         addEvent("Connected as " + myId + (event.channel ? " on channel " + event.channel : ""));
+        recovery(home, event);
+        if (event.recovered !== true) {
+          advance(home, event); // else the recovered messages that follow move us on
+        }
         for (const channel of joined) {
-          request({ type: "subscribe", channel: channel }); // again, after a reconnect
+          // Again, after a reconnect: from where we were, when we know it.
+          const at = positions.get(channel);
+          const again = { type: "subscribe", channel: channel };
+          if (at !== undefined && !isPattern(channel)) {
+            again.since = { offset: at.offset, epoch: at.epoch };
+          }
+          request(again);
         }
         break;
       case "join":
@@ -235,10 +330,14 @@
           joined.add(event.channel);
           addEvent("Joined " + event.channel);
         }
+        recovery(event.channel, event);
+        advance(event.channel, event);
         renderChannels();
         break;
       case "unsubscribed":
         joined.delete(event.channel);
+        positions.delete(event.channel);
+        shown.delete(event.channel);
         renderChannels();
         addEvent("Left " + event.channel);
         break;
@@ -251,8 +350,9 @@
         channelError.textContent = event.reason || event.code;
         break;
       case "message":
-        if (event.from === myId) {
-          return; // already shown when sent
+        advance(event.channel, event);
+        if (event.from === myId || sentEarlier(event) || seen(event)) {
+          return; // already shown: when sent, or before the gap
         }
         if (typeof event.text === "string") {
           addMessage(event.from, event.transport, event.text, { channel: event.channel });
@@ -351,6 +451,10 @@
     }
     const channel = targetEl.value || home;
     socket.send(JSON.stringify({ type: "message", channel: channel, text: text }));
+    mySent.push({ channel: channel, text: text });
+    if (mySent.length > MAX_SENT) {
+      mySent.shift();
+    }
     addMessage("you (" + myId + ")", peers.get(myId) || (location.protocol === "https:" ? "wss" : "ws"), text, { mine: true, channel: channel });
     input.value = "";
     input.focus();

@@ -56,6 +56,7 @@ from gateway.config.settings import Config
 from gateway.core.bus import Bus
 from gateway.core.interfaces import IPeer
 from gateway.server import GatewayService
+from gateway.stores.durable import inline_runner as inline_work_runner
 from gateway.testing.clients import (
     DatagramPort,
     Given,
@@ -96,8 +97,14 @@ class MemoryGateway:
         self.reactor = GatewayReactor()
         self._capture = LogCapture()
         globalLogPublisher.addObserver(self._capture)
-        # Password hashes are checked at once (no threads on a memory reactor).
-        self.service = GatewayService(self.config, self.reactor, verifier=Verifier(inline_runner()))
+        # Password hashes are checked, and an sqlite history file written, at once (no
+        # threads on a memory reactor: writes happen when the clock moves, ``flush``).
+        self.service = GatewayService(
+            self.config,
+            self.reactor,
+            verifier=Verifier(inline_runner()),
+            history_runner=inline_work_runner(),
+        )
         self.backplane = FakeBackplane(self.service.bus, self.flush) if backplane else None
         self._connections: list[StreamConnection] = []
         self._ports = itertools.count(40000)
