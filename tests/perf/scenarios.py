@@ -17,10 +17,13 @@ class Scenario:
     rounds: int = 3
     fresh: bool = False  # restart the server before each run (memory baselines)
     timeout: float = 120.0
+    gateway: str = "gateway"  # the server of the "gateway" run (another configuration)
 
     def server(self, run: str) -> str:
-        """The server a run is against: a reference run is the gateway's."""
-        return "gateway" if run == REFERENCE else run
+        """The server a run is against: a reference run is the bench gateway's."""
+        if run == REFERENCE:
+            return "gateway"
+        return self.gateway if run == "gateway" else run
 
     @property
     def servers(self) -> list[str]:
@@ -153,6 +156,17 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
             rounds,
             # A subscriber of a later round would first get the last round's 1,000 messages.
             fresh=True,
+        ),
+        Scenario(
+            "hist_sqlite",
+            "History: tcp100 on a channel that keeps `history = 1000` in the sqlite store, flood",
+            {
+                "gateway": ["--sub", f"tcp://127.0.0.1:{ports.gw_sqlite}", "-n", "100", *flood],
+                REFERENCE: tcp100,
+            },
+            rounds,
+            fresh=True,  # and an empty file at each start
+            gateway="gateway-sqlite",
         ),
         Scenario(
             "tcp1000",

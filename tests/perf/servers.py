@@ -88,6 +88,7 @@ class Ports:
         self.gw_json = free_port()
         self.gw_u32 = free_port()
         self.gw_hist = free_port()
+        self.gw_sqlite = free_port()
         self.gw_tls = free_port()
         self.gw_udp = free_port(socket.SOCK_DGRAM)
         self.gw_dtls = free_port(socket.SOCK_DGRAM)
@@ -174,8 +175,28 @@ generate_dev_cert = true
 """
 
 
+def sqlite_config(ports: Ports) -> str:
+    return f"""# gateway bench configuration: one channel keeping history in the sqlite store.
+[gateway]
+name = "bench"
+
+[history]
+store = "sqlite:history.db"
+
+[channels.hist]
+history = 1000
+
+[[listeners]]
+name = "tcp"
+type = "tcp"
+port = {ports.gw_sqlite}
+channel = "hist"
+"""
+
+
 def servers(ports: Ports, workdir: Path) -> dict[str, Server]:
     (workdir / "gateway.toml").write_text(gateway_config(ports))
+    (workdir / "gateway-sqlite.toml").write_text(sqlite_config(ports))
     (workdir / "nats.conf").write_text(
         f'listen: "127.0.0.1:{ports.nats}"\n'
         f'websocket {{\n  listen: "127.0.0.1:{ports.nats_ws}"\n  no_tls: true\n}}\n'
@@ -184,6 +205,17 @@ def servers(ports: Ports, workdir: Path) -> dict[str, Server]:
         "gateway": Server(
             "gateway",
             [PYTHON, "-m", "gateway", "--config", str(workdir / "gateway.toml")],
+            r"gateway 'bench' .* running",
+        ),
+        # Starts on an empty file each time: a fresh run measures a fresh store.
+        "gateway-sqlite": Server(
+            "gateway-sqlite",
+            [
+                "sh",
+                "-c",
+                'rm -f history.db history.db-*; exec "$0" -m gateway --config gateway-sqlite.toml',
+                PYTHON,
+            ],
             r"gateway 'bench' .* running",
         ),
         "nats": Server(

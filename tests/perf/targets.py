@@ -114,6 +114,7 @@ def checks(table: dict[str, dict[str, Any]]) -> list[Check]:
     throughput("ch1000", REFERENCE, 0.7, "tcp100 deliveries/s (same run)")
     throughput("u32", REFERENCE, 0.9, "tcp100 deliveries/s (same run, lines subscribers)")
     throughput("hist", REFERENCE, 0.85, "tcp100 deliveries/s (same run, no history)")
+    throughput("hist_sqlite", REFERENCE, 0.7, "tcp100 deliveries/s (same run, no history)")
     wild = get("wild", "gateway", "delivered_per_second")
     single = get("wild", REFERENCE, "delivered_per_second")
     r = ratio(wild, single)
