@@ -207,7 +207,7 @@ def test_shipped_config_runs_on_a_fresh_checkout(run_gateway, tmp_path):
     shipped = (Path(__file__).parent.parent / "config.toml").read_text()
     text = re.sub(r"(?m)^port = \d+", "port = 0", shipped)  # never fixed ports in tests
     gw = run_gateway(text)
-    assert set(gw.ports) == {"tcp", "tls", "udp", "ws", "wss"}
+    assert set(gw.ports) == {"tcp", "tls", "udp", "dtls", "ws", "wss"}
     assert (tmp_path / "certs" / "ca.pem").exists()
     assert (tmp_path / "certs" / "server.key").stat().st_mode & 0o777 == 0o600
     tcp = Line(gw.ports["tcp"])
