@@ -134,7 +134,8 @@ class SecureDatagramServer(DatagramServer):
         super().__init__(runtime)
         self.engine: DtlsServer | None = None  # made when the port opens (TLS files load)
         self.sessions: dict[Address, DtlsSession] = {}
-        self.deadlines: dict[DtlsSession, IDelayedCall] = {}  # handshake, then sign-in
+        # The handshake deadline of each session still handshaking (signing in has its own).
+        self.deadlines: dict[DtlsSession, IDelayedCall] = {}
         self.signing_in: dict[DtlsSession, DtlsSignIn] = {}
         # Any record can be a whole handshake flight or the largest message.
         self.read_size = 65535
@@ -170,7 +171,8 @@ class SecureDatagramServer(DatagramServer):
         if address not in self.sessions and len(self.sessions) >= self.config.max_peers:
             self._ignore("udp_max_peers", address, f"max_peers ({self.config.max_peers}) reached")
             return
-        if self.config.auth and self.runtime.context.lockout.refused(str(ip)):
+        # The host as sign-ins count it (DtlsSignIn): the source's own form.
+        if self.config.auth and self.runtime.context.lockout.refused(address[0]):
             self._ignore("auth_lockout", address, "too many failed sign-ins from there")
             return
         assert self.engine is not None
