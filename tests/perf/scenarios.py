@@ -45,6 +45,7 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
     nats = f"nats://127.0.0.1:{ports.nats}"
     tutorial = f"tcp://127.0.0.1:{ports.tutorial}"
     raw = f"tcp://127.0.0.1:{ports.raw}"
+    tls_ceiling_pub = f"tcp://127.0.0.1:{ports.tls_ceiling_pub}"
     many = "300" if quick else "1000"
     idle = "1000" if quick else "10000"
     rounds = 1 if quick else 3
@@ -205,6 +206,44 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
                     f"nats+ws://127.0.0.1:{ports.nats_ws}/",
                     "--pub",
                     nats,
+                    "-n",
+                    "100",
+                    *flood,
+                ],
+            },
+            rounds,
+        ),
+        Scenario(
+            "tls100",
+            "TLS fan-out: 1 TCP publisher, 100 TLS subscribers, flood",
+            {
+                "gateway": ["--sub", urls["tls"], "--pub", gw_tcp, "--ca", ca, "-n", "100", *flood],
+                "tlsceiling": [
+                    "--sub",
+                    f"tls://127.0.0.1:{ports.tls_ceiling}",
+                    "--pub",
+                    tls_ceiling_pub,
+                    "--ca",
+                    ca,
+                    "-n",
+                    "100",
+                    *flood,
+                ],
+            },
+            rounds,
+        ),
+        Scenario(
+            "wss100",
+            "WebSocket-over-TLS fan-out: 1 TCP publisher, 100 wss subscribers, flood",
+            {
+                "gateway": ["--sub", urls["wss"], "--pub", gw_tcp, "--ca", ca, "-n", "100", *flood],
+                "tlsceiling": [
+                    "--sub",
+                    f"wss://127.0.0.1:{ports.wss_ceiling}/ws",
+                    "--pub",
+                    tls_ceiling_pub,
+                    "--ca",
+                    ca,
                     "-n",
                     "100",
                     *flood,

@@ -101,6 +101,9 @@ class Ports:
         self.raw_udp = free_port(socket.SOCK_DGRAM)
         self.autobahn_tcp = free_port()
         self.autobahn_ws = free_port()
+        self.tls_ceiling = free_port()
+        self.wss_ceiling = free_port()
+        self.tls_ceiling_pub = free_port()
 
 
 def gateway_config(ports: Ports) -> str:
@@ -244,6 +247,22 @@ def servers(ports: Ports, workdir: Path) -> dict[str, Server]:
                 "tests.perf.autobahn_server",
                 str(ports.autobahn_tcp),
                 str(ports.autobahn_ws),
+            ],
+            r"listening",
+            cwd=ROOT,
+        ),
+        # The gateway's dev certificate: run.py starts the gateway once to make it first.
+        "tlsceiling": Server(
+            "tlsceiling",
+            [
+                PYTHON,
+                "-m",
+                "tests.perf.tls_server",
+                str(ports.tls_ceiling),
+                str(ports.wss_ceiling),
+                str(ports.tls_ceiling_pub),
+                str(workdir / "certs" / "server.pem"),
+                str(workdir / "certs" / "server.key"),
             ],
             r"listening",
             cwd=ROOT,

@@ -47,6 +47,8 @@ def checks(table: dict[str, dict[str, Any]]) -> list[Check]:
     throughput("tcp1000", "nats", 2, "nats-server")
     throughput("ws100", "autobahn", 15, "Autobahn sendMessage loop")
     throughput("ws100", "nats", 0.7, "nats-server (its WebSocket)")
+    throughput("tls100", "tlsceiling", 0.8, "TLS ceiling (one SSL_write per receiver)")
+    throughput("wss100", "tlsceiling", 0.8, "TLS ceiling, WebSocket frames")
     udp = table.get("mixed", {}).get("gateway", {}).get("transports", {}).get("udp", {})
     udp_rate = udp.get("delivered_per_second")
     ceiling = get("mixed", "raw", "delivered_per_second")
