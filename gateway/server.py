@@ -155,7 +155,7 @@ class GatewayService(MultiService):
         if self.admin_port is not None:
             address: Any = self.admin_port.getHost()
             self.log.info(
-                'listening admin {where} (listener "admin": /healthz /metrics /peers)',
+                'listening admin {where} (listener "admin": /healthz /metrics /peers /stats /channels)',
                 where=host_port(address.host, address.port),
             )
         return list(self.listeners.values())
@@ -198,7 +198,7 @@ class GatewayService(MultiService):
             return
         try:
             self.admin_port = self.reactor.listenTCP(
-                admin.port, AdminSite(self, self.reactor), interface=admin.host
+                admin.port, AdminSite(self, self.reactor, admin), interface=admin.host
             )
         except Exception as e:
             where = f"admin {host_port(admin.host, admin.port)}"

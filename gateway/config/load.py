@@ -12,9 +12,11 @@ import re
 import socket
 import tomllib
 from collections.abc import Mapping
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
+from gateway.auth.credentials import token_digest_error
 from gateway.config.access import check_access, parse_auth, parse_roles
 from gateway.config.errors import ConfigError
 from gateway.config.listeners import NAME_RE, ListenerConfig, parse_listener
@@ -39,8 +41,24 @@ def _admin(root: Table) -> AdminSettings | None:
     if "admin" not in root.data:
         return None
     table = root.table("admin")
-    table.check_keys(("host", "port"))
-    return AdminSettings(host=table.host(), port=table.integer("port", None, 0, 65535))
+    table.check_keys(("host", "port", "token_sha256", "open_metrics"))
+    host = table.host()
+    token = table.string("token_sha256", "") or None
+    if token is not None and (problem := token_digest_error(token)) is not None:
+        raise table.error("token_sha256", problem)
+    if token is None and not ip_address(host).is_loopback:
+        raise table.error(
+            "token_sha256",
+            f"missing: the admin listener is reachable from other hosts ({host}), so it needs "
+            'a token (make one with "gateway token new admin" and give its sha256 here), or '
+            'bind it to loopback (host = "127.0.0.1")',
+        )
+    return AdminSettings(
+        host=host,
+        port=table.integer("port", None, 0, 65535),
+        token_sha256=token.lower() if token else None,
+        open_metrics=table.boolean("open_metrics", False),
+    )
 
 
 def _channels(root: Table) -> dict[str, ChannelSettings]:

@@ -32,10 +32,14 @@ class GatewaySettings:
 
 @dataclass(frozen=True)
 class AdminSettings:
-    """The operator's HTTP listener: /healthz, /metrics, /peers."""
+    """The operator's HTTP listener: /healthz, /metrics, /peers, /stats, /channels, actions."""
 
     host: str
     port: int
+    # SHA-256 (hex) of the admin token; with it, every request needs ``Bearer <token>``.
+    token_sha256: str | None = None
+    # With a token: /healthz and /metrics still answer without one.
+    open_metrics: bool = False
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,12 @@
-"""The operator's HTTP listener: ``/healthz``, ``/metrics`` and ``/peers``.
+"""The operator's HTTP listener: ``/healthz``, ``/metrics``, ``/peers``, ``/stats``,
+``/channels``, and the actions ``POST /peers/<id>/close`` and ``POST /publish``.
 
 Everything here is computed when it is asked for, from counters the hot path
-keeps per batch; scraping costs the fan-out nothing.
+keeps per batch; scraping costs the fan-out nothing. With ``[admin] token_sha256``
+every request needs ``Authorization: Bearer <token>`` (``/healthz`` and
+``/metrics`` not, with ``open_metrics``); actions need the token whatever the
+bind address, so without one configured they are refused. Each action is
+logged with who did it.
 """
 
 from __future__ import annotations
@@ -11,23 +16,37 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
+from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from gateway import __version__
+from gateway.auth.credentials import token_matches
+from gateway.config.settings import AdminSettings
+from gateway.ops import actions
 from gateway.ops.metrics import GatewayCollector, Health
 
 MAX_PAGE = 10_000
+MAX_BODY = 1 << 20
+"""The largest request body an action reads (a message to publish)."""
+
+Render = Callable[[Request], bytes]
 
 
 class _Page(Resource):
     isLeaf = True
 
-    def __init__(self, render: Callable[[Request], bytes]) -> None:
+    def __init__(self, site: AdminSite, get: Render | None, post: Render | None = None) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self._render = render
+        self._site = site
+        self._get = get
+        self._post = post
 
     def render_GET(self, request: Request) -> bytes:
-        return self._render(request)
+        return self._site.guard(request, self._get, open_read=False)
+
+    def render_POST(self, request: Request) -> bytes:
+        return self._site.guard(request, self._post, action=True)
 
 
 class AdminSite(Site):
@@ -35,18 +54,63 @@ class AdminSite(Site):
 
     noisy = False
 
-    def __init__(self, gateway: Health, reactor: Any) -> None:
+    log_actions = Logger()
+
+    def __init__(
+        self, gateway: Health, reactor: Any, settings: AdminSettings | None = None
+    ) -> None:
         self.gateway = gateway
+        self.settings = settings or AdminSettings("127.0.0.1", 0)
+        self.started = reactor.seconds()
+        self.clock = reactor
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(GatewayCollector(gateway))
         root = Resource()
-        root.putChild(b"healthz", _Page(self.healthz))
-        root.putChild(b"metrics", _Page(self.metrics))
-        root.putChild(b"peers", _Page(self.peers))
+        root.putChild(b"healthz", _Open(self, self.healthz))
+        root.putChild(b"metrics", _Open(self, self.metrics))
+        root.putChild(b"peers", _Peers(self))
+        root.putChild(b"stats", _Page(self, self.stats))
+        root.putChild(b"channels", _Page(self, self.channels))
+        root.putChild(b"publish", _Page(self, None, self.publish))
         super().__init__(root, reactor=reactor)  # type: ignore[no-untyped-call]
 
     def log(self, request: Any) -> None:
-        """Scrapes are routine: no access log."""
+        """Scrapes are routine: no access log (actions log themselves)."""
+
+    # Who may ask
+
+    def guard(
+        self, request: Request, render: Render | None, open_read: bool = False, action: bool = False
+    ) -> bytes:
+        """``render`` the answer if the request may have it: 401 without the token when one
+        is set (``open_read``: /healthz, /metrics with ``open_metrics``), 403 for an action
+        when no token is set, 405 for a method the path does not answer."""
+        if render is None:
+            request.setResponseCode(405)
+            return _error(request, "method not allowed here")
+        token = self.settings.token_sha256
+        if token is None:
+            if action:
+                request.setResponseCode(403)
+                return _error(request, "admin actions need [admin] token_sha256")
+            return render(request)
+        if open_read and self.settings.open_metrics:
+            return render(request)
+        header = (request.getHeader("authorization") or "").strip()
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not token_matches(token, value.strip()):
+            request.setResponseCode(401)
+            request.setHeader(b"www-authenticate", b'Bearer realm="gateway admin"')
+            return _error(request, "a valid admin token is needed: Authorization: Bearer <token>")
+        return render(request)
+
+    def _acted(self, request: Request, what: str) -> None:
+        address: Any = request.getClientAddress()
+        self.log_actions.info(
+            "admin: {what} (by the admin token holder from {address})",
+            what=what,
+            address=getattr(address, "host", "?"),
+        )
 
     def healthz(self, request: Request) -> bytes:
         """``ok``; or 503 with one line per problem (``backplane: down``, ``history: sqlite
@@ -75,6 +139,84 @@ class AdminSite(Site):
         page = [bus.peer_info(peer) for peer in bus.attached(offset, limit)]
         body = {"total": bus.peer_count, "offset": offset, "limit": limit, "peers": page}
         return json.dumps(body).encode("utf-8")
+
+    def stats(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        uptime = self.clock.seconds() - self.started
+        return json.dumps(actions.stats(self.gateway.bus, uptime, __version__)).encode()
+
+    def channels(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        try:
+            limit = min(_query_int(request, b"limit", 100), MAX_PAGE)
+        except ValueError as e:
+            request.setResponseCode(400)
+            return _error(request, str(e))
+        return json.dumps(actions.channels(self.gateway.bus, limit)).encode("utf-8")
+
+    def close_peer(self, request: Request, peer_id: str) -> bytes:
+        peer = actions.find_peer(self.gateway.bus, peer_id)
+        if peer is None:
+            request.setResponseCode(404)
+            return _error(request, f"no peer {peer_id!r}")
+        self._acted(request, f"closed {peer_id}")
+        peer.close("closed by the operator")
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"closed": peer_id}).encode("utf-8")
+
+    def publish(self, request: Request) -> bytes:
+        content = request.content
+        data = content.read(MAX_BODY + 1) if content is not None else b""
+        try:
+            if len(data) > MAX_BODY:
+                raise actions.PublishError(f"the body is over {MAX_BODY} bytes")
+            try:
+                body = json.loads(data)
+            except (ValueError, RecursionError):
+                raise actions.PublishError("the body is not JSON") from None
+            limit = self.gateway.config.limits.max_message_bytes
+            channel, reached = actions.publish(self.gateway.bus, body, limit)
+        except actions.PublishError as e:
+            request.setResponseCode(400)
+            return _error(request, str(e))
+        self._acted(request, f"published to {channel}")
+        request.setHeader(b"content-type", b"application/json")
+        return json.dumps({"channel": channel, "reached": reached}).encode("utf-8")
+
+
+class _Open(_Page):
+    """/healthz and /metrics: open without the token when ``open_metrics`` says so."""
+
+    def render_GET(self, request: Request) -> bytes:
+        return self._site.guard(request, self._get, open_read=True)
+
+
+class _Peers(Resource):
+    """``GET /peers`` and ``POST /peers/<id>/close``."""
+
+    isLeaf = True
+
+    def __init__(self, site: AdminSite) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self._site = site
+
+    def render_GET(self, request: Request) -> bytes:
+        if request.postpath not in ([], [b""]):
+            request.setResponseCode(404)
+            return _error(request, "no such page")
+        return self._site.guard(request, self._site.peers)
+
+    def render_POST(self, request: Request) -> bytes:
+        path = request.postpath or []
+        if len(path) != 2 or path[1] != b"close":
+            return self._site.guard(request, None, action=True)
+        peer_id = path[0].decode("utf-8", "replace")
+        return self._site.guard(request, lambda r: self._site.close_peer(r, peer_id), action=True)
+
+
+def _error(request: Request, reason: str) -> bytes:
+    request.setHeader(b"content-type", b"application/json")
+    return json.dumps({"error": reason}).encode("utf-8")
 
 
 def _query_int(request: Request, name: bytes, default: int) -> int:

@@ -13,6 +13,7 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from gateway.config.settings import Config
 from gateway.core.bus import Bus
 from gateway.core.metrics import Metrics
 
@@ -22,6 +23,7 @@ class Health(Protocol):
 
     bus: Bus
     metrics: Metrics
+    config: Config  # the current one (a reload replaces it)
 
     def problems(self) -> list[str]:
         """Why the gateway is not healthy ([] when it is)."""

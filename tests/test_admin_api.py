@@ -1,0 +1,148 @@
+"""The admin API against the real gateway: the admin token, /stats, /channels, and the
+actions (closing a peer, publishing as the operator), each logged with who did it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from gateway.auth.credentials import new_token, token_digest
+from tests.conftest import (
+    GATEWAY,
+    TIMEOUT,
+    GatewayProcess,
+    Line,
+    toml_listener,
+    toml_table,
+    websocket,
+)
+
+TOKEN = new_token()
+
+
+def config(token: bool = True, open_metrics: bool | None = None) -> str:
+    admin: dict[str, Any] = {"port": 0}
+    if token:
+        admin["token_sha256"] = token_digest(TOKEN)
+    if open_metrics is not None:
+        admin["open_metrics"] = open_metrics
+    return (
+        toml_table("admin", **admin)
+        + toml_listener("tcp", welcome="hi {peer}")
+        + toml_listener("ws", ping_interval=0)
+    )
+
+
+def call(
+    gw: GatewayProcess, path: str, body: Any = None, token: str | None = TOKEN
+) -> tuple[int, Any, dict[str, str]]:
+    """(status, parsed JSON or text, headers) of one admin request (POST when ``body``)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{gw.ports['admin']}{path}", data=data)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            status, raw, headers = response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as e:
+        status, raw, headers = e.code, e.read(), dict(e.headers)
+    text = raw.decode()
+    parsed = json.loads(text) if headers.get("Content-Type") == "application/json" else text
+    return status, parsed, headers
+
+
+def test_with_a_token_every_request_needs_it(run_gateway):
+    gw = run_gateway(config(), listeners=3)
+    for path in ("/healthz", "/metrics", "/peers", "/stats", "/channels"):
+        status, body, headers = call(gw, path, token=None)
+        assert status == 401, path
+        assert "Bearer" in body["error"]
+        assert headers["WWW-Authenticate"].startswith("Bearer")
+        assert call(gw, path, token="not-the-token")[0] == 401
+        assert call(gw, path)[0] == 200, path
+    assert TOKEN not in "\n".join(gw.log)
+
+
+def test_open_metrics_leaves_healthz_and_metrics_open(run_gateway):
+    gw = run_gateway(config(open_metrics=True), listeners=3)
+    assert call(gw, "/healthz", token=None)[:2] == (200, "ok\n")
+    assert call(gw, "/metrics", token=None)[0] == 200
+    assert call(gw, "/peers", token=None)[0] == 401
+
+
+def test_stats_and_channels_after_known_traffic(run_gateway):
+    gw = run_gateway(config(), listeners=3)
+    a, b = Line(gw.ports["tcp"]), Line(gw.ports["tcp"])
+    a.line(), b.line()
+    with websocket(gw, "ws", subprotocols=["gateway.v1.json"]) as browser:
+        browser.recv(timeout=TIMEOUT)  # welcome
+        browser.send('{"type":"subscribe","channel":"room.1"}')
+        browser.recv(timeout=TIMEOUT)
+        a.send(b"one\ntwo\n")
+        assert b.lines(2) == [b"one", b"two"]
+        status, stats, _ = call(gw, "/stats")
+        assert status == 200
+        assert stats["connections"] == {"tcp": 2, "ws": 1}
+        assert stats["peers"] == 3
+        assert stats["messages_received"] == 2
+        assert stats["messages_delivered"] >= 4  # b and the browser, twice each
+        assert stats["uptime_seconds"] > 0 and stats["version"]
+        status, listed, _ = call(gw, "/channels?limit=1")
+        assert status == 200
+        assert listed == {
+            "total": 2,
+            "limit": 1,
+            "channels": [{"channel": "main", "subscribers": 3}],
+        }
+    assert call(gw, "/channels?limit=x")[0] == 400
+
+
+def test_the_operator_closes_a_peer_and_publishes_and_both_are_logged(run_gateway):
+    gw = run_gateway(config(), listeners=3)
+    a, b = Line(gw.ports["tcp"]), Line(gw.ports["tcp"])
+    assert a.line() == b"hi tcp-1"
+    b.line()
+    status, body, _ = call(gw, "/publish", {"channel": "main", "text": "from the operator"})
+    assert (status, body) == (200, {"channel": "main", "reached": 2})
+    assert a.line() == b"from the operator" and b.line() == b"from the operator"
+    gw.wait_for(r"admin: published to main \(by the admin token holder from 127\.0\.0\.1\)")
+    assert call(gw, "/peers/tcp-2/close", {})[:2] == (200, {"closed": "tcp-2"})
+    assert b.closed()
+    gw.wait_for(r"tcp-2 disconnected \(closed by the operator\)")
+    gw.wait_for(r"admin: closed tcp-2 \(by the admin token holder")
+    assert call(gw, "/peers/tcp-9/close", {})[0] == 404
+    assert call(gw, "/publish", {"channel": "room.*", "text": "x"})[0] == 400
+    assert call(gw, "/publish", {"channel": "main"})[0] == 400
+    assert call(gw, "/publish", {"channel": "main", "base64": "%%"})[0] == 400
+    assert call(gw, "/publish", {"channel": "main", "text": "x"}, token=None)[0] == 401
+    assert call(gw, "/stats", {})[0] == 405
+
+
+def test_without_a_token_reads_are_open_on_loopback_and_actions_refused(run_gateway):
+    gw = run_gateway(config(token=False), listeners=3)
+    assert call(gw, "/stats", token=None)[0] == 200
+    status, body, _ = call(gw, "/publish", {"channel": "main", "text": "x"}, token=None)
+    assert status == 403 and "token_sha256" in body["error"]
+    assert call(gw, "/peers/tcp-1/close", {}, token=None)[0] == 403
+
+
+@pytest.mark.parametrize(
+    ("admin", "wanted"),
+    [
+        ('host = "0.0.0.0"\nport = 0', "admin.token_sha256: missing: the admin listener is"),
+        ('port = 0\ntoken_sha256 = "abc"', "admin.token_sha256: expected the 64 hex digits"),
+    ],
+)
+def test_admin_config_errors_name_the_key(tmp_path, admin, wanted):
+    path = tmp_path / "gateway.toml"
+    path.write_text(f"[admin]\n{admin}\n" + toml_listener("tcp"))
+    done = subprocess.run(
+        [*GATEWAY, "--config", str(path), "--check"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert wanted in done.stderr
