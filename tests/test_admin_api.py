@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import urllib.error
 import urllib.request
 from typing import Any
@@ -146,3 +147,43 @@ def test_admin_config_errors_name_the_key(tmp_path, admin, wanted):
     )
     assert done.returncode == 2
     assert wanted in done.stderr
+
+
+def test_gateway_top_once_shows_totals_and_the_busiest_peers(run_gateway):
+    gw = run_gateway(config(), listeners=3)
+    quiet, busy = Line(gw.ports["tcp"]), Line(gw.ports["tcp"])
+    quiet.line(), busy.line()
+    admin = f"http://127.0.0.1:{gw.ports['admin']}"
+    top = subprocess.Popen(
+        [*GATEWAY, "top", "--once", "--admin", admin, "--token", TOKEN, "--sort", "in"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    done = threading.Event()
+
+    def chatter() -> None:  # keeps busy busy until top has taken both samples
+        while not done.wait(0.01):
+            busy.send(b"tick\n")
+
+    sender = threading.Thread(target=chatter)
+    sender.start()
+    try:
+        out, err = top.communicate(timeout=TIMEOUT)
+    finally:
+        done.set()
+        sender.join()
+    assert top.returncode == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("gateway ") and "peers 2" in lines[0]
+    assert lines[1] == "connections: tcp 2"
+    assert lines[2].startswith("messages: in ")
+    header = next(i for i, line in enumerate(lines) if line.startswith("PEER"))
+    assert "sorted by in/s" in lines[header]
+    assert lines[header + 1].startswith("tcp-2 ")  # the busy one first
+    assert lines[header + 2].startswith("tcp-1 ")
+    refused = subprocess.run(
+        [*GATEWAY, "top", "--once", "--admin", admin], capture_output=True, text=True, timeout=30
+    )
+    assert refused.returncode == 1
+    assert "needs the admin token: give --token" in refused.stderr

@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger, globalLogBeginner
 
 from gateway import __version__
-from gateway.cli import auth_tools
+from gateway.cli import auth_tools, top
 from gateway.config import Config, ConfigError, load
 
 log = Logger(namespace="gateway")
@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     certs.add_argument("--client", metavar="NAME", help="also make a client certificate NAME")
     certs.add_argument("--force", action="store_true", help="replace existing files")
     auth_tools.add_commands(commands)
+    top.add_commands(commands)
     # Listed here; its arguments live in gateway.bench, loaded only when it runs.
     commands.add_parser("bench", help=BENCH_HELP, add_help=False)
     return parser
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> NoReturn:
         sys.exit(_make_certs(args))
     if args.command in auth_tools.COMMANDS:
         sys.exit(auth_tools.run(args))
+    if args.command in top.COMMANDS:
+        sys.exit(top.run(args))
     if args.config is None:
         parser.error("give --config PATH to run a gateway, or a command such as 'client'")
     try:
