@@ -1,5 +1,6 @@
 """The operator's HTTP listener: ``/healthz``, ``/metrics``, ``/peers``, ``/stats``,
-``/channels``, and the actions ``POST /peers/<id>/close`` and ``POST /publish``.
+``/channels``, and the actions ``POST /peers/<id>/close`` and ``POST /publish``; the
+live page at ``/`` and its ``/events`` (``gateway.ops.live``).
 
 Everything here is computed when it is asked for, from counters the hot path
 keeps per batch; scraping costs the fan-out nothing. With ``[admin] token_sha256``
@@ -23,7 +24,7 @@ from twisted.web.server import Request, Site
 from gateway import __version__
 from gateway.auth.credentials import token_matches
 from gateway.config.settings import AdminSettings
-from gateway.ops import actions
+from gateway.ops import actions, live
 from gateway.ops.metrics import GatewayCollector, Health
 
 MAX_PAGE = 10_000
@@ -72,6 +73,7 @@ class AdminSite(Site):
         root.putChild(b"stats", _Page(self, self.stats))
         root.putChild(b"channels", _Page(self, self.channels))
         root.putChild(b"publish", _Page(self, None, self.publish))
+        live.add_page(root, self)
         super().__init__(root, reactor=reactor)  # type: ignore[no-untyped-call]
 
     def log(self, request: Any) -> None:
@@ -96,13 +98,30 @@ class AdminSite(Site):
             return render(request)
         if open_read and self.settings.open_metrics:
             return render(request)
+        if not self.authorized(request):
+            return self.refuse(request)
+        return render(request)
+
+    def authorized(self, request: Request, query_token: bool = False) -> bool:
+        """Whether ``request`` carries the admin token (always, when none is set): as
+        ``Authorization: Bearer``, or with ``query_token`` as ``?token=`` (``/events``)."""
+        token = self.settings.token_sha256
+        if token is None:
+            return True
         header = (request.getHeader("authorization") or "").strip()
         scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not token_matches(token, value.strip()):
-            request.setResponseCode(401)
-            request.setHeader(b"www-authenticate", b'Bearer realm="gateway admin"')
-            return _error(request, "a valid admin token is needed: Authorization: Bearer <token>")
-        return render(request)
+        if scheme.lower() == "bearer" and token_matches(token, value.strip()):
+            return True
+        given = (request.args or {}).get(b"token") if query_token else None
+        if not given:
+            return False
+        return token_matches(token, given[0].decode("utf-8", "replace"))
+
+    def refuse(self, request: Request) -> bytes:
+        """The 401 answer to a request without the token."""
+        request.setResponseCode(401)
+        request.setHeader(b"www-authenticate", b'Bearer realm="gateway admin"')
+        return _error(request, "a valid admin token is needed: Authorization: Bearer <token>")
 
     def _acted(self, request: Request, what: str) -> None:
         address: Any = request.getClientAddress()
