@@ -116,13 +116,6 @@ class BinaryProtocol(StreamProtocol):
             kinds = _BINARY * len(payloads)
             self.bus.publish(self, Batch(self.origin, self.channel, payloads, kinds))
 
-    def _wait_bounded(self, data: bytes) -> None:
-        """Keep what arrives while a sign-in is checked (reading is paused: only what was
-        in flight arrives meanwhile, but a peer must not make it grow without bound)."""
-        self._buffer += data
-        if len(self._buffer) > 2 * self.max_message_bytes + 65536:
-            self._too_long(len(self._buffer))
-
 
 class PrefixedProtocol(BinaryProtocol):
     """A ``u16``/``u32`` peer: length-prefixed messages, both ways (``u32`` carries any
@@ -199,7 +192,7 @@ class PrefixedProtocol(BinaryProtocol):
         """Until signed in: the first message is the sign-in; what follows waits, unread."""
         assert self._signin is not None
         if self._signin.checking:
-            self._wait_bounded(data)
+            self._hold(self._buffer + data)
             return
         payloads, offset, over = self._split(data, first_only=True)
         if over:
@@ -243,7 +236,7 @@ class ChunkProtocol(BinaryProtocol):
             return
         if self._signin is not None:
             if self._signin.checking:
-                self._wait_bounded(data)
+                self._hold(self._buffer + data)
             elif data:
                 # No message boundaries, so nothing read can be a sign-in: only "cert".
                 self._buffer = data

@@ -69,6 +69,7 @@ class LineProtocol(StreamProtocol):
     """One stream peer: splits its bytes into lines and relays them as batches."""
 
     framer = LINE_FRAMER
+    message_slack = 1  # the '\r' of a '\r\n' ending
     _first_line = b""  # while signing in: the first line, kept in case it is no sign-in
 
     def __init__(self, runtime: ListenerRuntime) -> None:
@@ -124,16 +125,13 @@ class LineProtocol(StreamProtocol):
         """Until signed in: the first line is the sign-in; what follows waits, unread."""
         assert self._signin is not None
         if self._signin.checking:
-            # Reading is paused: at most what was in flight arrives meanwhile.
-            self._buffer = data
-            if len(data) > 2 * (self.max_message_bytes + 1) + 65536:
-                self._too_long(len(data))
+            self._hold(data)
             return
         end = data.find(b"\n")
         if end < 0:
             self._keep_partial(data)
             return
-        if end > self.max_message_bytes + 1:
+        if end > self.max_message_bytes + self.message_slack:
             self._too_long(end)
             return
         self._buffer = data[end + 1 :]
@@ -202,7 +200,7 @@ class LineProtocol(StreamProtocol):
 
     def _keep_partial(self, rest: bytes) -> None:
         # One byte over the limit is allowed for the '\r' of a '\r\n' ending.
-        if len(rest) > self.max_message_bytes + 1:
+        if len(rest) > self.max_message_bytes + self.message_slack:
             self._buffer = b""
             self._too_long(len(rest))
         else:

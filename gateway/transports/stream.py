@@ -66,6 +66,19 @@ class StreamProtocol(StreamPeer, Protocol):
             why = f"connection lost: {reason.getErrorMessage()}"
         self._gone(why)
 
+    # Signing in
+
+    # Bytes a message may take on the wire beyond ``max_message_bytes`` (lines: the '\r').
+    message_slack = 0
+
+    def _hold(self, pending: bytes) -> None:
+        """Keep ``pending`` (all that waits) while a sign-in is checked: reading is paused,
+        so only what was in flight arrives meanwhile, but a peer must not make it grow
+        without bound."""
+        self._buffer = pending
+        if len(pending) > 2 * (self.max_message_bytes + self.message_slack) + 65536:
+            self._too_long(len(pending))
+
     # Too long
 
     def _too_long(self, size: int) -> None:
