@@ -172,6 +172,13 @@ def test_tokens_are_fresh_and_long():
     assert all(len(t) >= 43 for t in tokens)
 
 
+def test_a_token_never_starts_like_a_command_line_option():
+    # One random token in 64 would begin with "-"; 2,000 of them meet that ~31 times.
+    tokens = [new_token() for _ in range(2000)]
+    assert not any(token.startswith("-") for token in tokens)
+    assert any("-" in token for token in tokens)  # "-" stays in the alphabet elsewhere
+
+
 def test_the_digest_is_lowercase_hex_sha256_of_the_utf8_text():
     assert token_digest("abc") == hashlib.sha256(b"abc").hexdigest()
     assert token_digest("é") == hashlib.sha256("é".encode()).hexdigest()

@@ -123,8 +123,12 @@ def _unpadded_b64(text: str) -> bytes | None:
 
 
 def new_token() -> str:
-    """A fresh random opaque token (256 bits, URL-safe text)."""
-    return secrets.token_urlsafe(32)
+    """A fresh random opaque token (256 bits, URL-safe text), never starting with ``-``:
+    a command line would take such a token (``--token -x...``) for an option."""
+    while True:
+        token = secrets.token_urlsafe(32)
+        if not token.startswith("-"):
+            return token
 
 
 def token_digest(token: str) -> str:
