@@ -6,8 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.core.archive import Recall, recall
 from gateway.core.bus import Bus, SubscriptionError
 from gateway.core.channels import matches
+from gateway.core.history import deliver_all
 from gateway.testing import MemoryGateway
 from gateway.transports.app import AppPeer, Message
 
@@ -124,7 +126,10 @@ def test_history_replays_for_a_subscribed_channel():
     sender.publish("a", "b", "c", channel="room.1")
     late, got = peer(bus, channel="x")
     late.subscribe("room.1")
-    assert bus.replay_history(late, "room.1") == 2
+    found: list[Recall] = []
+    recall(bus, late, "room.1", None, found.append)
+    assert found[0].position == (3, bus.history.position("room.1")[1])  # type: ignore[index]
+    assert deliver_all(late, found[0].batches) == 2
     assert [(m.text, m.history) for m in got] == [("b", True), ("c", True)]
 
 

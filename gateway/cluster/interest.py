@@ -38,7 +38,7 @@ class Interest:
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self._exact: set[bytes] = set()  # wanted channels
+        self._exact: Counter[bytes] = Counter()  # wanted channels, with how many wants each
         self._globs: Counter[bytes] = Counter()  # wanted globs, with how many patterns each
         self._active_exact: set[bytes] = set()
         self._active_globs: dict[bytes, re.Pattern[bytes]] = {}
@@ -48,16 +48,16 @@ class Interest:
         return f"{self.prefix}:{channel}".encode()
 
     def want(self, subscription: str) -> Command | None:
-        """A local peer is the first to subscribe to ``subscription`` (name or pattern)."""
+        """A local peer is the first to subscribe to ``subscription`` (name or pattern), or
+        the history store needs a name's publications for a while (``reserve``): each
+        ``want`` is undone by one ``unwant``."""
         if has_wildcard(subscription):
             glob = glob_of(self.prefix, subscription)
             self._globs[glob] += 1
             return ("PSUBSCRIBE", glob) if self._globs[glob] == 1 else None
         key = self.key(subscription)
-        if key in self._exact:
-            return None
-        self._exact.add(key)
-        return "SUBSCRIBE", key
+        self._exact[key] += 1
+        return ("SUBSCRIBE", key) if self._exact[key] == 1 else None
 
     def unwant(self, subscription: str) -> Command | None:
         """The last local subscriber of ``subscription`` is gone."""
@@ -71,9 +71,12 @@ class Interest:
             del self._globs[glob]
             return "PUNSUBSCRIBE", glob
         key = self.key(subscription)
-        if key not in self._exact:
+        if self._exact[key] <= 0:
             return None
-        self._exact.discard(key)
+        self._exact[key] -= 1
+        if self._exact[key]:
+            return None
+        del self._exact[key]
         return "UNSUBSCRIBE", key
 
     def wanted(self) -> list[Command]:
@@ -97,6 +100,10 @@ class Interest:
         else:
             self._active_globs.pop(name, None)
             self._order = sorted(self._active_globs)
+
+    def active(self, key: bytes) -> bool:
+        """Whether Redis has confirmed ``SUBSCRIBE key`` (its publications come now)."""
+        return key in self._active_exact
 
     def reset(self) -> None:
         """The subscribed connection is gone: nothing is active any more."""

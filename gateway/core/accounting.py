@@ -91,3 +91,24 @@ class Entry:
             messages += group.messages - base_messages
             size += group.bytes - base_bytes
         return messages, size
+
+    def info(self, peer: IPeer) -> dict[str, object]:
+        """What ``/peers`` shows about ``peer`` (this is its entry)."""
+        messages_out, bytes_out = self.out(peer)
+        origin = peer.origin
+        return {
+            "id": origin.peer_id,
+            "listener": origin.listener,
+            "transport": origin.transport,
+            "channel": peer.channel,
+            "subscriptions": self.subscriptions(),
+            "address": peer.address,
+            "connected_since": self.since,
+            "messages_in": self.messages_in,
+            "bytes_in": self.bytes_in,
+            "messages_out": messages_out,
+            "bytes_out": bytes_out,
+            "pending_bytes": peer.pending_bytes,
+            "tls_subject": peer.subject,
+            "user": origin.user,
+        }

@@ -20,8 +20,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from gateway.core.accounting import Entry
+from gateway.core.archive import Archive, recall
 from gateway.core.channels import has_wildcard, is_pattern
-from gateway.core.history import History, deliver_all, may_replay
+from gateway.core.history import History, deliver_all
 from gateway.core.interfaces import IPeer
 from gateway.core.message import Batch, Origin
 from gateway.core.metrics import Metrics
@@ -85,6 +86,8 @@ class Bus:
         self._entries: dict[IPeer, Entry] = {}
         self._ids: dict[str, itertools.count[int]] = {}
         self.backplane: Backplane | None = None
+        # A history store shared by a cluster: it numbers and delivers history channels.
+        self.archive: Archive | None = None
         # Publishes made while a fan-out runs, delivered right after it.
         self._fanning = False
         self._queued: deque[tuple[IPeer, Batch]] = deque()
@@ -128,17 +131,31 @@ class Bus:
             return list(self._entries)
         return self.routes.members(channel)
 
-    def attach(self, peer: IPeer) -> int:
+    def attach(self, peer: IPeer, later: bool = False) -> int:
         """Add ``peer``, subscribed to its channel (if its permissions allow that);
-        returns the number of peers attached."""
+        returns the number of peers attached. With ``later``, a channel the archive
+        keeps is subscribed to by ``replay_history`` (or ``gateway.core.archive.recall``
+        with ``start``), which the caller then calls."""
         if peer not in self._entries:
             self._entries[peer] = Entry(self.clock.seconds() if self.clock else 0.0)
-            permissions = peer.permissions
-            if permissions is None or permissions.may_subscribe(peer.channel):
-                self._subscribe(peer, peer.channel)
-            else:
-                self.metrics.deny("subscribe")
+            archive = self.archive
+            if not later or archive is None or not archive.keeps(peer.channel):
+                self.start(peer)
         return len(self._entries)
+
+    def start(self, peer: IPeer) -> None:
+        """Subscribe an attached ``peer`` to its own channel, if it is not and may."""
+        entry = self._entries.get(peer)
+        if entry is None or entry.has(peer.channel):
+            return
+        permissions = peer.permissions
+        if permissions is None or permissions.may_subscribe(peer.channel):
+            self._subscribe(peer, peer.channel, entry)
+        else:
+            self.metrics.deny("subscribe")
+
+    def is_attached(self, peer: IPeer) -> bool:
+        return peer in self._entries
 
     def detach(self, peer: IPeer) -> None:
         """Remove ``peer`` and its subscriptions; harmless when it is not attached."""
@@ -284,6 +301,9 @@ class Bus:
         if entry is not None:
             entry.messages_in += count
             entry.bytes_in += size
+        archive = self.archive
+        if archive is not None and archive.sequence(sender, batch):
+            return 0  # numbered, and delivered when Redis publishes it (every node alike)
         started = self.timer()
         reached = self._fan_out(batch, None if sender.echo else sender)
         self.metrics.fan_out_seconds.observe(self.timer() - started)
@@ -295,6 +315,11 @@ class Bus:
         """Deliver ``batch`` that a peer of another node sent; returns receivers reached."""
         self.metrics.remote_messages_received += len(batch.payloads)
         return self._fan_out(batch, None)
+
+    def deliver_numbered(self, batch: Batch, skip: IPeer | None) -> int:
+        """Deliver a local sender's ``batch`` once the archive numbered it (``skip``: the
+        sender, unless it wants its own messages)."""
+        return self._fan_out(batch, skip)
 
     def _fan_out(self, batch: Batch, skip: IPeer | None) -> int:
         self.history.record(batch)
@@ -338,13 +363,10 @@ class Bus:
             entry.skipped_messages += count
             entry.skipped_bytes += size
 
-    def replay_history(self, peer: IPeer, channel: str | None = None) -> int:
-        """Send ``peer`` the remembered messages of ``channel`` (default: its own), oldest
-        first, if it may receive them; returns how many."""
-        name = channel if channel is not None else peer.channel
-        if not may_replay(peer, name):
-            return 0
-        return deliver_all(peer, self.history.replay(name))
+    def replay_history(self, peer: IPeer) -> None:
+        """Send a peer that just attached its channel's last messages, oldest first, if it
+        may receive them (subscribing it then, when ``attach`` left that for later)."""
+        recall(self, peer, peer.channel, None, lambda found: deliver_all(peer, found.batches), True)
 
     # Counting
 
@@ -374,26 +396,7 @@ class Bus:
     def peer_info(self, peer: IPeer) -> dict[str, object] | None:
         """What ``/peers`` shows about ``peer`` (None when it is not attached)."""
         entry = self._entries.get(peer)
-        if entry is None:
-            return None
-        messages_out, bytes_out = entry.out(peer)
-        origin = peer.origin
-        return {
-            "id": origin.peer_id,
-            "listener": origin.listener,
-            "transport": origin.transport,
-            "channel": peer.channel,
-            "subscriptions": entry.subscriptions(),
-            "address": peer.address,
-            "connected_since": entry.since,
-            "messages_in": entry.messages_in,
-            "bytes_in": entry.bytes_in,
-            "messages_out": messages_out,
-            "bytes_out": bytes_out,
-            "pending_bytes": peer.pending_bytes,
-            "tls_subject": peer.subject,
-            "user": origin.user,
-        }
+        return None if entry is None else entry.info(peer)
 
     def _receiver_failed(self, peer: IPeer) -> None:
         self.log.failure("delivery to {peer} failed; closing it", peer=peer.origin.peer_id)

@@ -213,6 +213,9 @@ class History:
         self._kept: dict[str, ChannelLog | None] = {}
         # A durable store, told of every change (None: the memory store alone).
         self.journal: Journal | None = None
+        # False when a cluster's archive numbers the batches (``[history] store = "redis"``):
+        # the logs then only tell which channels keep history, and how much.
+        self.numbering = True
 
     def _now(self) -> float:
         return self.clock.seconds() if self.clock is not None else 0.0
@@ -273,6 +276,8 @@ class History:
 
     def record(self, batch: Batch) -> None:
         """Number and remember ``batch`` if its channel keeps history."""
+        if not self.numbering:
+            return
         log = self._kept.get(batch.channel, _UNKNOWN)
         if log is _UNKNOWN:
             log = self.of(batch.channel)

@@ -155,7 +155,7 @@ class ListenerRuntime:
 
     def attach(self, peer: IPeer, verb: str = "connected", extra: str = "") -> int:
         """Put ``peer`` on the bus and log it; returns the peers attached."""
-        count = self.bus.attach(peer)
+        count = self.bus.attach(peer, later=True)  # the caller then greets it
         self.log.info(
             '{peer} {verb} from {address} (listener "{listener}", {count} peers{extra})',
             peer=peer.origin.peer_id,

@@ -12,15 +12,17 @@ one event.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, Protocol
 
 from twisted.logger import Logger
 
+from gateway.core.archive import Recall, recall
 from gateway.core.bus import Bus, SubscriptionError
 from gateway.core.channels import has_wildcard
-from gateway.core.history import deliver_all, may_replay
+from gateway.core.history import deliver_all
 from gateway.core.interfaces import IFramer, IPeer
-from gateway.core.message import Batch, Kind
+from gateway.core.message import Kind
 from gateway.core.presence import RemotePeer
 from gateway.transports.envelopes import Request, RequestError, parse_request, plain_message
 from gateway.transports.signin import Attempt, parse_attempt
@@ -133,16 +135,18 @@ class JsonSession:
     def join(self, count: int, since: tuple[int, str] | None = None) -> None:
         """The welcome, then the peer's channel's history: its last messages, or with
         ``since`` (the offset and epoch a WebSocket URL gave) the messages after it,
-        recovered, when they are all kept (the welcome says whether they are)."""
+        recovered, when they are all kept (the welcome says whether they are). The
+        peer's subscription to its channel begins with the welcome (with a cluster's
+        history store: once it answered)."""
         peer = self.peer
-        missed = None if since is None else self._missed(peer.channel, since)
-        self.welcome(count, None if since is None else missed is not None)
-        if missed is None:
-            self.bus.replay_history(peer)
-        else:
-            deliver_all(peer, missed)
 
-    def welcome(self, count: int, recovered: bool | None = None) -> None:
+        def joined(found: Recall) -> None:
+            self.welcome(count, found)
+            deliver_all(peer, found.batches)
+
+        recall(self.bus, peer, peer.channel, since, joined, start=True)
+
+    def welcome(self, count: int, found: Recall) -> None:
         """Send the ``welcome`` event, and start hearing about the peer's channel (unless
         its permissions kept it from subscribing to it: then it hears of nobody there)."""
         peer = self.peer
@@ -153,9 +157,9 @@ class JsonSession:
         fields["channel"] = peer.channel
         joined = peer.channel in self.bus.subscriptions(peer)
         if joined:
-            fields.update(self._position(peer.channel))
-        if recovered is not None:
-            fields["recovered"] = recovered
+            fields.update(_position(found))
+        if found.recovered is not None:
+            fields["recovered"] = found.recovered
         if not self.presence:
             self.send({**fields, "presence": False})
             return
@@ -206,58 +210,48 @@ class JsonSession:
         pattern = request.channel
         assert pattern is not None
         try:
-            if request.type == "subscribe":
-                new = self.bus.subscribe(peer, pattern)
-            else:
+            if request.type == "unsubscribe":
                 self.bus.unsubscribe(peer, pattern)
+            elif has_wildcard(pattern):
+                self.bus.subscribe(peer, pattern)
+            else:
+                recall(self.bus, peer, pattern, request.since, partial(self._subscribed, request))
+                return None
         except SubscriptionError as e:
             self.send(request.answer(type="error", code=e.code, reason=e.reason))
             return None
-        if request.since is not None:
-            self._recover(request, pattern, request.since, new)
-        elif request.type == "subscribe":
-            if has_wildcard(pattern):
-                self.send(request.answer(type="subscribed", channel=pattern))
-                return None
-            self.send(request.answer(type="subscribed", channel=pattern, **self._position(pattern)))
-            if new:
-                if self.presence:
-                    self.relays.add(peer, pattern)
-                self.bus.replay_history(peer, pattern)
+        if request.type == "subscribe":
+            self.send(request.answer(type="subscribed", channel=pattern))
         else:
             self.relays.discard(peer, pattern)
             self.send(request.answer(type="unsubscribed", channel=pattern))
         return None
 
-    def _recover(self, request: Request, channel: str, since: tuple[int, str], new: bool) -> None:
-        """A subscribe with ``since``: the messages after it (each ``recovered``), then
+    def _subscribed(self, request: Request, found: Recall) -> None:
+        """A subscribe to a channel name, now that what the peer is owed there is known.
+
+        Without ``since``: ``subscribed`` (the channel's position), then its last
+        messages. With ``since``: the messages after it (each ``recovered``), then
         ``subscribed`` with ``"recovered":true``; or, when they are not all kept,
-        ``"recovered":false`` and the last messages as a plain replay."""
-        peer = self.peer
-        missed = self._missed(channel, since)
-        if missed is not None:
-            deliver_all(peer, missed)
-        position = self._position(channel)
-        recovered = missed is not None
-        self.send(
-            request.answer(type="subscribed", channel=channel, recovered=recovered, **position)
-        )
+        ``"recovered":false`` and the last messages as a plain replay. The subscription
+        takes effect in the same step: no live message comes in between."""
+        peer, channel = self.peer, request.channel
+        assert channel is not None
+        try:
+            new = self.bus.subscribe(peer, channel)
+        except SubscriptionError as e:
+            self.send(request.answer(type="error", code=e.code, reason=e.reason))
+            return
+        fields = _position(found)
+        if found.recovered:
+            deliver_all(peer, found.batches)
+        if found.recovered is not None:
+            fields["recovered"] = found.recovered
+        self.send(request.answer(type="subscribed", channel=channel, **fields))
         if new and self.presence:
             self.relays.add(peer, channel)
-        if missed is None:
-            self.bus.replay_history(peer, channel)
-
-    def _missed(self, channel: str, since: tuple[int, str]) -> list[Batch] | None:
-        """What the peer missed on ``channel`` after ``since``, or None when that cannot
-        be told (or it may not have it)."""
-        if not may_replay(self.peer, channel):
-            return None
-        return self.bus.history.since(channel, *since)
-
-    def _position(self, channel: str) -> dict[str, Any]:
-        """``offset`` (the last given) and ``epoch`` of a channel name that keeps history."""
-        position = self.bus.history.position(channel)
-        return {} if position is None else {"offset": position[0], "epoch": position[1]}
+        if found.recovered is False or (found.recovered is None and new):
+            deliver_all(peer, found.batches)
 
     def forbidden(self, action: str, channel: str) -> None:
         """Tell the client it was refused ``action`` on ``channel`` (see ``IPeer.forbidden``)."""
@@ -270,6 +264,12 @@ class JsonSession:
     def send(self, fields: dict[str, Any]) -> None:
         """Send the client one event."""
         self.peer.deliver(_event(self.peer, fields))
+
+
+def _position(found: Recall) -> dict[str, Any]:
+    """``offset`` (the last given) and ``epoch`` of a channel name that keeps history."""
+    position = found.position
+    return {} if position is None else {"offset": position[0], "epoch": position[1]}
 
 
 def _refusal(action: str, channel: str) -> dict[str, Any]:

@@ -306,11 +306,11 @@ class DatagramServer(DatagramProtocol):
         self.peers[address] = peer
         count = self.runtime.attach(peer, verb="joined")
         if peer.session is not None:
-            peer.session.welcome(count)
-        else:
-            text = self.runtime.welcome_text(count, peer.origin)  # dtls listeners have one
-            if text is not None:
-                tell(peer, text, peer.channel)
+            peer.session.join(count)
+            return peer
+        text = self.runtime.welcome_text(count, peer.origin)  # dtls listeners have one
+        if text is not None:
+            tell(peer, text, peer.channel)
         self.bus.replay_history(peer)
         return peer
 
