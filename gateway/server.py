@@ -125,6 +125,10 @@ class GatewayService(MultiService):
             self.backplane = Backplane(config.cluster, self.bus, reactor)
             self.bus.backplane = self.backplane
             self.backplane.setServiceParent(self)  # type: ignore[no-untyped-call]
+            if config.history.store == "redis":
+                from gateway.cluster.archive import keep_history
+
+                keep_history(self.backplane)
 
     def _history_size(self, channel: str) -> int:
         return self.config.channel(channel).history
@@ -324,6 +328,9 @@ class GatewayService(MultiService):
 
     def history_state(self) -> tuple[str, str | None, int]:
         store = self.store
+        if self.config.history.store == "redis":
+            up = self.backplane is not None and self.backplane.is_up
+            return "redis", None if up else "Redis unreachable", 0
         if store is None:
             return "memory", None, 0
         return store.kind, store.problem, store.unwritten

@@ -181,4 +181,7 @@ def test_a_history_file_that_cannot_be_opened_stops_the_start_with_status_1(tmp_
         timeout=TIMEOUT,
     )
     assert done.returncode == 2
-    assert done.stderr.startswith(f'{config}: history.store: "redis" is not available yet')
+    assert done.stderr.startswith(
+        f'{config}: history.store: "redis" keeps history in the [cluster] Redis: add a '
+        "[cluster] table"
+    )

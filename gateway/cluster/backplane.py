@@ -18,7 +18,7 @@ docs/scaling.md for why.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import txredisapi
 from twisted.application.service import Service
@@ -47,6 +47,9 @@ from gateway.config import ClusterSettings
 from gateway.core.bus import Bus
 from gateway.core.channels import has_wildcard
 from gateway.core.message import Batch, Origin
+
+if TYPE_CHECKING:
+    from gateway.cluster.archive import RedisArchive
 
 
 class Backplane(Service):
@@ -95,6 +98,8 @@ class Backplane(Service):
         # copy of a publication it takes.
         self.interest = Interest(settings.prefix)
         self.inbox = Inbox(bus, self.node, self.interest)
+        # ``[history] store = "redis"`` (``keep_history``).
+        self.archive: RedisArchive | None = None
         # Every frame starts with an array header, the version and the type (one
         # byte each), then the node id: this is how ours looks there.
         self._link: Link | None = None
@@ -123,6 +128,11 @@ class Backplane(Service):
         return self._up is not None
 
     @property
+    def link(self) -> Link | None:
+        """The link while it is up (both connections, Redis answering), else None."""
+        return self._up
+
+    @property
     def pending_bytes(self) -> int:
         """Bytes published and not yet acknowledged by Redis."""
         return self._pending_bytes
@@ -145,6 +155,7 @@ class Backplane(Service):
             "pending_bytes": self._pending_bytes,
             "connects": self.connects,
             "outages": self.outages,
+            **({} if self.archive is None else {"history": self.archive.stats()}),
         }
 
     # Outgoing (the bus calls these; they never wait)
@@ -203,7 +214,12 @@ class Backplane(Service):
         assert link.subscriber is not None
         verb, name = command
         reply: Deferred[Any] = link.subscriber.execute_command(verb, name, apply_timeout=False)
-        return reply.addCallback(lambda _: self.interest.confirmed(command))
+        return reply.addCallback(lambda _: self._confirmed(command))
+
+    def _confirmed(self, command: Command) -> None:
+        self.interest.confirmed(command)
+        if self.archive is not None and command[0] == "SUBSCRIBE":
+            self.archive.confirmed(command[1])
 
     def _key(self, channel: str) -> bytes:
         key = self._keys.get(channel)
@@ -309,6 +325,8 @@ class Backplane(Service):
         await self._prepare(subscriber)
         for command in self.interest.wanted():
             await self._in_time(self._subscribe(link, command))
+        if self.archive is not None:
+            await self._in_time(self.archive.prepare(link))
         if link.ended.called:
             raise ConnectionError(link.ended.result)
 
@@ -351,6 +369,8 @@ class Backplane(Service):
             redis=self.address.describe(),
             count=len(self.interest.wanted()),
         )
+        if self.archive is not None:
+            self.archive.went_up()
         health = self._health = LoopingCall(self._check, link)
         health.clock = self.reactor
         health.start(self.health_interval, now=False).addErrback(
@@ -362,6 +382,8 @@ class Backplane(Service):
             return
         self._up = None
         self.interest.reset()
+        if self.archive is not None:
+            self.archive.went_down()
         if self._health is not None and self._health.running:
             self._health.stop()
         self._health = None

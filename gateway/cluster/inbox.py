@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgpack
 from twisted.logger import Logger
 
@@ -9,6 +11,9 @@ from gateway.cluster.interest import Interest
 from gateway.cluster.wire import EVENT_NAMES, MESSAGE, WireError, decode, remote_origin
 from gateway.core.bus import Bus
 from gateway.core.message import Batch
+
+if TYPE_CHECKING:
+    from gateway.cluster.archive import RedisArchive
 
 
 class Inbox:
@@ -27,10 +32,26 @@ class Inbox:
         self.batches = 0
         self.messages = 0
         self.malformed = 0  # publications on our prefix that were not frames we read
+        # ``[history] store = "redis"``: numbered batches, and answers on our own channel.
+        self.archive: RedisArchive | None = None
+        self._private = f"{interest.prefix}:~".encode()  # nodes' own channels
 
     def received(self, channel: bytes, data: bytes, pattern: bytes | None = None) -> None:
+        if channel.startswith(self._private):
+            # A node's own channel (no gateway channel name has a "~"): ours, once.
+            archive = self.archive
+            if archive is not None and pattern is None and channel == archive.own_key:
+                archive.own(data)
+            return
         if not self.interest.take(channel, pattern):
             return  # another copy of it (an overlapping subscription) is taken instead
+        if data.startswith(b"#"):
+            if self.archive is None or not self.archive.numbered(data, channel):
+                self._malformed(channel, "a numbered batch this node cannot read")
+            return
+        self._received(channel, data)
+
+    def _received(self, channel: bytes, data: bytes) -> None:
         if data.startswith(self.own_mark, 3):
             return  # our own publication (Redis sends them back to us): not even decoded
         try:

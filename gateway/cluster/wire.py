@@ -15,8 +15,8 @@ JOIN = 1
 LEAVE = 2
 _EVENT_TYPES = {"join": JOIN, "leave": LEAVE}
 EVENT_NAMES = {JOIN: "join", LEAVE: "leave"}
-_KIND_CODES = {Kind.TEXT: ord("t"), Kind.BINARY: ord("b")}
-_KINDS_BY_CODE = {code: kind for kind, code in _KIND_CODES.items()}
+KIND_CODES = {Kind.TEXT: ord("t"), Kind.BINARY: ord("b")}
+KINDS_BY_CODE = {code: kind for kind, code in KIND_CODES.items()}
 
 
 class WireError(ValueError):
@@ -48,7 +48,7 @@ def encode_batch(node: str, batch: Batch) -> bytes:
     signed in as, nil for an anonymous one (frames without it are anonymous).
     """
     origin = batch.origin
-    kinds = None if batch.kinds is None else bytes(_KIND_CODES[kind] for kind in batch.kinds)
+    kinds = None if batch.kinds is None else bytes(KIND_CODES[kind] for kind in batch.kinds)
     body: bytes | Sequence[bytes] = batch.lines if batch.lines is not None else batch.payloads
     packed: bytes = msgpack.packb(
         (
@@ -111,7 +111,7 @@ def decode(data: bytes) -> Frame:
         if not isinstance(codes, bytes):
             raise WireError("bad kinds")
         try:
-            kinds = tuple(_KINDS_BY_CODE[code] for code in codes)
+            kinds = tuple(KINDS_BY_CODE[code] for code in codes)
         except KeyError:
             raise WireError("bad kinds") from None
     if isinstance(body, bytes):

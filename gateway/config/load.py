@@ -76,23 +76,25 @@ def _channels(root: Table) -> dict[str, ChannelSettings]:
     return channels
 
 
-def _history(root: Table, base: Path, gateway: GatewaySettings) -> HistorySettings:
-    """``[history] store``: "memory" (the default) or "sqlite:PATH" (relative to the
-    config file's folder); "redis" is named but not available yet."""
+def _history(
+    root: Table, base: Path, gateway: GatewaySettings, clustered: bool
+) -> HistorySettings:
+    """``[history] store``: "memory" (the default), "sqlite:PATH" (relative to the
+    config file's folder) or "redis" (the ``[cluster]`` Redis, Redis Streams)."""
     table = root.table("history")
     table.check_keys(("store",))
-    expected = 'expected "memory" or "sqlite:PATH"'
+    expected = 'expected "memory", "sqlite:PATH" or "redis"'
     value = table.data.get("store", "memory")
     if not isinstance(value, str):
         raise table.error("store", f"{expected}, got {show(value)}")
     if value == "memory":
         return HistorySettings()
     if value == "redis":
-        raise table.error(
-            "store",
-            '"redis" is not available yet (history in Redis Streams comes in a later '
-            f"version); {expected}",
-        )
+        if not clustered:
+            raise table.error(
+                "store", '"redis" keeps history in the [cluster] Redis: add a [cluster] table'
+            )
+        return HistorySettings(store="redis")
     kind, colon, path = value.partition(":")
     if kind != "sqlite" or not colon:
         raise table.error("store", f"{expected}, got {show(value)}")
@@ -192,7 +194,7 @@ def parse(data: Mapping[str, Any], file: str, path: Path | None = None) -> Confi
         raise gateway_table.error(
             "workers", "more than 1 worker needs a [cluster] table (the workers share it)"
         )
-    history = _history(root, base, gateway)
+    history = _history(root, base, gateway, cluster is not None)
 
     limits_table = root.table("limits")
     limits_table.check_keys(

@@ -52,7 +52,7 @@ class ChannelSettings:
 class HistorySettings:
     """``[history]``: where the history of channels that keep some lives."""
 
-    store: str = "memory"  # "memory" or "sqlite" ("redis": not available yet)
+    store: str = "memory"  # "memory", "sqlite" or "redis" (the [cluster] Redis)
     path: Path | None = None  # the sqlite file (``store = "sqlite:PATH"``)
 
     def describe(self) -> str:

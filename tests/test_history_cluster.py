@@ -1,0 +1,194 @@
+"""History in Redis (``[history] store = "redis"``) with real gateway processes on a real
+``redis-server``: offsets that agree on every node, a client that recovers on another node
+than it left, raw peers' replay, and Redis down during a recovery."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from tests.conftest import (
+    JSON_SUBPROTOCOL,
+    TIMEOUT,
+    GatewayProcess,
+    Line,
+    admin_get,
+    toml_listener,
+    toml_table,
+    websocket,
+)
+from tests.test_cluster_integration import RedisServer, redis_server  # noqa: F401 (fixture)
+
+
+def node(run_gateway: Any, redis: RedisServer, name: str) -> GatewayProcess:
+    gw: GatewayProcess = run_gateway(
+        toml_table("cluster", redis=redis.url, node=name, prefix="hist")
+        + toml_table("history", store="redis")
+        + toml_table("channels.main", history=2000)
+        + toml_table('channels."room.*"', history=5)
+        + toml_table("admin", port=0)
+        + toml_listener("tcp")
+        + toml_listener("json", "tcp", format="json")
+        + toml_listener("ws", ping_interval=0),
+        listeners=4,  # and the admin listener
+    )
+    gw.wait_for("backplane up")
+    return gw
+
+
+def event(client: Any) -> dict[str, Any]:
+    found: dict[str, Any] = json.loads(client.recv(timeout=TIMEOUT))
+    return found
+
+
+def messages(client: Any, count: int) -> list[dict[str, Any]]:
+    """The next ``count`` message events (presence events skipped)."""
+    found = []
+    while len(found) < count:
+        next_one = event(client)
+        if next_one["type"] == "message":
+            found.append(next_one)
+    return found
+
+
+def json_line(line: Line) -> dict[str, Any]:
+    while True:
+        found: dict[str, Any] = json.loads(line.line())
+        if found["type"] not in ("join", "leave"):
+            return found
+
+
+def test_a_client_recovers_on_another_node_exactly_once_in_order(run_gateway, redis_server):
+    a, b, c = (node(run_gateway, redis_server, name) for name in ("gw-a", "gw-b", "gw-c"))
+    with websocket(a, subprotocols=[JSON_SUBPROTOCOL]) as client:
+        welcome = event(client)
+        assert (welcome["type"], welcome["offset"]) == ("welcome", 0)
+        epoch = welcome["epoch"]
+        publisher = Line(b.ports["tcp"])  # a raw peer on another node
+        publisher.send(b"".join(b"m%d\n" % i for i in range(1, 11)))
+        seen = messages(client, 10)
+    assert [(m["text"], m["offset"], m["epoch"]) for m in seen] == [
+        (f"m{i}", i, epoch) for i in range(1, 11)
+    ]
+    # A witness on the third node: the channel's history, then the same offsets live.
+    with websocket(c, subprotocols=[JSON_SUBPROTOCOL]) as witness:
+        assert (event(witness)["epoch"], event(witness)["history"]) == (epoch, True)
+        messages(witness, 9)
+        publisher.send(b"".join(b"m%d\n" % i for i in range(11, 1011)))
+        live = messages(witness, 1000)
+    assert [(m["text"], m["offset"], "history" in m) for m in live] == [
+        (f"m{i}", i, False) for i in range(11, 1011)
+    ]
+    # The client comes back on the third node: all 1,000 it missed, once each, in order.
+    with websocket(
+        c, path=f"/ws/main?since=10&epoch={epoch}", subprotocols=[JSON_SUBPROTOCOL]
+    ) as client:
+        welcome = event(client)
+        assert (welcome["recovered"], welcome["offset"], welcome["epoch"]) == (True, 1010, epoch)
+        missed = messages(client, 1000)
+        assert [(m["text"], m["offset"], m.get("recovered")) for m in missed] == [
+            (f"m{i}", i, True) for i in range(11, 1011)
+        ]
+        publisher.send(b"after\n")
+        after = messages(client, 1)[0]
+        assert (after["text"], after["offset"], "recovered" in after) == ("after", 1011, False)
+    # A raw peer joining any node gets the last messages, as with the memory store.
+    late = Line(a.ports["tcp"])
+    assert late.lines(1011) == [b"m%d" % i for i in range(1, 1011)] + [b"after"]
+    late.close()
+    publisher.close()
+
+
+def test_a_subscribe_with_since_on_another_node_and_live_messages_without_a_gap(
+    run_gateway, redis_server
+):
+    a, b = node(run_gateway, redis_server, "gw-a"), node(run_gateway, redis_server, "gw-b")
+    first = Line(a.ports["json"])
+    assert json_line(first)["type"] == "welcome"
+    first.send(b'{"type":"subscribe","channel":"room.1","id":1}\n')
+    subscribed = json_line(first)
+    assert (subscribed["type"], subscribed["offset"]) == ("subscribed", 0)
+    epoch = subscribed["epoch"]
+    for i in range(1, 4):
+        first.send(b'{"type":"message","channel":"room.1","text":"r%d"}\n' % i)
+    first.close()
+    second = Line(b.ports["json"])
+    assert json_line(second)["type"] == "welcome"
+    # Wait for the third message to be numbered: a client on b subscribes without since.
+    watcher = Line(b.ports["json"])
+    json_line(watcher)
+    watcher.send(b'{"type":"subscribe","channel":"room.1"}\n')
+    answer = json_line(watcher)
+    replay = [json_line(watcher) for _ in range(3)]
+    assert answer["type"] == "subscribed"
+    assert [(m["text"], m["offset"], m["history"]) for m in replay] == [
+        ("r1", 1, True),
+        ("r2", 2, True),
+        ("r3", 3, True),
+    ]
+    since = json.dumps({"offset": 1, "epoch": epoch}).encode()
+    second.send(b'{"type":"subscribe","channel":"room.1","since":%s,"id":7}\n' % since)
+    recovered = [json_line(second) for _ in range(3)]
+    assert [(m.get("text"), m.get("offset"), m.get("recovered")) for m in recovered] == [
+        ("r2", 2, True),
+        ("r3", 3, True),
+        (None, 3, True),
+    ]
+    assert (recovered[2]["type"], recovered[2]["id"]) == ("subscribed", 7)
+    watcher.send(b'{"type":"message","channel":"room.1","text":"r4"}\n')
+    live = json_line(second)
+    assert (live["text"], live["offset"], "recovered" in live) == ("r4", 4, False)
+    # Too old for a window of 5: recovered false, then the last 5 as a plain replay.
+    for i in range(5, 12):
+        watcher.send(b'{"type":"message","channel":"room.1","text":"r%d"}\n' % i)
+    third = Line(a.ports["json"])
+    json_line(third)
+    while json_line(second)["text"] != "r11":
+        pass
+    third.send(b'{"type":"subscribe","channel":"room.1","since":%s}\n' % since)
+    answer = json_line(third)
+    assert (answer["type"], answer["recovered"], answer["offset"]) == ("subscribed", False, 11)
+    replay = [json_line(third) for _ in range(5)]
+    assert [(m["text"], m["history"]) for m in replay] == [(f"r{i}", True) for i in range(7, 12)]
+    for line in (second, watcher, third):
+        line.close()
+
+
+def test_redis_down_during_a_recovery(run_gateway, redis_server):
+    a, b = node(run_gateway, redis_server, "gw-a"), node(run_gateway, redis_server, "gw-b")
+    publisher = Line(a.ports["tcp"])
+    with websocket(b, subprotocols=[JSON_SUBPROTOCOL]) as client:
+        epoch = event(client)["epoch"]
+        publisher.send(b"one\ntwo\n")
+        assert [m["offset"] for m in messages(client, 2)] == [1, 2]
+    redis_server.kill()
+    a.wait_for("backplane down")
+    b.wait_for("backplane down")
+    assert admin_get(a, "/healthz") == (
+        503,
+        "backplane: down\nhistory: redis failing: Redis unreachable\n",
+    )
+    # Recovery cannot be told: recovered false, and live delivery on the node goes on.
+    with websocket(
+        a, path=f"/ws/main?since=2&epoch={epoch}", subprotocols=[JSON_SUBPROTOCOL]
+    ) as client:
+        welcome = event(client)
+        assert (welcome["recovered"], "offset" in welcome) == (False, False)
+        publisher.send(b"three\n")
+        live = messages(client, 1)[0]
+        assert (live["text"], "offset" in live) == ("three", False)
+    # Redis is back (empty: no persistence): a new epoch, so the old one recovers nothing.
+    redis_server.start()
+    a.wait_count("backplane up", 2)
+    b.wait_count("backplane up", 2)
+    with websocket(
+        b, path=f"/ws/main?since=2&epoch={epoch}", subprotocols=[JSON_SUBPROTOCOL]
+    ) as client:
+        welcome = event(client)
+        assert welcome["recovered"] is False
+        assert welcome["epoch"] != epoch
+        publisher.send(b"four\n")
+        live = messages(client, 1)[0]
+        assert (live["text"], live["offset"], live["epoch"]) == ("four", 1, welcome["epoch"])
+    assert admin_get(a, "/healthz") == (200, "ok\n")
+    publisher.close()
