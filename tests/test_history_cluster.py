@@ -5,7 +5,11 @@ than it left, raw peers' replay, and Redis down during a recovery."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import (
     JSON_SUBPROTOCOL,
@@ -17,7 +21,14 @@ from tests.conftest import (
     toml_table,
     websocket,
 )
-from tests.test_cluster_integration import RedisServer, redis_server  # noqa: F401 (fixture)
+from tests.test_cluster_integration import RedisServer
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)  # scripts/bootstrap.sh test installs redis-server
+    yield server
+    server.close()
 
 
 def node(run_gateway: Any, redis: RedisServer, name: str) -> GatewayProcess:
@@ -43,7 +54,7 @@ def event(client: Any) -> dict[str, Any]:
 
 def messages(client: Any, count: int) -> list[dict[str, Any]]:
     """The next ``count`` message events (presence events skipped)."""
-    found = []
+    found: list[dict[str, Any]] = []
     while len(found) < count:
         next_one = event(client)
         if next_one["type"] == "message":
@@ -58,8 +69,8 @@ def json_line(line: Line) -> dict[str, Any]:
             return found
 
 
-def test_a_client_recovers_on_another_node_exactly_once_in_order(run_gateway, redis_server):
-    a, b, c = (node(run_gateway, redis_server, name) for name in ("gw-a", "gw-b", "gw-c"))
+def test_a_client_recovers_on_another_node_exactly_once_in_order(run_gateway, redis):
+    a, b, c = (node(run_gateway, redis, name) for name in ("gw-a", "gw-b", "gw-c"))
     with websocket(a, subprotocols=[JSON_SUBPROTOCOL]) as client:
         welcome = event(client)
         assert (welcome["type"], welcome["offset"]) == ("welcome", 0)
@@ -99,10 +110,8 @@ def test_a_client_recovers_on_another_node_exactly_once_in_order(run_gateway, re
     publisher.close()
 
 
-def test_a_subscribe_with_since_on_another_node_and_live_messages_without_a_gap(
-    run_gateway, redis_server
-):
-    a, b = node(run_gateway, redis_server, "gw-a"), node(run_gateway, redis_server, "gw-b")
+def test_a_subscribe_with_since_on_another_node_and_live_messages_without_a_gap(run_gateway, redis):
+    a, b = node(run_gateway, redis, "gw-a"), node(run_gateway, redis, "gw-b")
     first = Line(a.ports["json"])
     assert json_line(first)["type"] == "welcome"
     first.send(b'{"type":"subscribe","channel":"room.1","id":1}\n')
@@ -154,14 +163,14 @@ def test_a_subscribe_with_since_on_another_node_and_live_messages_without_a_gap(
         line.close()
 
 
-def test_redis_down_during_a_recovery(run_gateway, redis_server):
-    a, b = node(run_gateway, redis_server, "gw-a"), node(run_gateway, redis_server, "gw-b")
+def test_redis_down_during_a_recovery(run_gateway, redis):
+    a, b = node(run_gateway, redis, "gw-a"), node(run_gateway, redis, "gw-b")
     publisher = Line(a.ports["tcp"])
     with websocket(b, subprotocols=[JSON_SUBPROTOCOL]) as client:
         epoch = event(client)["epoch"]
         publisher.send(b"one\ntwo\n")
         assert [m["offset"] for m in messages(client, 2)] == [1, 2]
-    redis_server.kill()
+    redis.kill()
     a.wait_for("backplane down")
     b.wait_for("backplane down")
     assert admin_get(a, "/healthz") == (
@@ -178,7 +187,7 @@ def test_redis_down_during_a_recovery(run_gateway, redis_server):
         live = messages(client, 1)[0]
         assert (live["text"], "offset" in live) == ("three", False)
     # Redis is back (empty: no persistence): a new epoch, so the old one recovers nothing.
-    redis_server.start()
+    redis.start()
     a.wait_count("backplane up", 2)
     b.wait_count("backplane up", 2)
     with websocket(
