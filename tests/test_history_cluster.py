@@ -5,6 +5,7 @@ than it left, raw peers' replay, and Redis down during a recovery."""
 from __future__ import annotations
 
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -200,4 +201,30 @@ def test_redis_down_during_a_recovery(run_gateway, redis):
         live = messages(client, 1)[0]
         assert (live["text"], live["offset"], live["epoch"]) == ("four", 1, welcome["epoch"])
     assert admin_get(a, "/healthz") == (200, "ok\n")
+    publisher.close()
+
+
+def test_a_channel_that_stops_keeping_history_gets_a_new_epoch_in_redis(run_gateway, redis):
+    a, b = node(run_gateway, redis, "gw-a"), node(run_gateway, redis, "gw-b")
+    with websocket(b, subprotocols=[JSON_SUBPROTOCOL]) as client:
+        epoch = event(client)["epoch"]
+    publisher = Line(a.ports["tcp"])  # a peer on main at gw-a
+    publisher.send(b"kept\n")
+    with websocket(
+        b, path=f"/ws/main?since=0&epoch={epoch}", subprotocols=[JSON_SUBPROTOCOL]
+    ) as client:
+        assert event(client)["recovered"] is True
+        assert event(client)["text"] == "kept"
+    # A reload on gw-a that keeps no history for main: what it publishes there now is not
+    # kept, so Redis gives main a new epoch (no client may recover across it).
+    text = a.config.read_text()
+    a.config.write_text(text.replace("history = 2000", "history = 0"))
+    a.proc.send_signal(signal.SIGHUP)
+    a.wait_count("reload: applied", 1)
+    with websocket(
+        b, path=f"/ws/main?since=0&epoch={epoch}", subprotocols=[JSON_SUBPROTOCOL]
+    ) as client:
+        welcome = event(client)
+        assert welcome["recovered"] is False
+        assert welcome["epoch"] != epoch
     publisher.close()

@@ -377,9 +377,22 @@ class RedisArchive:
         pass
 
     def forgotten(self, channel: str) -> None:
-        """The channel keeps no history here now: its history in Redis is let go (a new
-        epoch), since what this node publishes to it now is not kept."""
-        self._went_unnumbered(channel)
+        """The channel keeps no history here now (a reload, or ``max_channels``): what
+        this node publishes to it is not kept, so its history in Redis gets a new epoch —
+        now, or once Redis is reachable."""
+        link = self.backplane.link
+        if link is None or not self.ready or link.publisher is None:
+            self._went_unnumbered(channel)
+            return
+        position, stream, _ = self._keys_of(channel)
+        try:
+            reply: Deferred[Any] = link.publisher.execute_command(
+                "EVALSHA", sha1(RENEW), 2, position, stream, new_epoch()
+            )
+        except txredisapi.ConnectionError:
+            self._went_unnumbered(channel)
+            return
+        reply.addErrback(self._refused, link, "RENEW")
 
     def stats(self) -> dict[str, Any]:
         return {
