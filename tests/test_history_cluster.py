@@ -228,3 +228,23 @@ def test_a_channel_that_stops_keeping_history_gets_a_new_epoch_in_redis(run_gate
         assert welcome["recovered"] is False
         assert welcome["epoch"] != epoch
     publisher.close()
+
+
+def test_redis_killed_mid_flood_loses_nothing_locally(run_gateway, redis):
+    a = node(run_gateway, redis, "gw-a")
+    subscriber = Line(a.ports["json"])
+    assert json_line(subscriber)["type"] == "welcome"  # on main, and subscribed now
+    publisher = Line(a.ports["tcp"])
+    publisher.send(b"n0\n")
+    got = [json_line(subscriber)]  # the publisher is on main (its join came first)
+    publisher.send(b"".join(b"n%d\n" % i for i in range(1, 5000)))
+    redis.kill()  # with batches on their way to Redis, or numbered and not yet back
+    publisher.send(b"".join(b"n%d\n" % i for i in range(5000, 6000)))
+    got += [json_line(subscriber) for _ in range(5999)]
+    assert [m["text"] for m in got] == [f"n{i}" for i in range(6000)]
+    numbered = [m["offset"] for m in got if "offset" in m]
+    assert numbered == list(range(1, len(numbered) + 1))  # a prefix, in order, once each
+    assert numbered[:1] == [1] and "offset" not in got[-1]  # after the kill: unnumbered
+    assert subscriber.nothing_within(0.3)
+    subscriber.close()
+    publisher.close()

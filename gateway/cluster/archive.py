@@ -350,6 +350,8 @@ class RedisArchive:
         """Deliver here, unnumbered, what Redis had not published back; answer every
         waiting recall ``recovered:false``."""
         self.ready = False
+        for request in list(self._asked):  # asked before those batches were sent
+            self._answer(request, None)
         flights, self._inflight = self._inflight, {}
         self._pending_bytes = 0
         for flight in flights.values():
@@ -358,8 +360,6 @@ class RedisArchive:
                 batch = flight.batch
                 batch.offset, batch.epoch = 0, None
                 self.bus.deliver_numbered(batch, None if flight.sender.echo else flight.sender)
-        for request in list(self._asked):
-            self._answer(request, None)
 
     def _went_unnumbered(self, channel: str) -> None:
         if len(self._unnumbered) < self.history.max_channels:
