@@ -43,13 +43,11 @@ from gateway.cluster.scripts import (
     RENEW,
     SEQUENCE,
     owed,
-    pack_header,
     parse_numbered,
     parse_recalled,
     sha1,
 )
 from gateway.cluster.wire import (
-    KIND_CODES,
     WireError,
     decode,
     encode_batch,
@@ -62,6 +60,8 @@ from gateway.core.message import Batch
 
 if TYPE_CHECKING:
     from gateway.cluster.backplane import Backplane
+
+_SEQUENCE, _RECALL, _RENEW = sha1(SEQUENCE), sha1(RECALL), sha1(RENEW)
 
 RECALL_TIMEOUT = 5.0
 """Seconds a recall waits for Redis; then the peer starts with ``recovered:false``."""
@@ -152,24 +152,14 @@ class RedisArchive:
             self.overflowed += count
             self.bus.metrics.drop("history_overflow", count)
             return True
-        origin = batch.origin
         clock = self.bus.clock
-        header = pack_header(
-            self.node,
-            origin.peer_id,
-            origin.listener,
-            origin.transport,
-            origin.user,
-            clock.seconds() if clock is not None else 0.0,
-        )
-        kinds = b"" if batch.kinds is None else bytes(KIND_CODES[kind] for kind in batch.kinds)
         position, stream, channel = self._keys_of(batch.channel)
         seq = next(self._seqs)
         assert link.publisher is not None
         try:
             reply: Deferred[Any] = link.publisher.execute_command(
                 "EVALSHA",
-                sha1(SEQUENCE),
+                _SEQUENCE,
                 2,
                 position,
                 stream,
@@ -178,11 +168,10 @@ class RedisArchive:
                 new_epoch(),
                 log.size,
                 int(log.ttl * 1000),
-                header,
                 seq,
                 encode_batch(self.node, batch),
-                kinds,
-                *batch.payloads,
+                count,
+                repr(clock.seconds() if clock is not None else 0.0),
             )
         except txredisapi.ConnectionError:
             self._went_unnumbered(batch.channel)
@@ -225,7 +214,7 @@ class RedisArchive:
         try:
             reply: Deferred[Any] = link.publisher.execute_command(
                 "EVALSHA",
-                sha1(RECALL),
+                _RECALL,
                 2,
                 position,
                 stream,
@@ -289,7 +278,7 @@ class RedisArchive:
                 self._pending_bytes -= flight.size
             return
         try:
-            recalled = parse_recalled(data)
+            recalled = parse_recalled(data, self.node)
         except ValueError as e:
             self.log.warn("history: ignored an unreadable answer from Redis ({problem})", problem=e)
             return
@@ -300,7 +289,7 @@ class RedisArchive:
         now = clock.seconds() if clock is not None else 0.0
         self._answer(
             recalled.request,
-            owed(recalled, asked.channel, asked.since, asked.log.ttl, self.node, now),
+            owed(recalled, asked.channel, asked.since, asked.log.size, asked.log.ttl, now),
         )
 
     def _answer(self, request: int, found: Recall | None) -> None:
@@ -330,9 +319,7 @@ class RedisArchive:
         for channel in sorted(self._unnumbered):
             position, stream, _ = self._keys_of(channel)
             steps.append(
-                link.publisher.execute_command(
-                    "EVALSHA", sha1(RENEW), 2, position, stream, new_epoch()
-                )
+                link.publisher.execute_command("EVALSHA", _RENEW, 2, position, stream, new_epoch())
             )
         return gatherResults(steps, consumeErrors=True)
 
@@ -387,7 +374,7 @@ class RedisArchive:
         position, stream, _ = self._keys_of(channel)
         try:
             reply: Deferred[Any] = link.publisher.execute_command(
-                "EVALSHA", sha1(RENEW), 2, position, stream, new_epoch()
+                "EVALSHA", _RENEW, 2, position, stream, new_epoch()
             )
         except txredisapi.ConnectionError:
             self._went_unnumbered(channel)

@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 import msgpack
 
-from gateway.cluster.wire import KINDS_BY_CODE
+from gateway.cluster.wire import decode, remote_origin
 from gateway.core.archive import Recall
 from gateway.core.message import Batch, Kind, Origin
 
@@ -36,27 +36,19 @@ if not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', 0)
 end
-local n = #ARGV - 9
-local last = redis.call('HINCRBY', KEYS[1], 'last', n)
-local first = last - n + 1
-local kinds = ARGV[9]
-for i = 1, n do
-  local id = (first + i - 1) .. '-0'
-  if kinds == '' then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id, 'h', ARGV[6], 'p', ARGV[9 + i])
-  else
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], id, 'h', ARGV[6],
-      'k', string.sub(kinds, i, i), 'p', ARGV[9 + i])
-  end
-end
+local last = redis.call('HINCRBY', KEYS[1], 'last', ARGV[8])
+local first = last - tonumber(ARGV[8]) + 1
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], last .. '-0', 't', ARGV[9], 'f', ARGV[7])
 if ARGV[5] ~= '0' then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
-redis.call('PUBLISH', ARGV[1], '#' .. first .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. ARGV[8])
-redis.call('PUBLISH', ARGV[2], 'a' .. ARGV[7])
+redis.call('PUBLISH', ARGV[1], '#' .. first .. ' ' .. epoch .. ' ' .. ARGV[6] .. ' ' .. ARGV[7])
+redis.call('PUBLISH', ARGV[2], 'a' .. ARGV[6])
 return first
 """
-"""KEYS: position hash, stream. ARGV: channel's Redis channel, node's own Redis channel, an
-epoch for a channel without one, MAXLEN, PEXPIRE ms (0: none), entry header, sequence
-number, frame, kinds (one byte per message, empty: untyped), then the payloads."""
+"""KEYS: position hash, stream. ARGV: the channel's Redis channel, the node's own Redis
+channel, an epoch for a channel without one, MAXLEN (the channel's ``history``: at least
+that many batches, so at least that many messages, are kept), PEXPIRE ms (0: none), the
+node's sequence number for the batch, its backplane frame, how many messages it holds,
+when it was sent. One stream entry per batch, its id the offset of its last message."""
 
 RECALL = b"""
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
@@ -65,13 +57,15 @@ if not epoch then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', 0)
 end
-local last = redis.call('HGET', KEYS[1], 'last')
-local entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', ARGV[3])
+local last = tonumber(redis.call('HGET', KEYS[1], 'last'))
+local start = math.max(1, last - tonumber(ARGV[3]) + 1)
+local entries = redis.call('XRANGE', KEYS[2], start .. '-0', '+')
 redis.call('PUBLISH', ARGV[1], 'r' .. cmsgpack.pack({ARGV[2], epoch, last, entries}))
 return 1
 """
-"""KEYS: position hash, stream. ARGV: node's own Redis channel, request id, how many
-messages at most, an epoch for a channel without one."""
+"""KEYS: position hash, stream. ARGV: the node's own Redis channel, the request id, the
+channel's ``history``, an epoch for a channel without one. Reads the batches that hold
+any of the last ``history`` messages (at most one more batch than those messages)."""
 
 RENEW = b"""
 redis.call('DEL', KEYS[2])
@@ -106,8 +100,8 @@ def parse_numbered(data: bytes) -> Numbered:
     return Numbered(int(head[1:]), epoch.decode("ascii"), int(seq), frame)
 
 
-Entry = tuple[int, bytes, bytes | None, bytes]
-"""One kept message: offset, header (the batch's sender and time), kind byte, payload."""
+Kept = tuple[int, Origin, Kind | None, bytes, float]
+"""One kept message: offset, sender, kind (None: untyped), payload, when it was sent."""
 
 
 class Recalled(NamedTuple):
@@ -117,60 +111,51 @@ class Recalled(NamedTuple):
     request: int
     epoch: str
     last: int
-    entries: list[Entry]
+    kept: list[Kept]
 
 
-def parse_recalled(data: bytes) -> Recalled:
-    """``r`` + msgpack ``[request, epoch, last, [[id, [field, value, ...]], ...]]``
-    (newest first); raises ``ValueError`` for anything else."""
+def parse_recalled(data: bytes, node: str) -> Recalled:
+    """``r`` + msgpack ``[request, epoch, last, [[id, [field, value, ...]], ...]]``;
+    raises ``ValueError`` for anything else. Senders on ``node`` keep their own ids."""
     try:
         request, epoch, last, raw = msgpack.unpackb(data[1:], raw=True)
-        entries: list[Entry] = []
-        for entry_id, fields in reversed(raw or []):
+        kept: list[Kept] = []
+        for entry_id, fields in raw or []:
             values = dict(zip(fields[::2], fields[1::2], strict=True))
-            offset = int(entry_id.partition(b"-")[0])
-            entries.append((offset, values[b"h"], values.get(b"k"), values[b"p"]))
-        return Recalled(int(request), epoch.decode("ascii"), int(last), entries)
+            frame = decode(values[b"f"])
+            at = float(values[b"t"])
+            origin = (
+                Origin(frame.peer_id, frame.listener, frame.transport, frame.user)
+                if frame.node == node
+                else remote_origin(frame)
+            )
+            offset = int(entry_id.partition(b"-")[0]) - len(frame.payloads) + 1
+            kinds = frame.kinds
+            for index, payload in enumerate(frame.payloads):
+                kind = None if kinds is None else kinds[index]
+                kept.append((offset + index, origin, kind, payload, at))
+        return Recalled(int(request), epoch.decode("ascii"), int(last), kept)
     except (ValueError, TypeError, KeyError, AttributeError, msgpack.UnpackException) as e:
         raise ValueError(f"not a recall answer: {e}") from None
-
-
-def pack_header(
-    node: str, peer: str, listener: str, transport: str, user: str | None, at: float
-) -> bytes:
-    """What each kept message of a batch carries about it: who sent it, from where, when."""
-    packed: bytes = msgpack.packb((node, peer, listener, transport, user, at))
-    return packed
-
-
-def unpack_header(header: bytes) -> tuple[str, str, str, str, str | None, float]:
-    node, peer, listener, transport, user, at = msgpack.unpackb(header, raw=False)
-    return str(node), str(peer), str(listener), str(transport), user, float(at)
 
 
 def owed(
     recalled: Recalled,
     channel: str,
     since: tuple[int, str] | None,
+    size: int,
     ttl: float,
-    node: str,
     now: float,
 ) -> Recall:
     """What a peer starting on ``channel`` is owed, from a ``RECALL`` answer: with
     ``since``, every message after it when they are all still kept (``recovered``);
     else the newest ``history`` messages younger than ``ttl`` (0: any age)."""
     epoch, last = recalled.epoch, recalled.last
-    headers: dict[bytes, tuple[Origin, float]] = {}
-    kept: list[tuple[int, Origin, Kind | None, bytes]] = []
-    for offset, header, kind, payload in recalled.entries:
-        sender = headers.get(header)
-        if sender is None:
-            origin_node, peer, listener, transport, user, at = unpack_header(header)
-            peer_id = peer if origin_node == node else f"{peer}@{origin_node}"
-            sender = headers[header] = (Origin(peer_id, listener, transport, user), at)
-        if ttl and sender[1] <= now - ttl:
-            continue
-        kept.append((offset, sender[0], KINDS_BY_CODE.get(kind[0]) if kind else None, payload))
+    kept = [
+        entry[:4]
+        for entry in recalled.kept
+        if entry[0] > last - size and not (ttl and entry[4] <= now - ttl)
+    ]
     if since is not None:
         offset, client_epoch = since
         whole = bool(kept) and kept[0][0] <= offset + 1 and kept[-1][0] == last
