@@ -18,6 +18,7 @@ from tests.conftest import (
     GatewayProcess,
     Line,
     admin_get,
+    metric,
     toml_listener,
     toml_table,
     websocket,
@@ -178,6 +179,7 @@ def test_redis_down_during_a_recovery(run_gateway, redis):
         503,
         "backplane: down\nhistory: redis failing: Redis unreachable\n",
     )
+    assert metric(admin_get(a, "/metrics")[1], "gateway_history_store_up", store="redis") == 0
     # Recovery cannot be told: recovered false, and live delivery on the node goes on.
     with websocket(
         a, path=f"/ws/main?since=2&epoch={epoch}", subprotocols=[JSON_SUBPROTOCOL]
@@ -201,6 +203,7 @@ def test_redis_down_during_a_recovery(run_gateway, redis):
         live = messages(client, 1)[0]
         assert (live["text"], live["offset"], live["epoch"]) == ("four", 1, welcome["epoch"])
     assert admin_get(a, "/healthz") == (200, "ok\n")
+    assert metric(admin_get(a, "/metrics")[1], "gateway_history_store_up", store="redis") == 1
     publisher.close()
 
 

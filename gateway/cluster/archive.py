@@ -66,6 +66,10 @@ _SEQUENCE, _RECALL, _RENEW = sha1(SEQUENCE), sha1(RECALL), sha1(RENEW)
 RECALL_TIMEOUT = 5.0
 """Seconds a recall waits for Redis; then the peer starts with ``recovered:false``."""
 
+MAX_RECALLS = 1024
+"""Recalls waiting for Redis at once, at most; more are answered ``recovered:false`` at
+once (clients that subscribe over and over cannot make Redis work without bound)."""
+
 
 @dataclass
 class _InFlight:
@@ -185,7 +189,7 @@ class RedisArchive:
     def recall(self, channel: str, since: tuple[int, str] | None) -> Deferred[Recall]:
         log = self.history.of(channel)
         link = self.backplane.link
-        if log is None or link is None or not self.ready:
+        if log is None or link is None or not self.ready or len(self._asked) >= MAX_RECALLS:
             self.backplane.subscribed(channel)  # ``release`` undoes it
             self.failed_recalls += 1
             return succeed(_unknown(since))
