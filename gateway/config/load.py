@@ -76,9 +76,7 @@ def _channels(root: Table) -> dict[str, ChannelSettings]:
     return channels
 
 
-def _history(
-    root: Table, base: Path, gateway: GatewaySettings, clustered: bool
-) -> HistorySettings:
+def _history(root: Table, base: Path, gateway: GatewaySettings, clustered: bool) -> HistorySettings:
     """``[history] store``: "memory" (the default), "sqlite:PATH" (relative to the
     config file's folder) or "redis" (the ``[cluster]`` Redis, Redis Streams)."""
     table = root.table("history")
