@@ -486,15 +486,20 @@ def test_the_history_store_setting(tmp_path):
     assert settings('[history]\nstore = "memory"', tmp_path) == HistorySettings("memory", None)
     sqlite = settings('[history]\nstore = "sqlite:data/h.db"', tmp_path)
     assert sqlite == HistorySettings("sqlite", tmp_path / "data" / "h.db")
+    cluster = '[gateway]\nworkers = 2\n[cluster]\nredis = "redis://127.0.0.1"\n'
+    redis = settings(cluster + '[history]\nstore = "redis"', tmp_path)
+    assert redis == HistorySettings("redis", None)
     for table, problem in [
         (
             '[history]\nstore = "redis"',
-            'history.store: "redis" is not available yet (history in Redis Streams comes in a '
-            'later version); expected "memory" or "sqlite:PATH"',
+            '"redis" keeps history in the [cluster] Redis: add a [cluster] table',
         ),
-        ('[history]\nstore = "disk"', 'expected "memory" or "sqlite:PATH", got "disk"'),
-        ('[history]\nstore = "sqlite"', 'expected "memory" or "sqlite:PATH", got "sqlite"'),
-        ("[history]\nstore = 1", 'expected "memory" or "sqlite:PATH", got 1'),
+        ('[history]\nstore = "disk"', 'expected "memory", "sqlite:PATH" or "redis", got "disk"'),
+        (
+            '[history]\nstore = "sqlite"',
+            'expected "memory", "sqlite:PATH" or "redis", got "sqlite"',
+        ),
+        ("[history]\nstore = 1", 'expected "memory", "sqlite:PATH" or "redis", got 1'),
         ('[history]\nstore = "sqlite: "', 'expected a file path after "sqlite:", got an empty one'),
         ("[history]\nsize = 1", "unknown key; known keys: store"),
         (
