@@ -293,6 +293,9 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
                 "gateway": ["--sub", gw_tcp, "-n", "100", "--rate", "1000", *seconds],
                 "nats": ["--sub", nats, "-n", "100", "--rate", "1000", *seconds],
                 "tutorial": ["--sub", tutorial, "-n", "100", "--rate", "1000", *seconds],
+                # At this rate each read is one message: one send per receiver per message,
+                # the floor for a Python server here.
+                "raw": ["--sub", raw, "-n", "100", "--rate", "1000", *seconds],
             },
             rounds,
         ),

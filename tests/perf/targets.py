@@ -87,6 +87,17 @@ def checks(table: dict[str, dict[str, Any]]) -> list[Check]:
             None if r is None else r <= 1.0,
         )
     )
+    floor_cost = get("latency", "raw", "ns_per_delivery")
+    r = ratio(gw_cost, floor_cost)
+    out.append(
+        Check(
+            "latency",
+            "server CPU per delivery ≤ 1.2x a minimal Python server (one send per receiver per message)",
+            f"{format_count(gw_cost)} vs {format_count(floor_cost)} ns",
+            f"{r:.2f}x" if r is not None else "-",
+            None if r is None else r <= 1.2,
+        )
+    )
     for key, limit, label in (("idle_tcp", 2048, "2 KB"), ("idle_ws", 12288, "12 KB")):
         per = get(key, "gateway", "rss_per_peer_bytes")
         out.append(
