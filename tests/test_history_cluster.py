@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ def node(run_gateway: Any, redis: RedisServer, name: str) -> GatewayProcess:
         + toml_table("history", store="redis")
         + toml_table("channels.main", history=2000)
         + toml_table('channels."room.*"', history=5)
+        + toml_table('channels."short.*"', history=10, history_ttl=0.5)
         + toml_table("admin", port=0)
         + toml_listener("tcp")
         + toml_listener("json", "tcp", format="json")
@@ -251,3 +253,32 @@ def test_redis_killed_mid_flood_loses_nothing_locally(run_gateway, redis):
     assert subscriber.nothing_within(0.3)
     subscriber.close()
     publisher.close()
+
+
+def test_history_ttl_in_redis(run_gateway, redis):
+    a, b = node(run_gateway, redis, "gw-a"), node(run_gateway, redis, "gw-b")
+    sender, watcher = Line(a.ports["json"]), Line(a.ports["json"])
+    json_line(sender)
+    json_line(watcher)
+    watcher.send(b'{"type":"subscribe","channel":"short.1"}\n')
+    epoch = json_line(watcher)["epoch"]
+    sender.send(b'{"type":"message","channel":"short.1","text":"old"}\n')
+    assert json_line(watcher)["text"] == "old"
+    time.sleep(0.7)  # older than history_ttl
+    sender.send(b'{"type":"message","channel":"short.1","text":"new"}\n')
+    assert json_line(watcher)["offset"] == 2  # numbered
+    reader = Line(b.ports["json"])
+    json_line(reader)
+    reader.send(b'{"type":"subscribe","channel":"short.1"}\n')
+    answer = json_line(reader)
+    assert (answer["offset"], answer["epoch"]) == (2, epoch)
+    assert json_line(reader)["text"] == "new"  # "old" is forgotten
+    since = json.dumps({"offset": 0, "epoch": epoch}).encode()
+    late = Line(b.ports["json"])
+    json_line(late)
+    late.send(b'{"type":"subscribe","channel":"short.1","since":%s}\n' % since)
+    answer = json_line(late)  # offset 1 is no longer kept: it cannot be recovered
+    assert (answer["type"], answer["recovered"]) == ("subscribed", False)
+    assert json_line(late)["text"] == "new"
+    for line in (sender, watcher, reader, late):
+        line.close()
