@@ -20,7 +20,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 
 from gateway.config.listeners import LISTEN_BACKLOG, ListenerConfig, StreamListenerConfig
 from gateway.config.settings import Limits
@@ -95,6 +95,9 @@ class ListenerService(Service):
             self.server_tls = server_tls
             # Outside the site, never between TLS and the site (Autobahn needs that).
             factory = TLSMemoryBIOFactory(server_tls, False, factory, reactor)
+            # Without Twisted's small-write aggregation (its default protocol copies every
+            # write and holds small ones a loop turn): peers get one write per batch.
+            factory.protocol = TLSMemoryBIOProtocol
             factory.noisy = False
         self.factory = factory
         if self.reuse_port:
