@@ -1,21 +1,28 @@
 """The live admin page against the real gateway: its files under the client page's
 Content-Security-Policy, the ``/events`` stream, and the page in headless Chromium
-(the token prompt, a tcp peer in the table, its Disconnect button)."""
+(the token prompt, a tcp peer in the table, its Disconnect button; the channels and node
+health panels of a cluster node, and the peers table paging through ``/peers``)."""
 
 from __future__ import annotations
 
 import http.client
 import json
+import re
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from playwright.sync_api import expect
 
 import tests.test_browser as browser_tests
+from gateway import __version__
+from gateway.auth.credentials import token_digest
 from gateway.ops.live import MAX_EVENT_STREAMS
-from tests.conftest import TIMEOUT, GatewayProcess, Line
+from tests.conftest import TIMEOUT, GatewayProcess, Line, toml_listener, toml_table
 from tests.test_admin_api import TOKEN, call, config
+from tests.test_cluster_integration import REDIS_SERVER, RedisServer
 
 chromium = browser_tests.chromium
 CSP = (
@@ -131,3 +138,128 @@ def test_the_page_asks_for_the_token_and_disconnects_a_tcp_peer(run_gateway, chr
     gw.wait_for(r"admin: closed tcp-1 \(by the admin token holder")
     # The 401 of the first /stats is the only error: nothing broke the policy.
     assert [p for p in problems if "401" not in p] == []
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server is not installed (scripts/bootstrap.sh test installs it)")
+    server = RedisServer(tmp_path)
+    yield server
+    server.close()
+
+
+DASH = "\N{EN DASH}"  # between the first and last numbers of the pager
+ROOM_PEERS = 104
+"""Peers on the ``room`` listener: with the one on ``tcp``, more than one page of 100."""
+
+
+def cluster_node(redis: RedisServer) -> str:
+    """A cluster node ``n1`` with a ``tcp`` listener on ``main`` and ``room`` on ``room.1``."""
+    return (
+        toml_table("admin", port=0, token_sha256=token_digest(TOKEN))
+        + toml_table("cluster", redis=redis.url, node="n1", prefix="page")
+        + toml_listener("tcp")
+        + toml_listener("room", "tcp", channel="room.1")
+    )
+
+
+def wait_for_peers(gw: GatewayProcess, count: int) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while call(gw, "/stats")[1]["peers"] != count:
+        assert time.monotonic() < deadline, f"never {count} peers"
+        time.sleep(0.05)
+
+
+def test_events_carry_the_channels_and_the_node(run_gateway, redis):
+    gw = run_gateway(cluster_node(redis), listeners=3)
+    gw.wait_for("backplane up")
+    peers = [Line(gw.ports["tcp"]), Line(gw.ports["room"]), Line(gw.ports["room"])]
+    try:
+        wait_for_peers(gw, 3)
+        [event] = events(gw, f"?token={TOKEN}", 1)
+    finally:
+        for peer in peers:
+            peer.close()
+    assert event["channels"] == {
+        "total": 2,
+        "limit": 20,
+        "channels": [
+            {"channel": "room.1", "subscribers": 2},
+            {"channel": "main", "subscribers": 1},
+        ],
+    }
+    node = event["node"]
+    assert node["name"] == "gateway" and node["workers"] == 1
+    assert [(x["name"], x["type"], x["up"]) for x in node["listeners"]] == [
+        ("tcp", "tcp", True),
+        ("room", "tcp", True),
+    ]
+    assert node["backplane"] == {"node": "n1", "prefix": "page", "up": True, "unforwarded": 0}
+    assert node["history"] == {"store": "memory", "problem": None, "unwritten": 0}
+    assert redis.url not in json.dumps(event)  # a Redis URL may hold its password
+    assert event["stats"]["bytes_delivered"] == 0
+
+
+@pytest.mark.skipif(not browser_tests.CHROMIUM.exists(), reason="no Debian chromium")
+@pytest.mark.timeout(90)
+def test_the_page_shows_channels_node_health_and_pages_all_peers(run_gateway, redis, chromium):
+    gw = run_gateway(cluster_node(redis), listeners=3)
+    gw.wait_for("backplane up")
+    peers = [Line(gw.ports["tcp"])] + [Line(gw.ports["room"]) for _ in range(ROOM_PEERS)]
+    try:
+        wait_for_peers(gw, 1 + ROOM_PEERS)
+        page = browser_tests.new_page(chromium())
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.goto(f"http://127.0.0.1:{gw.ports['admin']}/")
+        page.locator("#token").fill(TOKEN)
+        page.locator("#token").press("Enter")
+        expect(page.locator("#status")).to_have_text("Live")
+
+        channels = page.locator("#channels tbody tr")
+        expect(channels).to_have_count(2)
+        expect(channels.nth(0).locator("td").nth(0)).to_have_text("room.1")
+        expect(channels.nth(0).locator("td").nth(1)).to_have_text(str(ROOM_PEERS))
+        expect(channels.nth(1).locator("td").nth(0)).to_have_text("main")
+        expect(channels.nth(1).locator("td").nth(1)).to_have_text("1")
+        expect(page.locator("#channels-total")).to_contain_text("2 with subscribers")
+
+        expect(page.locator("#health")).to_have_text("ok")
+        node = page.locator("#node")
+        expect(node.locator('dd[data-item="Version"]')).to_have_text(__version__)
+        expect(node.locator('dd[data-item="Backplane"]')).to_contain_text("up, node n1")
+        expect(node.locator('dd[data-item="History store"]')).to_have_text("memory: ok")
+        expect(node.locator('dd[data-item="Uptime"]')).to_have_text(re.compile(r"\d+ s"))
+        for name in ("tcp", "room"):
+            row = page.locator(f'#listeners tr[data-listener="{name}"]')
+            expect(row.locator("td").nth(3)).to_have_text("listening")
+        expect(page.locator('#totals dd[data-item="Peers"]')).to_have_text(str(1 + ROOM_PEERS))
+
+        rows = page.locator("#peers tbody tr")
+        expect(rows).to_have_count(50)  # the busiest 50
+        expect(page.locator("#pager")).to_be_hidden()
+        page.locator("#view").select_option("all")
+        expect(page.locator("#page")).to_have_text(f"1{DASH}100 of {1 + ROOM_PEERS}")
+        expect(rows).to_have_count(100)
+        expect(page.locator("#previous")).to_be_disabled()
+        page.locator("#next").click()
+        expect(page.locator("#page")).to_have_text(f"101{DASH}{1 + ROOM_PEERS} of {1 + ROOM_PEERS}")
+        expect(rows).to_have_count(1 + ROOM_PEERS - 100)
+        expect(page.locator("#next")).to_be_disabled()
+        last = f"room-{ROOM_PEERS}"  # joined last: on the last page
+        expect(page.locator(f'#peers tr[data-peer="{last}"]')).to_have_count(1)
+        # A peer leaving is seen on the page (it is refreshed with every event).
+        peers.pop().close()
+        expect(page.locator("#page")).to_have_text(f"101{DASH}{ROOM_PEERS} of {ROOM_PEERS}")
+        expect(page.locator(f'#peers tr[data-peer="{last}"]')).to_have_count(0)
+        page.locator("#previous").click()
+        expect(page.locator("#page")).to_have_text(f"1{DASH}100 of {ROOM_PEERS}")
+        page.locator("#view").select_option("busiest")
+        expect(rows).to_have_count(50)
+        expect(page.locator("#pager")).to_be_hidden()
+        assert [p for p in problems if "401" not in p] == []
+    finally:
+        for peer in peers:
+            peer.close()
+    assert TOKEN not in "\n".join(gw.log)

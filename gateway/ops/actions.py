@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import heapq
 from collections import Counter
 from typing import Any
 
@@ -36,6 +37,7 @@ def stats(bus: Bus, uptime: float, version: str) -> dict[str, Any]:
         "messages_received": sum(metrics.messages_received.values()),
         "bytes_received": sum(metrics.bytes_received.values()),
         "messages_delivered": metrics.messages_delivered,
+        "bytes_delivered": sum(bus.delivered_totals()[1].values()),
         "dropped": dict(sorted(metrics.dropped.items())),
         "disconnects": dict(sorted(metrics.disconnects.items())),
     }
@@ -49,8 +51,8 @@ def channels(bus: Bus, limit: int) -> dict[str, Any]:
         for table in (routes.exact, routes.wildcard)
         for key, groups in table.items()
     ]
-    counts.sort(key=lambda item: (-item[0], item[1]))
-    listed = [{"channel": key, "subscribers": count} for count, key in counts[:limit]]
+    top = heapq.nsmallest(limit, counts, key=lambda item: (-item[0], item[1]))
+    listed = [{"channel": key, "subscribers": count} for count, key in top]
     return {"total": len(counts), "limit": limit, "channels": listed}
 
 

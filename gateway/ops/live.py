@@ -34,6 +34,8 @@ EVENT_INTERVAL = 1.0
 """Seconds between two events of one stream."""
 TOP_PEERS = 50
 """How many peers an event lists: the busiest by messages out."""
+TOP_CHANNELS = 20
+"""How many channels an event lists: the most subscribed."""
 
 PAGE_FILES = {
     b"": ("admin.html", b"text/html; charset=utf-8"),
@@ -51,16 +53,55 @@ def add_page(root: Resource, site: AdminSite) -> None:
 
 
 def snapshot(site: AdminSite) -> dict[str, Any]:
-    """One event: ``/stats``, the busiest peers, the health problems, the server's time."""
+    """One event: ``/stats``, the busiest peers, the most subscribed channels, the node's
+    health (its problems and its parts), the server's time."""
     bus = site.gateway.bus
     now = site.clock.seconds()
     infos = [info for peer in bus.attached() if (info := bus.peer_info(peer)) is not None]
     busiest = heapq.nlargest(TOP_PEERS, infos, key=lambda info: _number(info["messages_out"]))
+    problems = site.gateway.problems()
     return {
         "time": now,
         "stats": actions.stats(bus, now - site.started, __version__),
         "peers": [{key: info[key] for key in _PEER_KEYS if key in info} for info in busiest],
-        "problems": site.gateway.problems(),
+        "channels": actions.channels(bus, TOP_CHANNELS),
+        "problems": problems,
+        "node": node(site, problems),
+    }
+
+
+def node(site: AdminSite, problems: list[str]) -> dict[str, Any]:
+    """The node's parts and their state: its listeners (as configured; down when
+    ``problems`` says so), the cluster backplane, the history store. No secret: the
+    Redis URL, which may hold a password, is left out."""
+    gateway = site.gateway
+    config = gateway.config
+    listeners = [
+        {
+            "name": listener.name,
+            "type": listener.type,
+            "host": listener.host,
+            "port": listener.port,
+            "up": f"listener {listener.name}: not listening" not in problems,
+        }
+        for listener in config.listeners
+    ]
+    backplane: dict[str, Any] | None = None
+    state = gateway.backplane_state()
+    if config.cluster is not None and state is not None:
+        backplane = {
+            "node": config.cluster.node,
+            "prefix": config.cluster.prefix,
+            "up": state[0],
+            "unforwarded": state[1],
+        }
+    kind, problem, unwritten = gateway.history_state()
+    return {
+        "name": config.gateway.name,
+        "workers": config.gateway.workers,
+        "listeners": listeners,
+        "backplane": backplane,
+        "history": {"store": kind, "problem": problem, "unwritten": unwritten},
     }
 
 

@@ -1,10 +1,12 @@
 // The gateway's live admin page: one EventSource on /events (a snapshot a second), the
-// token asked once on a 401 and kept in sessionStorage for this tab only.
+// token asked once on a 401 and kept in sessionStorage for this tab only. The peers table
+// shows the snapshot's busiest peers, or pages of /peers (all of them, in join order).
 "use strict";
 
 (() => {
   const KEY = "gateway-admin-token";
   const WINDOW_SECONDS = 300;
+  const PAGE_SIZE = 100;
   const COLOURS = ["#0b62c4", "#d9480f", "#2b8a3e", "#ae3ec9", "#e67700", "#1098ad"];
   const SVG = "http://www.w3.org/2000/svg";
   const $ = (id) => document.getElementById(id);
@@ -15,6 +17,9 @@
   let peers = [];
   let sortKey = "messages_out";
   let sortDown = true;
+  let offset = 0;
+  let total = 0;
+  let fetching = false;
   const history = [];
   const rows = new Map();
 
@@ -65,60 +70,141 @@
     };
   }
 
+  function perSecond(now, was, seconds) {
+    const rates = {};
+    for (const key of Object.keys(now)) rates[key] = (now[key] - (was[key] || 0)) / seconds;
+    return rates;
+  }
+
   function update(event) {
     const stats = event.stats;
     if (last && event.time > last.time) {
+      const was = last.stats;
       const seconds = event.time - last.time;
       history.push({
         time: event.time,
-        in: (stats.messages_received - last.stats.messages_received) / seconds,
-        delivered: (stats.messages_delivered - last.stats.messages_delivered) / seconds,
+        in: (stats.messages_received - was.messages_received) / seconds,
+        delivered: (stats.messages_delivered - was.messages_delivered) / seconds,
+        bytesIn: (stats.bytes_received - was.bytes_received) / seconds,
+        bytesOut: (stats.bytes_delivered - was.bytes_delivered) / seconds,
+        drops: perSecond(stats.dropped, was.dropped, seconds),
         connections: stats.connections,
       });
     }
     last = event;
     while (history.length && history[0].time < event.time - WINDOW_SECONDS) history.shift();
-    showTotals(stats, event.problems);
-    const transports = new Set();
-    history.forEach((point) => Object.keys(point.connections).forEach((t) => transports.add(t)));
-    chart("rates", [
-      { name: "in/s", values: history.map((point) => point.in) },
-      { name: "delivered/s", values: history.map((point) => point.delivered) },
-    ]);
-    chart("connections", [...transports].sort().map((transport) => ({
-      name: transport,
-      values: history.map((point) => point.connections[transport] || 0),
-    })));
-    peers = event.peers;
-    showPeers();
+    showTotals(stats);
+    showNode(event.node, stats, event.problems);
+    showChannels(event.channels);
+    showCharts();
+    if ($("view").value === "busiest") {
+      peers = event.peers;
+      showPeers();
+    } else {
+      fetchPage();
+    }
+  }
+
+  function showCharts() {
+    const along = (key) => [...new Set(history.flatMap((point) => Object.keys(point[key])))]
+      .sort().map((part) => ({ name: part, values: history.map((p) => p[key][part] || 0) }));
+    const series = (pairs) => pairs.map(([name, key]) => ({
+      name, values: history.map((point) => point[key]),
+    }));
+    chart("rates", series([["in/s", "in"], ["delivered/s", "delivered"]]));
+    chart("bytes", series([["in B/s", "bytesIn"], ["delivered B/s", "bytesOut"]]));
+    chart("connections", along("connections"));
+    chart("drops", along("drops"));
   }
 
   function sum(counts) {
     return Object.values(counts).reduce((a, b) => a + b, 0);
   }
 
-  function showTotals(stats, problems) {
-    const totals = [
-      ["Version", stats.version],
-      ["Uptime", Math.round(stats.uptime_seconds) + " s"],
+  function describe(list, pairs) {
+    list.replaceChildren(...pairs.flatMap(([name, value, state]) => {
+      const dt = document.createElement("dt");
+      const dd = document.createElement("dd");
+      dt.textContent = name;
+      dd.textContent = String(value);
+      dd.dataset.item = name;
+      if (state) dd.dataset.state = state;
+      return [dt, dd];
+    }));
+  }
+
+  function showTotals(stats) {
+    describe($("totals"), [
       ["Peers", stats.peers],
       ["Channels", stats.channels],
       ["Subscriptions", stats.subscriptions],
       ["Messages in", stats.messages_received],
       ["Delivered", stats.messages_delivered],
+      ["Bytes in", stats.bytes_received],
+      ["Bytes delivered", stats.bytes_delivered],
       ["Dropped", sum(stats.dropped)],
       ["Disconnects", sum(stats.disconnects)],
-    ];
-    $("totals").replaceChildren(...totals.flatMap(([name, value]) => {
-      const dt = document.createElement("dt");
-      const dd = document.createElement("dd");
-      dt.textContent = name;
-      dd.textContent = String(value);
-      dd.dataset.total = name;
-      return [dt, dd];
-    }));
+    ]);
+  }
+
+  function age(seconds) {
+    const s = Math.floor(seconds);
+    if (s < 120) return s + " s";
+    if (s < 7200) return Math.floor(s / 60) + " min";
+    if (s < 172800) return Math.floor(s / 3600) + " h " + Math.floor((s % 3600) / 60) + " min";
+    return Math.floor(s / 86400) + " days";
+  }
+
+  function showNode(node, stats, problems) {
     $("health").textContent = problems.length ? problems.join("; ") : "ok";
     $("health").dataset.state = problems.length ? "bad" : "ok";
+    const plane = node.backplane;
+    const store = node.history;
+    describe($("node"), [
+      ["Name", node.name],
+      ["Version", stats.version],
+      ["Uptime", age(stats.uptime_seconds)],
+      ["Workers", node.workers],
+      plane
+        ? ["Backplane", (plane.up ? "up" : "down") + ", node " + plane.node + ", prefix " +
+          plane.prefix + ", " + plane.unforwarded + " batches not forwarded",
+        plane.up ? "ok" : "bad"]
+        : ["Backplane", "none (no [cluster])"],
+      ["History store", store.store + ": " + (store.problem ? "failing: " + store.problem : "ok") +
+        (store.store === "memory" ? "" : ", " + store.unwritten + " not written"),
+      store.problem ? "bad" : "ok"],
+    ]);
+    const body = $("listeners").tBodies[0];
+    body.replaceChildren(...node.listeners.map((listener) => {
+      const row = document.createElement("tr");
+      row.dataset.listener = listener.name;
+      const port = listener.port === 0 ? "* (any port)" : listener.port;
+      [listener.name, listener.type, listener.host + ":" + port,
+        listener.up ? "listening" : "not listening"].forEach((text) => {
+        row.insertCell().textContent = String(text);
+      });
+      row.cells[3].dataset.state = listener.up ? "ok" : "bad";
+      return row;
+    }));
+  }
+
+  function showChannels(channels) {
+    const top = Math.max(1, ...channels.channels.map((channel) => channel.subscribers));
+    $("channels-total").textContent = channels.total + " with subscribers (names and patterns)" +
+      (channels.total > channels.channels.length
+        ? "; the " + channels.channels.length + " most subscribed:" : "");
+    $("channels").tBodies[0].replaceChildren(...channels.channels.map((channel) => {
+      const row = document.createElement("tr");
+      row.dataset.channel = channel.channel;
+      row.insertCell().textContent = channel.channel;
+      row.insertCell().textContent = String(channel.subscribers);
+      const meter = document.createElement("meter");
+      meter.min = 0;
+      meter.max = top;
+      meter.value = channel.subscribers;
+      row.insertCell().appendChild(meter);
+      return row;
+    }));
   }
 
   function chart(name, series) {
@@ -137,9 +223,50 @@
     });
     svg.replaceChildren(...lines);
     const latest = (line) => (line.values.length ? line.values[line.values.length - 1] : 0);
-    $("legend-" + name).textContent = series
-      .map((line) => line.name + " " + Math.round(latest(line) * 10) / 10)
-      .join(" · ") + " (top " + Math.round(top * 10) / 10 + ")";
+    $("legend-" + name).replaceChildren(...series.map((line, i) => {
+      const item = document.createElement("span");
+      item.className = "key colour-" + (i % COLOURS.length);
+      item.textContent = line.name + " " + Math.round(latest(line) * 10) / 10;
+      return item;
+    }), document.createTextNode(series.length
+      ? " (top " + Math.round(top * 10) / 10 + ")" : "none yet"));
+  }
+
+  async function fetchPage() {
+    if (fetching) return;
+    fetching = true;
+    try {
+      const query = "?offset=" + offset + "&limit=" + PAGE_SIZE;
+      const response = await fetch("/peers" + query, { headers: auth(), cache: "no-store" });
+      if (response.status === 401) {
+        askToken(true);
+        return;
+      }
+      const page = await response.json();
+      if ($("view").value !== "all") return; // switched back while it was on its way
+      total = page.total;
+      if (offset > 0 && offset >= total) { // peers left: the next event reads the last page
+        offset = Math.max(0, Math.floor((total - 1) / PAGE_SIZE) * PAGE_SIZE);
+        return;
+      }
+      peers = page.peers.filter((peer) => peer !== null);
+      showPager();
+      showPeers();
+    } catch (error) {
+      $("notice").textContent = "Could not read /peers: " + error;
+    } finally {
+      fetching = false;
+    }
+  }
+
+  function showPager() {
+    const all = $("view").value === "all";
+    $("pager").hidden = !all;
+    if (!all) return;
+    const end = Math.min(total, offset + PAGE_SIZE);
+    $("page").textContent = (total ? offset + 1 : 0) + "–" + end + " of " + total;
+    $("previous").disabled = offset === 0;
+    $("next").disabled = end >= total;
   }
 
   function who(peer) {
@@ -169,7 +296,7 @@
     for (const peer of shown) {
       const row = rows.get(peer.id) || newRow(peer.id);
       const cells = [peer.id, peer.transport, peer.listener, who(peer), peer.address,
-        Math.round(now - peer.connected_since) + " s ago", peer.messages_in,
+        age(now - peer.connected_since) + " ago", peer.messages_in,
         peer.messages_out, peer.pending_bytes];
       cells.forEach((text, i) => { row.cells[i].textContent = String(text); });
       body.appendChild(row);
@@ -208,6 +335,11 @@
     }
   }
 
+  function turn(step) {
+    offset = Math.max(0, offset + step * PAGE_SIZE);
+    fetchPage();
+  }
+
   $("signin").addEventListener("submit", (event) => {
     event.preventDefault();
     token = $("token").value.trim();
@@ -216,6 +348,18 @@
     start();
   });
   $("search").addEventListener("input", showPeers);
+  $("view").addEventListener("change", () => {
+    offset = 0;
+    showPager();
+    if ($("view").value === "all") {
+      fetchPage();
+    } else {
+      peers = last ? last.peers : [];
+      showPeers();
+    }
+  });
+  $("previous").addEventListener("click", () => turn(-1));
+  $("next").addEventListener("click", () => turn(1));
   document.querySelectorAll("#peers th[data-key]").forEach((th) => {
     th.addEventListener("click", () => {
       sortDown = th.dataset.key === sortKey ? !sortDown : true;
