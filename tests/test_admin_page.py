@@ -177,6 +177,8 @@ def test_events_carry_the_channels_and_the_node(run_gateway, redis):
     peers = [Line(gw.ports["tcp"]), Line(gw.ports["room"]), Line(gw.ports["room"])]
     try:
         wait_for_peers(gw, 3)
+        peers[1].send(b"hello\n")
+        assert peers[2].line() == b"hello"
         [event] = events(gw, f"?token={TOKEN}", 1)
     finally:
         for peer in peers:
@@ -198,7 +200,7 @@ def test_events_carry_the_channels_and_the_node(run_gateway, redis):
     assert node["backplane"] == {"node": "n1", "prefix": "page", "up": True, "unforwarded": 0}
     assert node["history"] == {"store": "memory", "problem": None, "unwritten": 0}
     assert redis.url not in json.dumps(event)  # a Redis URL may hold its password
-    assert event["stats"]["bytes_delivered"] == 0
+    assert event["stats"]["bytes_received"] == event["stats"]["bytes_delivered"] == 5
 
 
 @pytest.mark.skipif(not browser_tests.CHROMIUM.exists(), reason="no Debian chromium")
