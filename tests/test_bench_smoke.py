@@ -127,6 +127,38 @@ def test_idle_reports_memory_per_peer(gateway):
     assert result["server"]["rss_per_peer_bytes"] is not None
 
 
+def test_churn_clients_get_the_welcome_and_leave(run_gateway):
+    gw = run_gateway(CONFIG + toml_listener("churn", "tcp", welcome="hi {peer}"))
+    result = bench(
+        *urls(gw)[:2],
+        "-n",
+        "4",
+        "--rate",
+        "100",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "1",
+        "--settle",
+        "0.2",
+        "--pid",
+        str(gw.proc.pid),
+        "--churn",
+        f"50@tcp://127.0.0.1:{gw.ports['churn']}",
+        "--churn",
+        f"20@ws://127.0.0.1:{gw.ports['ws']}/ws",
+    )
+    assert result["lost"] == 0
+    churn = result["churn"]
+    tcp = churn["targets"][f"tcp://127.0.0.1:{gw.ports['churn']}"]
+    ws = churn["targets"][f"ws://127.0.0.1:{gw.ports['ws']}/ws"]
+    assert (tcp["attempted"], tcp["welcomed"], tcp["failed"]) == (50, 50, 0)
+    assert (ws["attempted"], ws["welcomed"], ws["failed"]) == (20, 20, 0), ws["errors"]
+    assert 0 < tcp["welcome_ms"]["p50"] <= tcp["welcome_ms"]["p99"]
+    assert churn["rss_after_bytes"] > 1 << 20 and churn["rss_start_bytes"] > 1 << 20
+    gw.wait_count(r"churn-\d+ connected from ", 50)
+
+
 def test_bad_url_is_a_usage_error():
     done = subprocess.run(
         [sys.executable, "-m", "gateway", "bench", "--sub", "http://127.0.0.1:1"],

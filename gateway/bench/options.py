@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gateway.bench.churn import parse_churn
 from gateway.bench.target import BenchError, Target
 from gateway.bench.wire import HEADER_SIZE
 
@@ -146,6 +147,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="latency from the last message of each read (chunk) or every message (all); "
         "auto = chunk when flooding, all at a fixed rate",
     )
+    parser.add_argument(
+        "--churn",
+        action="append",
+        default=[],
+        metavar="RATE@URL",
+        help="RATE clients a second connect to URL (tcp://, ws://, nats://, nats+ws://), wait "
+        "for the welcome and leave, during the run; reports connect-to-welcome and, with --pid, "
+        "the server's memory before and --settle seconds after; repeat for more",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -186,6 +196,10 @@ class Options:
         self.connect_timeout = args.connect_timeout
         self.drain = args.drain
         self.json = args.json
+        self.churn = [parse_churn(spec) for spec in args.churn]
+        self.churn_specs: list[str] = list(args.churn)
+        if self.churn and args.idle:
+            raise BenchError("--churn runs during the load: not with --idle")
         self.in_flight = max(4, CONNECTS_IN_FLIGHT // self.procs)
         sample = args.sample
         if sample == "auto":
@@ -280,6 +294,7 @@ class Options:
             "publish_to": self.publish_to,
             "unsubscribe": self.unsubscribe,
             "wildcards": [str(t) for t in self.wildcards],
+            "churn": [f"{rate}@{target}" for rate, target in self.churn],
         }
 
 

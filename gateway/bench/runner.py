@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from gateway.bench.churn import collect, spawn
 from gateway.bench.client import Client
 from gateway.bench.clock import SECOND, now_ns
 from gateway.bench.groups import RemoteGroup, SubscriberGroup
@@ -43,6 +45,7 @@ class Bench:
         self.progress = sys.stdout.isatty() and not options.json
         self.wildcards = bool(options.wildcards)
         self._unpumped = False
+        self.churn_result: dict[str, Any] | None = None
 
     def run(self) -> dict[str, Any]:
         options = self.options
@@ -155,6 +158,7 @@ class Bench:
             group.begin(start, end)
         loop.call_at(start, lambda: self._mark("start"))
         loop.call_at(end, lambda: self._mark("end"))
+        churn = spawn(options.churn_specs, start, end) if options.churn else None
         ticker: Ticker | None = None
         if options.rate > 0:
             publishers = self.publishers
@@ -188,6 +192,15 @@ class Bench:
         for group in self.groups:
             group.expect(self.published_by, drain)
         loop.run_until(lambda: all(g.finished() for g in self.groups), drain + 2 * SECOND)
+        if churn is not None:
+            self._churned(churn)
+
+    def _churned(self, churn: subprocess.Popen[str]) -> None:
+        """What the churn saw, and the server's memory ``--settle`` seconds after it."""
+        self.churn_result = {"targets": collect(churn)}
+        if self.server is not None:
+            time.sleep(self.options.settle)
+            self.churn_result["rss_after_bytes"] = self.server.rss_bytes()
 
     # Flood
 
@@ -384,6 +397,11 @@ class Bench:
                     (idle["server_rss"] - baseline_rss) / peers if peers else None
                 )
             result["server"] = server
+        if self.churn_result is not None:
+            churned = dict(self.churn_result)
+            if start is not None and "server_rss" in start:
+                churned["rss_start_bytes"] = start["server_rss"]
+            result["churn"] = churned
         failed = sum(t["failed"] for t in transports.values())
         result["ok"] = failed == 0 and all(t["disconnected"] == 0 for t in transports.values())
         return result

@@ -123,6 +123,20 @@ def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
             runs, lambda r: sum(t["connected"] for t in r["transports"].values())
         ),
         "load_average": median_of(runs, lambda r: r["load_average"]),
+        # --churn: the slowest URL's connect-to-welcome p99, the clients not welcomed, and
+        # the server's memory --settle seconds after the churn against before it.
+        "churn_p99_ms": median_of(
+            runs, lambda r: max(t["welcome_ms"]["p99"] for t in r["churn"]["targets"].values())
+        ),
+        "churn_welcomed": median_of(
+            runs, lambda r: sum(t["welcomed"] for t in r["churn"]["targets"].values())
+        ),
+        "churn_failed": median_of(
+            runs, lambda r: sum(t["failed"] for t in r["churn"]["targets"].values())
+        ),
+        "churn_rss_growth_bytes": median_of(
+            runs, lambda r: r["churn"]["rss_after_bytes"] - r["churn"]["rss_start_bytes"]
+        ),
     }
     transports: dict[str, Any] = {}
     names = {name for r in runs if "transports" in r for name in r["transports"]}

@@ -86,6 +86,7 @@ class Ports:
     def __init__(self) -> None:
         self.gw_tcp = free_port()
         self.gw_json = free_port()
+        self.gw_churn = free_port()
         self.gw_u32 = free_port()
         self.gw_hist = free_port()
         self.gw_sqlite = free_port()
@@ -127,6 +128,12 @@ name = "json"
 type = "tcp"
 port = {ports.gw_json}
 format = "json"
+
+[[listeners]]
+name = "churn"
+type = "tcp"
+port = {ports.gw_churn}
+welcome = "welcome {{peer}}"
 
 [[listeners]]
 name = "u32"

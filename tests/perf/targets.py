@@ -98,6 +98,38 @@ def checks(table: dict[str, dict[str, Any]]) -> list[Check]:
             None if r is None else r <= 1.2,
         )
     )
+    lost, failed = get("churn", "gateway", "lost_max"), get("churn", "gateway", "churn_failed")
+    welcomed = get("churn", "gateway", "churn_welcomed")
+    out.append(
+        Check(
+            "churn",
+            "no loss for the steady subscribers; every churning client welcomed",
+            f"lost {lost}; {format_count(welcomed)} welcomed, {format_count(failed)} failed",
+            "-",
+            None if lost is None or failed is None else lost == 0 and failed == 0,
+        )
+    )
+    gw_p99, nats_p99 = get("churn", "gateway", "churn_p99_ms"), get("churn", "nats", "churn_p99_ms")
+    r = ratio(gw_p99, nats_p99)
+    out.append(
+        Check(
+            "churn",
+            "connect-to-welcome p99 reported (the slower of tcp and ws; vs nats-server's)",
+            f"{format_ms(gw_p99)} vs {format_ms(nats_p99)} ms",
+            f"{r:.2f}x" if r is not None else "-",
+            None if gw_p99 is None else True,
+        )
+    )
+    growth = get("churn", "gateway", "churn_rss_growth_bytes")
+    out.append(
+        Check(
+            "churn",
+            "RSS back within 5 MiB of where it started (no leak)",
+            f"{growth / 2**20:+.2f} MiB" if growth is not None else "-",
+            "-",
+            None if growth is None else growth <= 5 * 2**20,
+        )
+    )
     for key, limit, label in (("idle_tcp", 2048, "2 KB"), ("idle_ws", 12288, "12 KB")):
         per = get(key, "gateway", "rss_per_peer_bytes")
         out.append(
