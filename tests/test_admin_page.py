@@ -136,6 +136,8 @@ def test_the_page_asks_for_the_token_and_disconnects_a_tcp_peer(run_gateway, chr
     assert tcp.closed()
     expect(row).to_have_count(0)
     gw.wait_for(r"admin: closed tcp-1 \(by the admin token holder")
+    # The disconnects chart shows the operator's close (reason "admin").
+    expect(page.locator("#legend-disconnects")).to_contain_text("admin")
     # The 401 of the first /stats is the only error: nothing broke the policy.
     assert [p for p in problems if "401" not in p] == []
 

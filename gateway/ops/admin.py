@@ -179,6 +179,7 @@ class AdminSite(Site):
             request.setResponseCode(404)
             return _error(request, f"no peer {peer_id!r}")
         self._acted(request, f"closed {peer_id}")
+        self.gateway.bus.metrics.disconnect("admin")
         peer.close("closed by the operator")
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"closed": peer_id}).encode("utf-8")

@@ -88,6 +88,7 @@
         bytesIn: (stats.bytes_received - was.bytes_received) / seconds,
         bytesOut: (stats.bytes_delivered - was.bytes_delivered) / seconds,
         drops: perSecond(stats.dropped, was.dropped, seconds),
+        disconnects: perSecond(stats.disconnects, was.disconnects, seconds),
         connections: stats.connections,
       });
     }
@@ -115,6 +116,7 @@
     chart("bytes", series([["in B/s", "bytesIn"], ["delivered B/s", "bytesOut"]]));
     chart("connections", along("connections"));
     chart("drops", along("drops"));
+    chart("disconnects", along("disconnects"));
   }
 
   function sum(counts) {
