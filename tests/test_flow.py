@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactor, StringTransport
 from twisted.logger import Logger, LogLevel, capturedLogs
 
 from gateway.config import Limits
 from gateway.core.metrics import Metrics
-from gateway.flow.backlog import WriteThrough
+from gateway.flow.backlog import TRANSPORT_BUFFER, WriteThrough
 from gateway.flow.backpressure import Backpressure
 from gateway.flow.caps import TokenBucket
 from gateway.flow.ratelog import RateLimitedLog
@@ -206,22 +207,27 @@ class HandleTransport(StringTransport):
         return self.sock
 
 
+class Owner:
+    """A backlog's owner that notes what it hears."""
+
+    def __init__(self, events: list[str] | None = None) -> None:
+        self.events = [] if events is None else events
+
+    def slow(self) -> None:
+        self.events.append("overflow")
+
+    def log_drop(self, started: bool, count: int) -> None:
+        self.events.append(f"drop {started} {count}")
+
+    def count(self, wire: bytes) -> int:
+        return LINE_FRAMER.count(wire)
+
+
 def write_through(limits: Limits) -> tuple[WriteThrough, FakeSocket, HandleTransport, list[str]]:
     sock = FakeSocket(room=1_000_000)
     transport = HandleTransport(sock)
     events: list[str] = []
-
-    class Owner:
-        def slow(self) -> None:
-            events.append("overflow")
-
-        def log_drop(self, started: bool, count: int) -> None:
-            events.append(f"drop {started} {count}")
-
-        def count(self, wire: bytes) -> int:
-            return LINE_FRAMER.count(wire)
-
-    out = WriteThrough(Backpressure(limits, Metrics()), limits, Owner(), transport)
+    out = WriteThrough(Backpressure(limits, Metrics()), limits, Owner(events), transport)
     transport.registerProducer(out, False)
     return out, sock, transport, events
 
@@ -286,3 +292,89 @@ def test_write_through_drop_mode_resumes_after_draining():
     sock.room = 100
     out.write(b"fresh\n")
     assert sock.sent == b"fresh\n"
+
+
+class SocketDescriptor(FileDescriptor):
+    """A Twisted transport over a ``FakeSocket``: its ``write`` buffers, ``doWrite`` sends
+    what the socket takes, and registering a pull producer asks it for data at once (as
+    every Twisted socket transport does)."""
+
+    connected = 1
+
+    def __init__(self, sock: FakeSocket) -> None:
+        super().__init__(MemoryReactor())
+        self.sock = sock
+
+    def getHandle(self) -> FakeSocket:
+        return self.sock
+
+    def writeSomeData(self, data: bytes) -> int:
+        try:
+            return self.sock.send(bytes(data))
+        except BlockingIOError:
+            return 0
+
+
+def test_a_hold_makes_what_follows_wait_behind_the_other_writers_bytes():
+    """Another writer (Autobahn: a pong, a close frame) wrote to the transport: what the
+    backlog writes next must not overtake those bytes, nor land inside them."""
+    sock = FakeSocket(room=1_000_000)
+    transport = SocketDescriptor(sock)
+    out = WriteThrough(Backpressure(Limits(), Metrics()), Limits(), Owner(), transport)
+    transport.registerProducer(out, False)
+    out.write(b"a\n")
+    assert sock.sent == b"a\n"  # written through
+    out.hold(4)
+    transport.write(b"PONG")
+    out.write(b"b\n")
+    assert sock.sent == b"a\n"  # waits behind PONG, in Twisted's buffer
+    sock.room = 3
+    transport.doWrite()  # the socket takes "PON"
+    out.write(b"c\n")
+    sock.room = 1_000_000
+    transport.doWrite()  # drained: Twisted tells the backlog
+    assert sock.sent == b"a\nPONGb\nc\n" and out.idle
+    out.write(b"d\n")
+    assert sock.sent.endswith(b"c\nd\n")
+
+
+def test_a_hold_before_registering_outlasts_the_call_registering_makes():
+    """Autobahn's handshake response is written before the backlog becomes the transport's
+    producer; registering it calls ``resumeProducing`` while that response still waits."""
+    sock = FakeSocket(room=1_000_000)
+    transport = SocketDescriptor(sock)
+    out = WriteThrough(Backpressure(Limits(), Metrics()), Limits(), Owner(), transport)
+    out.hold(12)
+    transport.write(b"HTTP/1.1 101")
+    transport.registerProducer(out, False)
+    out.write(b"welcome\n")
+    assert sock.sent == b""
+    transport.doWrite()
+    assert sock.sent == b"HTTP/1.1 101welcome\n" and out.idle
+    out.write(b"next\n")
+    assert sock.sent.endswith(b"welcome\nnext\n")
+
+
+def test_a_lasting_hold_stops_writing_through():
+    sock = FakeSocket(room=1_000_000)
+    transport = SocketDescriptor(sock)
+    out = WriteThrough(Backpressure(Limits(), Metrics()), Limits(), Owner(), transport)
+    transport.registerProducer(out, False)
+    out.hold(1, lasting=True)
+    transport.write(b"x")
+    transport.doWrite()
+    out.write(b"y\n")
+    assert sock.sent == b"x" and not out.idle  # through Twisted's buffer from now on
+    transport.doWrite()
+    assert sock.sent == b"xy\n"
+
+
+def test_holds_count_towards_the_transport_buffer():
+    limits = Limits(max_pending_bytes=1024)
+    out, _sock, _transport, events = write_through(limits)
+    out.hold(TRANSPORT_BUFFER + 1)
+    assert out.paused  # what follows is within max_pending_bytes, then the policy applies
+    out.write(b"z" * 1023 + b"\n")
+    assert not events and out.pending == 1024
+    out.write(b"z\n")
+    assert events == ["overflow"]

@@ -21,6 +21,7 @@ from tests.conftest import (
     toml_table,
     websocket_upgrade,
 )
+from tests.test_websocket_integration import ServerFrames, numbered
 
 MiB = 1024 * 1024
 LINE = 1000  # bytes per message, newline included
@@ -198,3 +199,48 @@ def test_a_json_receiver_that_reads_at_once_keeps_up_with_a_flood(run_gateway, r
         publisher.wait()
         sock.close()
     assert not [line for line in gw.log if "not reading" in line or "slow consumer" in line]
+
+
+@pytest.mark.parametrize("policy", ["disconnect", "drop"])
+def test_a_stalled_websocket_reader_gets_the_slow_consumer_policy(run_gateway, policy):
+    """A ws peer is written through like a TCP one, but the policy is the same: cut
+    after ``max_pending_bytes`` (1008, then dropped), or only whole frames dropped."""
+    gw = run_gateway(
+        toml_table("limits", max_pending_bytes=MiB, slow_consumer=policy)
+        + toml_listener("tcp")
+        + toml_listener("ws")
+    )
+    port = gw.ports["ws"]
+    stalled = stalled_reader(port)  # and, once upgraded, it does not read
+    websocket_upgrade(stalled, host=f"127.0.0.1:{port}")
+    gw.wait_for("ws-1 connected")
+    publisher = socket.create_connection(("127.0.0.1", gw.ports["tcp"]), timeout=TIMEOUT)
+    sent = 0
+    while not [line for line in gw.log if "ws-1 is not reading" in line]:
+        assert sent < 200_000, "never over the limit"
+        publisher.sendall(numbered(sent, sent + 2000))
+        sent += 2000
+    if policy == "disconnect":
+        gw.wait_for("ws-1 is not reading: over 1048576 bytes pending; disconnecting")
+        gw.wait_for("ws-1 disconnected \\(slow consumer\\)")
+        with pytest.raises(ConnectionResetError):
+            read_until_closed(stalled, 1 << 20)
+    else:
+        gw.wait_for("ws-1 is not reading: over 1048576 bytes pending; dropping its messages")
+        frames = ServerFrames(stalled)
+        stalled.settimeout(0.5)
+        numbers = []
+        with contextlib.suppress(TimeoutError):
+            while True:  # only whole text frames, in order, some missing
+                opcode, payload = frames.next()
+                assert opcode == 0x1 and len(payload) == 99, (opcode, payload[:20])
+                numbers.append(int(payload[:12]))
+        assert frames.data == b""
+        assert numbers == sorted(numbers) and 0 < len(numbers) < sent
+        publisher.sendall(numbered(10**9, 10**9 + 1))
+        gw.wait_for("ws-1 caught up")
+        stalled.settimeout(TIMEOUT)
+        while (frame := frames.next())[1][:12] != b"%012d" % 10**9:
+            assert frame[0] == 0x1  # what was sent before it, still in order
+    stalled.close()
+    publisher.close()

@@ -282,6 +282,27 @@ def test_count_frames_of_64_messages_from_both_framers():
     assert count_frames(b"") == 0
 
 
+def test_every_way_of_framing_a_batch_makes_the_same_frames():
+    """A TCP read's lines (no kinds: ASCII, so all text), kinds given, kinds worked out:
+    each message is ``frame_message`` of it, whatever its length."""
+    origin = Origin("tcp-1", "tcp", "tcp")
+    sizes = [0, 1, *EDGES[:4], 200, *EDGES[4:]]
+    payloads = [bytes([65 + n % 26]) * size for n, size in enumerate(sizes)]
+    text = b"".join(frame_message(payload, 0x1) for payload in payloads)
+    lines = b"".join(payload + b"\n" for payload in payloads)
+    assert RAW_FRAMER.frame(Batch(origin, "main", payloads, None, lines)) == text
+    assert RAW_FRAMER.frame(Batch(origin, "main", payloads, [Kind.TEXT] * len(sizes))) == text
+    assert RAW_FRAMER.frame(Batch(origin, "main", payloads)) == text
+    mixed = [Kind.BINARY if n % 2 else Kind.TEXT for n in range(len(sizes))]
+    expected = b"".join(
+        frame_message(payload, 0x2 if kind is Kind.BINARY else 0x1)
+        for payload, kind in zip(payloads, mixed, strict=True)
+    )
+    assert RAW_FRAMER.frame(Batch(origin, "main", payloads, mixed)) == expected
+    one = [b"\xff short binary"]
+    assert RAW_FRAMER.frame(Batch(origin, "main", one)) == frame_message(one[0], 0x2)
+
+
 def test_autobahn_decodes_our_frames_text_and_binary():
     gw = Gateway()
     ws = gw.ws()

@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import ssl
+import struct
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,123 @@ def test_shipped_config_runs_on_a_fresh_checkout(run_gateway, tmp_path):
     with websocket(gw, "wss") as client:
         client.send("quick start works")
         assert tcp.line() == b"quick start works"
+
+
+class ServerFrames:
+    """Reads a raw WebSocket's server frames: each whole, unmasked, unfragmented."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.data = b""
+
+    def _need(self, size: int) -> None:
+        while len(self.data) < size:
+            chunk = self.sock.recv(1 << 16)
+            assert chunk, f"closed inside a frame; have {self.data[:20]!r}"
+            self.data += chunk
+
+    def next(self) -> tuple[int, bytes]:
+        """The next frame's opcode and payload."""
+        self._need(2)
+        first, second = self.data[0], self.data[1]
+        assert first & 0xF0 == 0x80, f"not a FIN frame: {self.data[:20]!r}"
+        assert not second & 0x80, "a masked server frame"
+        length, start = second & 0x7F, 2
+        if length == 126:
+            self._need(4)
+            length, start = struct.unpack("!H", self.data[2:4])[0], 4
+        elif length == 127:
+            self._need(10)
+            length, start = struct.unpack("!Q", self.data[2:10])[0], 10
+        self._need(start + length)
+        payload = self.data[start : start + length]
+        self.data = self.data[start + length :]
+        return first & 0x0F, payload
+
+
+def numbered(start: int, stop: int) -> bytes:
+    return b"".join(b"%012d" % i + b"m" * 87 + b"\n" for i in range(start, stop))
+
+
+STEP = 2000  # messages per publisher send: 200 KB, more than the subscriber's socket takes
+
+
+def test_a_flood_written_through_keeps_pings_pongs_and_the_close_handshake(run_gateway):
+    """Fan-out bytes go straight to an idle ws socket; Autobahn's own frames (pongs, its
+    pings, the close handshake) still arrive whole, in their place, and the close ends it."""
+    gw = run_gateway(toml_listener("tcp") + toml_listener("ws", ping_interval=1))
+    port = gw.ports["ws"]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # partial sends, often
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", port))
+    websocket_upgrade(sock, host=f"127.0.0.1:{port}")
+    gw.wait_for("ws-1 connected")
+    publisher = socket.create_connection(("127.0.0.1", gw.ports["tcp"]), timeout=TIMEOUT)
+    frames = ServerFrames(sock)
+    expected = pongs = pings = step = 0
+    while pings < 1 or step < 5:  # at least one of the gateway's pings (1 s), under the flood
+        assert step < 2000, "no ping from the gateway"
+        publisher.sendall(numbered(step * STEP, (step + 1) * STEP))
+        sock.sendall(masked_frame(0x89, b"probe-%d" % step))
+        step += 1
+        while expected < step * STEP or pongs < step:
+            opcode, payload = frames.next()
+            if opcode == 0x1:
+                assert payload == numbered(expected, expected + 1)[:-1]
+                expected += 1
+            elif opcode == 0xA:
+                assert payload == b"probe-%d" % pongs
+                pongs += 1
+            else:
+                assert opcode == 0x9, (opcode, payload)
+                pings += 1
+                sock.sendall(masked_frame(0x8A, payload))
+    # The client closes in the middle of the next step: the rest of what was sent before
+    # the gateway's answer, then its close frame, then the end of the connection.
+    publisher.sendall(numbered(step * STEP, (step + 1) * STEP))
+    sock.sendall(masked_frame(0x88, struct.pack("!H", 1000)))
+    while True:
+        opcode, payload = frames.next()
+        if opcode == 0x8:
+            break
+        assert opcode in (0x1, 0x9), opcode
+        if opcode == 0x1:
+            assert payload == numbered(expected, expected + 1)[:-1]
+            expected += 1
+    assert payload[:2] == struct.pack("!H", 1000)
+    assert frames.data == b"" and read_until_closed(sock) == b""
+    gw.wait_for("ws-1 disconnected \\(closed by the peer, code 1000\\)")
+    assert not [line for line in gw.log if "not reading" in line or "slow consumer" in line]
+    publisher.close()
+    sock.close()
+
+
+def test_a_close_the_gateway_starts_under_a_flood_is_the_last_frame(run_gateway):
+    """A protocol error mid-flood (invalid UTF-8): the gateway's close (1007) comes after
+    whole frames only, nothing follows it, and the connection ends once the client answers."""
+    gw = run_gateway(toml_listener("tcp") + toml_listener("ws"))
+    port = gw.ports["ws"]
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.settimeout(TIMEOUT)
+    sock.connect(("127.0.0.1", port))
+    websocket_upgrade(sock, host=f"127.0.0.1:{port}")
+    gw.wait_for("ws-1 connected")
+    publisher = socket.create_connection(("127.0.0.1", gw.ports["tcp"]), timeout=TIMEOUT)
+    frames = ServerFrames(sock)
+    publisher.sendall(numbered(0, STEP))
+    assert frames.next() == (0x1, numbered(0, 1)[:-1])
+    sock.sendall(masked_frame(0x81, b"bad \xff\xfe text"))
+    for start in range(STEP, 5 * STEP, STEP):  # the flood goes on
+        publisher.sendall(numbered(start, start + STEP))
+    expected = 1
+    while (frame := frames.next())[0] == 0x1:
+        assert frame[1] == numbered(expected, expected + 1)[:-1]
+        expected += 1
+    assert frame[0] == 0x8 and frame[1][:2] == struct.pack("!H", 1007)
+    sock.sendall(masked_frame(0x88, frame[1][:2]))
+    assert read_until_closed(sock) == b"" and frames.data == b""
+    gw.wait_for("ws-1 disconnected \\(closed with code 1007")
+    publisher.close()
+    sock.close()

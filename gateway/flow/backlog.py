@@ -151,6 +151,13 @@ class Backlog:
             self.backpressure.remove(self.pending)
             self.pending = 0
 
+    def hold(self, size: int, lasting: bool = False) -> None:
+        """Something other than the backlog wrote ``size`` bytes to the transport.
+
+        Nothing to do here: everything goes through the transport anyway.
+        ``WriteThrough`` stops writing past it (see there).
+        """
+
 
 @implementer(IPullProducer)
 class WriteThrough(Backlog):
@@ -163,12 +170,14 @@ class WriteThrough(Backlog):
     to the socket at once with one ``send``, and only what the socket does not
     take is handed to the transport. Bytes never overtake each other: while the
     transport holds anything, everything goes through it. Only for transports
-    that nobody else writes to behind our back (plain TCP line peers).
+    that nobody else writes to behind our back (plain TCP peers), or whose other
+    writers say so first with ``hold`` (Autobahn's handshake, pings, pongs and
+    close frames on a plain ``ws`` peer).
     """
 
     streaming = False
 
-    __slots__ = ("idle", "queued", "send")
+    __slots__ = ("idle", "queued", "registered", "send", "shared")
 
     def __init__(
         self,
@@ -181,6 +190,10 @@ class WriteThrough(Backlog):
         self.send = transport.getHandle().send
         self.idle = True
         self.queued = 0
+        # Twisted's own transports ask a pull producer for data as they register it,
+        # whatever they hold: that call does not mean the buffer drained.
+        self.registered = not isinstance(transport, FileDescriptor)
+        self.shared = False  # True: others write to the transport unannounced; never write past it
 
     def write(self, wire: bytes) -> None:
         """Send ``wire`` now if nothing is queued, else queue it (within the limits)."""
@@ -203,8 +216,23 @@ class WriteThrough(Backlog):
                 self.paused = True
             self.transport.write(wire)
 
+    def hold(self, size: int, lasting: bool = False) -> None:
+        """Something else wrote ``size`` bytes to the transport: until Twisted says its
+        buffer drained, what follows goes through it too, after them (``lasting``: that
+        writer may write later unannounced, so write through no more)."""
+        self.idle = False
+        self.queued += size
+        if self.queued > TRANSPORT_BUFFER:
+            self.paused = True
+        if lasting:
+            self.shared = True
+
     def resumeProducing(self) -> None:
-        """Twisted: the transport's buffer is empty."""
-        self.idle = True
+        """Twisted: the transport's buffer is empty (or: it registered the backlog)."""
+        if not self.registered:
+            self.registered = True
+            if self.queued:
+                return  # held before registering: what was written has not drained yet
+        self.idle = not self.shared
         self.queued = 0
         super().resumeProducing()

@@ -7,6 +7,7 @@ every connection, so a batch is framed once and written to every receiver.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 from zope.interface import implementer
 
@@ -27,8 +28,9 @@ _SHORT = struct.Struct("!BB")
 _MEDIUM = struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
 _OPCODES = {Kind.TEXT: OPCODE_TEXT, Kind.BINARY: OPCODE_BINARY}
-_TEXT_ONLY = (Kind.TEXT,)
-_BINARY_ONLY = (Kind.BINARY,)
+# The headers of short frames (under 126 payload bytes), made once: most messages are short.
+_SHORT_TEXT = tuple(_SHORT.pack(_FIN | OPCODE_TEXT, length) for length in range(126))
+_SHORT_BINARY = tuple(_SHORT.pack(_FIN | OPCODE_BINARY, length) for length in range(126))
 
 
 def frame_header(length: int, opcode: int) -> bytes:
@@ -62,6 +64,21 @@ def count_frames(wire: bytes) -> int:
     return count
 
 
+def _text_frames(payloads: Sequence[bytes]) -> bytes:
+    """Each payload as one text frame (all known to be text), in one bytes object."""
+    if len(payloads) == 1:
+        payload = payloads[0]
+        return frame_header(len(payload), OPCODE_TEXT) + payload
+    short = _SHORT_TEXT
+    parts: list[bytes] = []
+    append = parts.append
+    for payload in payloads:
+        length = len(payload)
+        append(short[length] if length < 126 else frame_header(length, OPCODE_TEXT))
+        append(payload)
+    return b"".join(parts)
+
+
 @implementer(IFramer)
 class RawFramer:
     """Each payload as one frame, text or binary by its kind; a batch in one bytes object."""
@@ -72,16 +89,21 @@ class RawFramer:
         payloads = batch.payloads
         kinds = batch.kinds
         if kinds is None and batch.lines is not None and batch.lines.isascii():
-            kinds = _TEXT_ONLY * len(payloads)
+            return _text_frames(payloads)
         if len(payloads) == 1:
             payload = payloads[0]
             kind = kinds[0] if kinds is not None else Kind.of(payload)
             return frame_header(len(payload), _OPCODES[kind]) + payload
         parts: list[bytes] = []
+        append = parts.append
         messages = batch.messages() if kinds is None else zip(payloads, kinds, strict=True)
         for payload, kind in messages:
-            parts.append(frame_header(len(payload), _OPCODES[kind]))
-            parts.append(payload)
+            length = len(payload)
+            if length < 126:
+                append((_SHORT_TEXT if kind is Kind.TEXT else _SHORT_BINARY)[length])
+            else:
+                append(frame_header(length, _OPCODES[kind]))
+            append(payload)
         return b"".join(parts)
 
     def count(self, wire: bytes) -> int:

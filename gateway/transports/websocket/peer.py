@@ -6,7 +6,11 @@ that name each sender, plus welcome and join/leave events.
 
 Fan-out never goes through Autobahn's per-message send path: a framer builds
 the (unmasked, uncompressed) frames of a batch once, and every receiver gets
-those same bytes in one ``transport.write``.
+those same bytes in one write. On a plain ``ws`` connection that write goes
+straight to the socket while Twisted holds nothing for it (``WriteThrough``,
+as for plain TCP peers); Autobahn's own writes (the handshake's response,
+pings, pongs, close frames) announce themselves first (``sendData``), so
+nothing overtakes them.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.tcp import Connection
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -70,7 +76,7 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
         super().connectionMade()
         # The gateway's own site counted the HTTP connection against the caps;
         # the WebSocket takes that over. Mounted elsewhere, it counts itself.
-        self._admit(counted=self.factory.counted)
+        self._admit(write_through=_plain_socket(self.transport), counted=self.factory.counted)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:  # noqa: B008
         super().connectionLost(reason)
@@ -245,6 +251,16 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
         # Past the transport's own 64 KiB, what may wait is bounded by the backlog.
         self.flow.backlog.write(wire)  # type: ignore[union-attr]
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        """Autobahn's every write (handshake response, pings, pongs, close frames): the
+        backlog hears of it first, so what it writes straight to the socket never
+        overtakes these bytes, or lands inside them. ``sync`` and ``chopsize`` writes
+        happen later, from Autobahn's queue: after one, nothing is written through."""
+        flow = self.flow
+        if flow is not None:
+            flow.backlog.hold(len(data), lasting=sync or bool(chopsize))
+        super().sendData(data, sync, chopsize)
+
     def close(self, reason: str, code: int = CLOSE_GOING_AWAY) -> None:
         """Start the closing handshake with ``code`` and ``reason`` (1001 by default)."""
         if self._closing:
@@ -274,6 +290,12 @@ class WebSocketPeer(StreamPeer, WebSocketServerProtocol):  # type: ignore[misc]
         self._leave("slow consumer")
         self.sendCloseFrame(code=CLOSE_POLICY_VIOLATION, reasonUtf8=b"slow consumer", isReply=False)
         self.dropConnection(abort=True)
+
+
+def _plain_socket(transport: object) -> bool:
+    """Whether ``transport`` is a TCP (or unix) socket with nothing between it and the
+    peer: no TLS and no wrapping protocol, so its bytes may be written to the socket."""
+    return isinstance(transport, Connection) and not ISSLTransport.providedBy(transport)
 
 
 def _close_reason(reason: str) -> bytes:
