@@ -47,6 +47,20 @@ def checks(table: dict[str, dict[str, Any]]) -> list[Check]:
     throughput("tcp1000", "nats", 2, "nats-server")
     throughput("ws100", "autobahn", 15, "Autobahn sendMessage loop")
     throughput("ws100", "nats", 0.7, "nats-server (its WebSocket)")
+    ws_cost, tcp_cost = (
+        get("ws100", "gateway", "ns_per_delivery"),
+        get("tcp100", "gateway", "ns_per_delivery"),
+    )
+    r = ratio(ws_cost, tcp_cost)
+    out.append(
+        Check(
+            "ws100",
+            "server CPU per delivery ≤ 1.5x tcp100's",
+            f"{format_count(ws_cost)} vs {format_count(tcp_cost)} ns",
+            f"{r:.2f}x" if r is not None else "-",
+            None if r is None else r <= 1.5,
+        )
+    )
     throughput("tls100", "tlsceiling", 0.8, "TLS ceiling (one SSL_write per receiver)")
     throughput("wss100", "tlsceiling", 0.8, "TLS ceiling, WebSocket frames")
     udp = table.get("mixed", {}).get("gateway", {}).get("transports", {}).get("udp", {})
