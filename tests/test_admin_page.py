@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,6 +141,53 @@ def test_the_page_asks_for_the_token_and_disconnects_a_tcp_peer(run_gateway, chr
     expect(page.locator("#legend-disconnects")).to_contain_text("admin")
     # The 401 of the first /stats is the only error: nothing broke the policy.
     assert [p for p in problems if "401" not in p] == []
+
+
+@pytest.mark.skipif(not browser_tests.CHROMIUM.exists(), reason="no Debian chromium")
+@pytest.mark.timeout(60)
+def test_the_charts_and_the_peer_rates_move_while_traffic_flows(run_gateway, chromium):
+    gw = run_gateway(config(), listeners=3)
+    sender, receiver = Line(gw.ports["tcp"]), Line(gw.ports["tcp"])
+    assert sender.line() == b"hi tcp-1" and receiver.line() == b"hi tcp-2"
+    page = browser_tests.new_page(chromium())
+    page.goto(f"http://127.0.0.1:{gw.ports['admin']}/")
+    page.locator("#token").fill(TOKEN)
+    page.locator("#token").press("Enter")
+    expect(page.locator("#status")).to_have_text("Live")
+    rates = page.locator("#legend-rates .key")
+    expect(rates.first).to_have_text("in/s 0")  # quiet: a flat line at 0
+    line = page.locator("#chart-rates polyline").first
+    quiet = line.get_attribute("points")
+    flowing = threading.Event()
+    done = threading.Event()
+
+    def chatter() -> None:  # about 50 messages a second until the page has seen them
+        while not done.wait(0.02):
+            sender.send(b"tick\n")
+            flowing.set()
+
+    thread = threading.Thread(target=chatter)
+    thread.start()
+    try:
+        assert flowing.wait(TIMEOUT)
+        nonzero = re.compile(r" (?!0$)\d")  # a rate that is not 0
+        expect(rates.nth(0)).to_have_text(re.compile(r"^in/s \d"))
+        expect(rates.nth(0)).to_contain_text(nonzero)
+        expect(rates.nth(1)).to_contain_text(nonzero)  # delivered/s: to tcp-2
+        expect(page.locator("#legend-bytes .key").nth(0)).to_contain_text(nonzero)
+        expect(line).not_to_have_attribute("points", quiet or "")
+        cells = page.locator('#peers tr[data-peer="tcp-1"] td')
+        expect(cells.nth(7)).to_have_text(re.compile(r"^(?!0$)\d"))  # In/s of the sender
+        expect(page.locator('#peers tr[data-peer="tcp-2"] td').nth(9)).to_have_text(
+            re.compile(r"^(?!0$)\d")  # Out/s of the receiver
+        )
+        expect(cells.nth(9)).to_have_text("0")  # the sender gets nothing back
+    finally:
+        done.set()
+        thread.join()
+    # Traffic stops: the rates fall back to 0 with the next events.
+    expect(rates.nth(0)).to_have_text(re.compile(r"^in/s 0$"))
+    expect(page.locator('#peers tr[data-peer="tcp-1"] td').nth(7)).to_have_text("0")
 
 
 @pytest.fixture

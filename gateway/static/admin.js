@@ -1,6 +1,7 @@
 // The gateway's live admin page: one EventSource on /events (a snapshot a second), the
 // token asked once on a 401 and kept in sessionStorage for this tab only. The peers table
-// shows the snapshot's busiest peers, or pages of /peers (all of them, in join order).
+// shows the snapshot's busiest peers, or pages of /peers (all of them, in join order), with
+// each peer's messages in and out per second worked out from two successive reads.
 "use strict";
 
 (() => {
@@ -22,6 +23,7 @@
   let fetching = false;
   const history = [];
   const rows = new Map();
+  const counted = new Map(); // peer id -> {time, in, out, rates}: the last read of its counters
 
   const auth = () => (token ? { Authorization: "Bearer " + token } : {});
 
@@ -99,7 +101,7 @@
     showChannels(event.channels);
     showCharts();
     if ($("view").value === "busiest") {
-      peers = event.peers;
+      peers = withRates(event.peers, event.time);
       showPeers();
     } else {
       fetchPage();
@@ -251,7 +253,7 @@
         offset = Math.max(0, Math.floor((total - 1) / PAGE_SIZE) * PAGE_SIZE);
         return;
       }
-      peers = page.peers.filter((peer) => peer !== null);
+      peers = withRates(page.peers.filter((peer) => peer !== null), last ? last.time : 0);
       showPager();
       showPeers();
     } catch (error) {
@@ -270,6 +272,29 @@
     $("previous").disabled = offset === 0;
     $("next").disabled = end >= total;
   }
+
+  // Each peer with rate_in and rate_out: messages per second since its counters were last
+  // read (0 on its first read); reads more than a minute old are forgotten.
+  function withRates(list, time) {
+    for (const [id, was] of counted) if (was.time < time - 60) counted.delete(id);
+    return list.map((peer) => {
+      const was = counted.get(peer.id);
+      let rates = { in: 0, out: 0 };
+      if (was && time > was.time) {
+        const seconds = time - was.time;
+        rates = {
+          in: Math.max(0, peer.messages_in - was.in) / seconds,
+          out: Math.max(0, peer.messages_out - was.out) / seconds,
+        };
+      } else if (was) {
+        rates = was.rates; // read again within the same second (a page turn)
+      }
+      counted.set(peer.id, { time, in: peer.messages_in, out: peer.messages_out, rates });
+      return { ...peer, rate_in: rates.in, rate_out: rates.out };
+    });
+  }
+
+  const perSecondText = (value) => String(Math.round(value * 10) / 10);
 
   function who(peer) {
     return peer.user || peer.tls_subject || "";
@@ -298,8 +323,8 @@
     for (const peer of shown) {
       const row = rows.get(peer.id) || newRow(peer.id);
       const cells = [peer.id, peer.transport, peer.listener, who(peer), peer.address,
-        age(now - peer.connected_since) + " ago", peer.messages_in,
-        peer.messages_out, peer.pending_bytes];
+        age(now - peer.connected_since) + " ago", peer.messages_in, perSecondText(peer.rate_in),
+        peer.messages_out, perSecondText(peer.rate_out), peer.pending_bytes];
       cells.forEach((text, i) => { row.cells[i].textContent = String(text); });
       body.appendChild(row);
     }
@@ -312,7 +337,7 @@
   function newRow(id) {
     const row = document.createElement("tr");
     row.dataset.peer = id;
-    for (let i = 0; i < 9; i++) row.insertCell();
+    for (let i = 0; i < 11; i++) row.insertCell();
     const button = document.createElement("button");
     button.type = "button";
     button.textContent = "Disconnect";
