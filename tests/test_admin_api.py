@@ -103,6 +103,28 @@ def test_stats_and_channels_after_known_traffic(run_gateway):
     assert call(gw, "/channels?limit=x")[0] == 400
 
 
+def test_peers_q_searches_every_peer_before_paging(run_gateway):
+    gw = run_gateway(config(), listeners=3)
+    peers = [Line(gw.ports["tcp"]) for _ in range(12)]
+    try:
+        for peer in peers:
+            peer.line()
+        status, listed, _ = call(gw, "/peers?limit=2")
+        assert status == 200 and "matched" not in listed  # without q: as before
+        assert (listed["total"], [p["id"] for p in listed["peers"]]) == (12, ["tcp-1", "tcp-2"])
+        status, found, _ = call(gw, "/peers?q=TCP-1&limit=2&offset=1")
+        assert status == 200
+        assert (found["total"], found["matched"]) == (12, 4)  # tcp-1, tcp-10, tcp-11, tcp-12
+        assert [p["id"] for p in found["peers"]] == ["tcp-10", "tcp-11"]
+        port = peers[5].sock.getsockname()[1]  # ephemeral: 5 digits, in no other port
+        by_address = call(gw, f"/peers?q=127.0.0.1:{port}")[1]
+        assert [p["id"] for p in by_address["peers"]] == ["tcp-6"]
+        assert call(gw, "/peers?q=nobody")[1]["matched"] == 0
+    finally:
+        for peer in peers:
+            peer.close()
+
+
 def test_the_operator_closes_a_peer_and_publishes_and_both_are_logged(run_gateway):
     gw = run_gateway(config(), listeners=3)
     a, b = Line(gw.ports["tcp"]), Line(gw.ports["tcp"])

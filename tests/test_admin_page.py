@@ -307,6 +307,15 @@ def test_the_page_shows_channels_node_health_and_pages_all_peers(run_gateway, re
         expect(page.locator(f'#peers tr[data-peer="{last}"]')).to_have_count(0)
         page.locator("#previous").click()
         expect(page.locator("#page")).to_have_text(f"1{DASH}100 of {ROOM_PEERS}")
+        # The search of All looks through every peer, not just the page shown.
+        page.locator("#search").fill("room-10")
+        expect(page.locator("#page")).to_have_text(f"1{DASH}5 of 5 matching")
+        found = [f"room-10{n}" for n in ("", "0", "1", "2", "3")]  # room-10x: on page 2
+        expect(rows).to_have_count(len(found))
+        for peer_id in found:
+            expect(page.locator(f'#peers tr[data-peer="{peer_id}"]')).to_have_count(1)
+        page.locator("#search").fill("")
+        expect(page.locator("#page")).to_have_text(f"1{DASH}100 of {ROOM_PEERS}")
         page.locator("#view").select_option("busiest")
         expect(rows).to_have_count(50)
         expect(page.locator("#pager")).to_be_hidden()

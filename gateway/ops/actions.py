@@ -56,6 +56,22 @@ def channels(bus: Bus, limit: int) -> dict[str, Any]:
     return {"total": len(counts), "limit": limit, "channels": listed}
 
 
+SEARCHED = ("id", "transport", "listener", "channel", "user", "tls_subject", "address")
+"""What ``GET /peers?q=`` looks in, for the text it is given (any case)."""
+
+
+def matching_peers(bus: Bus, text: str) -> list[dict[str, object]]:
+    """What ``/peers`` shows of every attached peer with ``text`` in one of ``SEARCHED``
+    (any case), in the order they joined."""
+    needle = text.lower()
+    found = []
+    for peer in bus.attached():
+        info = bus.peer_info(peer)
+        if info is not None and any(needle in str(info[key] or "").lower() for key in SEARCHED):
+            found.append(info)
+    return found
+
+
 def find_peer(bus: Bus, peer_id: str) -> IPeer | None:
     """The attached peer with id ``peer_id``, if any."""
     for peer in bus.attached():

@@ -28,6 +28,8 @@ from gateway.ops import actions, live
 from gateway.ops.metrics import GatewayCollector, Health
 
 MAX_PAGE = 10_000
+MAX_SEARCH = 200
+"""The longest ``/peers?q=`` text looked for (the rest is ignored)."""
 MAX_BODY = 1 << 20
 """The largest request body an action reads (a message to publish)."""
 
@@ -155,8 +157,14 @@ class AdminSite(Site):
             return json.dumps({"error": str(e)}).encode()
         limit = min(limit, MAX_PAGE)
         bus = self.gateway.bus
-        page = [bus.peer_info(peer) for peer in bus.attached(offset, limit)]
-        body = {"total": bus.peer_count, "offset": offset, "limit": limit, "peers": page}
+        body: dict[str, Any] = {"total": bus.peer_count, "offset": offset, "limit": limit}
+        search = (request.args or {}).get(b"q", [b""])[0].decode("utf-8", "replace").strip()
+        if search:  # ?q=: the peers it matches, and how many
+            found = actions.matching_peers(bus, search[:MAX_SEARCH])
+            body["matched"] = len(found)
+            body["peers"] = found[offset : offset + limit]
+        else:
+            body["peers"] = [bus.peer_info(peer) for peer in bus.attached(offset, limit)]
         return json.dumps(body).encode("utf-8")
 
     def stats(self, request: Request) -> bytes:

@@ -1,7 +1,8 @@
 // The gateway's live admin page: one EventSource on /events (a snapshot a second), the
 // token asked once on a 401 and kept in sessionStorage for this tab only. The peers table
-// shows the snapshot's busiest peers, or pages of /peers (all of them, in join order), with
-// each peer's messages in and out per second worked out from two successive reads.
+// shows the snapshot's busiest peers, or pages of /peers (all of them, in join order; there
+// the search box searches every peer, through /peers?q=), with each peer's messages in and
+// out per second worked out from two successive reads.
 "use strict";
 
 (() => {
@@ -240,7 +241,9 @@
     if (fetching) return;
     fetching = true;
     try {
-      const query = "?offset=" + offset + "&limit=" + PAGE_SIZE;
+      const search = $("search").value.trim();
+      const query = "?offset=" + offset + "&limit=" + PAGE_SIZE +
+        (search ? "&q=" + encodeURIComponent(search) : "");
       const response = await fetch("/peers" + query, { headers: auth(), cache: "no-store" });
       if (response.status === 401) {
         askToken(true);
@@ -248,7 +251,7 @@
       }
       const page = await response.json();
       if ($("view").value !== "all") return; // switched back while it was on its way
-      total = page.total;
+      total = page.matched === undefined ? page.total : page.matched;
       if (offset > 0 && offset >= total) { // peers left: the next event reads the last page
         offset = Math.max(0, Math.floor((total - 1) / PAGE_SIZE) * PAGE_SIZE);
         return;
@@ -268,7 +271,8 @@
     $("pager").hidden = !all;
     if (!all) return;
     const end = Math.min(total, offset + PAGE_SIZE);
-    $("page").textContent = (total ? offset + 1 : 0) + "–" + end + " of " + total;
+    const matching = $("search").value.trim() ? " matching" : "";
+    $("page").textContent = (total ? offset + 1 : 0) + "–" + end + " of " + total + matching;
     $("previous").disabled = offset === 0;
     $("next").disabled = end >= total;
   }
@@ -301,7 +305,8 @@
   }
 
   function showPeers() {
-    const needle = $("search").value.trim().toLowerCase();
+    // All: /peers?q= has searched every peer already; busiest: search those 50 here.
+    const needle = $("view").value === "all" ? "" : $("search").value.trim().toLowerCase();
     const shown = peers.filter((peer) => !needle || [peer.id, peer.transport, peer.listener,
       who(peer), peer.address].join(" ").toLowerCase().includes(needle));
     const value = (peer) => (sortKey === "who" ? who(peer) : peer[sortKey]);
@@ -374,7 +379,18 @@
     sessionStorage.setItem(KEY, token);
     start();
   });
-  $("search").addEventListener("input", showPeers);
+  let typing = null;
+  $("search").addEventListener("input", () => {
+    if ($("view").value !== "all") {
+      showPeers();
+      return;
+    }
+    clearTimeout(typing);
+    typing = setTimeout(() => { // every peer is searched: wait until the typing stops
+      offset = 0;
+      fetchPage();
+    }, 300);
+  });
   $("view").addEventListener("change", () => {
     offset = 0;
     showPager();
