@@ -61,7 +61,7 @@ from gateway.core.message import Batch
 if TYPE_CHECKING:
     from gateway.cluster.backplane import Backplane
 
-_SEQUENCE, _RECALL, _RENEW = sha1(SEQUENCE), sha1(RECALL), sha1(RENEW)
+_SHAS = {"SEQUENCE": sha1(SEQUENCE), "RECALL": sha1(RECALL), "RENEW": sha1(RENEW)}
 
 RECALL_TIMEOUT = 5.0
 """Seconds a recall waits for Redis; then the peer starts with ``recovered:false``."""
@@ -157,33 +157,27 @@ class RedisArchive:
             self.bus.metrics.drop("history_overflow", count)
             return True
         clock = self.bus.clock
-        position, stream, channel = self._keys_of(batch.channel)
         seq = next(self._seqs)
-        assert link.publisher is not None
-        try:
-            reply: Deferred[Any] = link.publisher.execute_command(
-                "EVALSHA",
-                _SEQUENCE,
-                2,
-                position,
-                stream,
-                channel,
-                self.own_key,
-                new_epoch(),
-                log.size,
-                int(log.ttl * 1000),
-                seq,
-                encode_batch(self.node, batch),
-                count,
-                repr(clock.seconds() if clock is not None else 0.0),
-            )
-        except txredisapi.ConnectionError:
+        sent = self._run(
+            link,
+            "SEQUENCE",
+            batch.channel,
+            self._keys_of(batch.channel)[2],
+            self.own_key,
+            new_epoch(),
+            log.size,
+            int(log.ttl * 1000),
+            seq,
+            encode_batch(self.node, batch),
+            count,
+            repr(clock.seconds() if clock is not None else 0.0),
+        )
+        if sent is None:
             self._went_unnumbered(batch.channel)
             return False
         self._inflight[seq] = _InFlight(sender, batch, size)
         self._pending_bytes += size
         self.sequenced += count
-        reply.addErrback(self._refused, link, "SEQUENCE")
         return True
 
     def recall(self, channel: str, since: tuple[int, str] | None) -> Deferred[Recall]:
@@ -192,7 +186,7 @@ class RedisArchive:
         if log is None or link is None or not self.ready or len(self._asked) >= MAX_RECALLS:
             self.backplane.subscribed(channel)  # ``release`` undoes it
             self.failed_recalls += 1
-            return succeed(_unknown(since))
+            return succeed(Recall.nothing(None, since))
         self.recalls += 1
         request = next(self._requests)
         asked = self._asked[request] = _Asked(channel, since, log)
@@ -213,24 +207,11 @@ class RedisArchive:
         if asked is None or asked.sent:
             return
         asked.sent = True
-        position, stream, _ = self._keys_of(asked.channel)
-        assert link.publisher is not None
-        try:
-            reply: Deferred[Any] = link.publisher.execute_command(
-                "EVALSHA",
-                _RECALL,
-                2,
-                position,
-                stream,
-                self.own_key,
-                request,
-                asked.log.size,
-                new_epoch(),
-            )
-        except txredisapi.ConnectionError:
+        sent = self._run(
+            link, "RECALL", asked.channel, self.own_key, request, asked.log.size, new_epoch()
+        )
+        if sent is None:
             self._answer(request, None)
-            return
-        reply.addErrback(self._refused, link, "RECALL")
 
     def confirmed(self, key: bytes) -> None:
         """Redis confirmed ``SUBSCRIBE key``: the recalls waiting for it can ask now."""
@@ -240,6 +221,19 @@ class RedisArchive:
         for request, asked in list(self._asked.items()):
             if not asked.sent and self._keys_of(asked.channel)[2] == key:
                 self._ask(link, request)
+
+    def _run(self, link: Link, script: str, channel: str, *args: Any) -> Deferred[Any] | None:
+        """``EVALSHA`` one of the scripts (by name) on ``channel``'s keys, then ``args``;
+        None when the connection is gone already. A script Redis refuses ends the link."""
+        position, stream, _ = self._keys_of(channel)
+        assert link.publisher is not None
+        try:
+            reply: Deferred[Any] = link.publisher.execute_command(
+                "EVALSHA", _SHAS[script], 2, position, stream, *args
+            )
+        except txredisapi.ConnectionError:
+            return None
+        return reply.addErrback(self._refused, link, script)
 
     def _refused(self, failure: Failure, link: Link, script: str) -> None:
         if not failure.check(txredisapi.ConnectionError):
@@ -304,7 +298,7 @@ class RedisArchive:
             asked.timer.cancel()
         if found is None:
             self.failed_recalls += 1
-            found = _unknown(asked.since)
+            found = Recall.nothing(None, asked.since)
         asked.done.callback(found)
 
     # The link (the backplane calls these)
@@ -321,10 +315,9 @@ class RedisArchive:
             link.subscriber.execute_command("SUBSCRIBE", self.own_key, apply_timeout=False)
         )
         for channel in sorted(self._unnumbered):
-            position, stream, _ = self._keys_of(channel)
-            steps.append(
-                link.publisher.execute_command("EVALSHA", _RENEW, 2, position, stream, new_epoch())
-            )
+            renewed = self._run(link, "RENEW", channel, new_epoch())
+            if renewed is not None:  # else the link has ended: the connect fails
+                steps.append(renewed)
         return gatherResults(steps, consumeErrors=True)
 
     def went_up(self) -> None:
@@ -372,18 +365,8 @@ class RedisArchive:
         this node publishes to it is not kept, so its history in Redis gets a new epoch —
         now, or once Redis is reachable."""
         link = self.backplane.link
-        if link is None or not self.ready or link.publisher is None:
+        if link is None or not self.ready or self._run(link, "RENEW", channel, new_epoch()) is None:
             self._went_unnumbered(channel)
-            return
-        position, stream, _ = self._keys_of(channel)
-        try:
-            reply: Deferred[Any] = link.publisher.execute_command(
-                "EVALSHA", _RENEW, 2, position, stream, new_epoch()
-            )
-        except txredisapi.ConnectionError:
-            self._went_unnumbered(channel)
-            return
-        reply.addErrback(self._refused, link, "RENEW")
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -395,11 +378,6 @@ class RedisArchive:
             "recalls": self.recalls,
             "failed_recalls": self.failed_recalls,
         }
-
-
-def _unknown(since: tuple[int, str] | None) -> Recall:
-    """The answer when Redis cannot be asked: no position, nothing replayed."""
-    return Recall(None, [], None if since is None else False)
 
 
 def keep_history(backplane: Backplane) -> RedisArchive:

@@ -29,14 +29,26 @@ from gateway.cluster.wire import decode, remote_origin
 from gateway.core.archive import Recall
 from gateway.core.message import Batch, Kind, Origin
 
-SEQUENCE = b"""
+
+def _epoch(candidate: int) -> bytes:
+    """Lua: ``epoch``, the channel's; a channel without one gets ``ARGV[candidate]`` and
+    starts from offset 0 with an empty stream."""
+    return (
+        b"""
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  epoch = ARGV[3]
+  epoch = ARGV[%d]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', 0)
 end
-local last = redis.call('HINCRBY', KEYS[1], 'last', ARGV[8])
+"""
+        % candidate
+    )
+
+
+SEQUENCE = (
+    _epoch(3)
+    + b"""local last = redis.call('HINCRBY', KEYS[1], 'last', ARGV[8])
 local first = last - tonumber(ARGV[8]) + 1
 redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], last .. '-0', 't', ARGV[9], 'f', ARGV[7])
 if ARGV[5] ~= '0' then redis.call('PEXPIRE', KEYS[2], ARGV[5]) end
@@ -44,25 +56,22 @@ redis.call('PUBLISH', ARGV[1], '#' .. first .. ' ' .. epoch .. ' ' .. ARGV[6] ..
 redis.call('PUBLISH', ARGV[2], 'a' .. ARGV[6])
 return first
 """
+)
 """KEYS: position hash, stream. ARGV: the channel's Redis channel, the node's own Redis
 channel, an epoch for a channel without one, MAXLEN (the channel's ``history``: at least
 that many batches, so at least that many messages, are kept), PEXPIRE ms (0: none), the
 node's sequence number for the batch, its backplane frame, how many messages it holds,
 when it was sent. One stream entry per batch, its id the offset of its last message."""
 
-RECALL = b"""
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('DEL', KEYS[2])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'last', 0)
-end
-local last = tonumber(redis.call('HGET', KEYS[1], 'last'))
+RECALL = (
+    _epoch(4)
+    + b"""local last = tonumber(redis.call('HGET', KEYS[1], 'last'))
 local start = math.max(1, last - tonumber(ARGV[3]) + 1)
 local entries = redis.call('XRANGE', KEYS[2], start .. '-0', '+')
 redis.call('PUBLISH', ARGV[1], 'r' .. cmsgpack.pack({ARGV[2], epoch, last, entries}))
 return 1
 """
+)
 """KEYS: position hash, stream. ARGV: the node's own Redis channel, the request id, the
 channel's ``history``, an epoch for a channel without one. Reads the batches that hold
 any of the last ``history`` messages (at most one more batch than those messages)."""

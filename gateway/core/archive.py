@@ -32,6 +32,12 @@ class Recall(NamedTuple):
     batches: list[Batch]  # recovered (marked so), or the last messages (marked history)
     recovered: bool | None  # with ``since``: whether ``batches`` is all it missed
 
+    @classmethod
+    def nothing(cls, position: tuple[int, str] | None, since: tuple[int, str] | None) -> Recall:
+        """Nothing to send: with ``since``, ``recovered:false`` (the peer may have missed
+        messages)."""
+        return cls(position, [], None if since is None else False)
+
     def denied(self) -> Recall:
         """The same for a peer that may not have the channel's history."""
         return Recall(self.position, [], None if self.recovered is None else False)
@@ -62,7 +68,7 @@ def local_recall(
     """The answer of the bus's own ``History`` (the memory and sqlite stores)."""
     position = history.position(channel)
     if not may_replay(peer, channel):
-        return Recall(position, [], None if since is None else False)
+        return Recall.nothing(position, since)
     if since is not None:
         missed = history.since(channel, *since)
         if missed is not None:
