@@ -10,8 +10,6 @@ import json
 import re
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,9 +19,8 @@ import tests.test_browser as browser_tests
 from gateway import __version__
 from gateway.auth.credentials import token_digest
 from gateway.ops.live import MAX_EVENT_STREAMS
-from tests.conftest import TIMEOUT, GatewayProcess, Line, toml_listener, toml_table
+from tests.conftest import TIMEOUT, GatewayProcess, Line, RedisServer, toml_listener, toml_table
 from tests.test_admin_api import TOKEN, call, config
-from tests.test_cluster_integration import REDIS_SERVER, RedisServer
 
 chromium = browser_tests.chromium
 CSP = (
@@ -190,25 +187,16 @@ def test_the_charts_and_the_peer_rates_move_while_traffic_flows(run_gateway, chr
     expect(page.locator('#peers tr[data-peer="tcp-1"] td').nth(7)).to_have_text("0")
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (scripts/bootstrap.sh test installs it)")
-    server = RedisServer(tmp_path)
-    yield server
-    server.close()
-
-
 DASH = "\N{EN DASH}"  # between the first and last numbers of the pager
 ROOM_PEERS = 104
 """Peers on the ``room`` listener: with the one on ``tcp``, more than one page of 100."""
 
 
-def cluster_node(redis: RedisServer) -> str:
+def cluster_node(redis_server: RedisServer) -> str:
     """A cluster node ``n1`` with a ``tcp`` listener on ``main`` and ``room`` on ``room.1``."""
     return (
         toml_table("admin", port=0, token_sha256=token_digest(TOKEN))
-        + toml_table("cluster", redis=redis.url, node="n1", prefix="page")
+        + toml_table("cluster", redis=redis_server.url, node="n1", prefix="page")
         + toml_listener("tcp")
         + toml_listener("room", "tcp", channel="room.1")
     )
@@ -221,8 +209,8 @@ def wait_for_peers(gw: GatewayProcess, count: int) -> None:
         time.sleep(0.05)
 
 
-def test_events_carry_the_channels_and_the_node(run_gateway, redis):
-    gw = run_gateway(cluster_node(redis), listeners=3)
+def test_events_carry_the_channels_and_the_node(run_gateway, redis_server):
+    gw = run_gateway(cluster_node(redis_server), listeners=3)
     gw.wait_for("backplane up")
     peers = [Line(gw.ports["tcp"]), Line(gw.ports["room"]), Line(gw.ports["room"])]
     try:
@@ -249,14 +237,16 @@ def test_events_carry_the_channels_and_the_node(run_gateway, redis):
     ]
     assert node["backplane"] == {"node": "n1", "prefix": "page", "up": True, "unforwarded": 0}
     assert node["history"] == {"store": "memory", "problem": None, "unwritten": 0}
-    assert redis.url not in json.dumps(event)  # a Redis URL may hold its password
+    assert redis_server.url not in json.dumps(event)  # a Redis URL may hold its password
     assert event["stats"]["bytes_received"] == event["stats"]["bytes_delivered"] == 5
 
 
 @pytest.mark.skipif(not browser_tests.CHROMIUM.exists(), reason="no Debian chromium")
 @pytest.mark.timeout(90)
-def test_the_page_shows_channels_node_health_and_pages_all_peers(run_gateway, redis, chromium):
-    gw = run_gateway(cluster_node(redis), listeners=3)
+def test_the_page_shows_channels_node_health_and_pages_all_peers(
+    run_gateway, redis_server, chromium
+):
+    gw = run_gateway(cluster_node(redis_server), listeners=3)
     gw.wait_for("backplane up")
     peers = [Line(gw.ports["tcp"])] + [Line(gw.ports["room"]) for _ in range(ROOM_PEERS)]
     try:

@@ -7,14 +7,11 @@ port, without persistence, and stops it at the end.
 from __future__ import annotations
 
 import collections
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -24,102 +21,14 @@ from tests.conftest import (
     Datagram,
     GatewayProcess,
     Line,
+    RedisServer,
     admin_get,
-    free_port,
     metric,
     tls_connect,
     toml_listener,
     toml_table,
     websocket,
 )
-
-REDIS_SERVER = shutil.which("redis-server")
-
-
-class RedisServer:
-    """A ``redis-server`` on a free loopback port; can be killed, restarted, stopped."""
-
-    def __init__(self, workdir: Path) -> None:
-        assert REDIS_SERVER is not None
-        self.workdir = workdir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert REDIS_SERVER is not None
-        self.proc = subprocess.Popen(
-            [
-                REDIS_SERVER,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-                "--protected-mode",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                if self.command("PING") == b"+PONG":
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise AssertionError("redis-server did not start")
-            time.sleep(0.02)
-
-    def command(self, *args: str) -> bytes:
-        """Send one command; the first line of the reply."""
-        request = b"*%d\r\n" % len(args) + b"".join(
-            b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args
-        )
-        with socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT) as sock:
-            sock.sendall(request)
-            reply = b""
-            while not reply.endswith(b"\r\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-        return reply.split(b"\r\n", 1)[0]
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-
-    def signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGCONT)
-            self.kill()
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (scripts/bootstrap.sh test installs it)")
-    server = RedisServer(tmp_path)
-    yield server
-    server.close()
 
 
 def node_toml(redis: RedisServer, node: str, extra: str = "") -> str:

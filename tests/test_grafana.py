@@ -28,7 +28,6 @@ from tests.conftest import (
     toml_listener,
     toml_table,
 )
-from tests.test_cluster_integration import REDIS_SERVER, RedisServer
 
 DASHBOARD = Path(__file__).parent.parent / "docs" / "grafana" / "gateway.json"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}
@@ -140,22 +139,13 @@ def test_the_checker_names_wrong_metrics() -> None:
     ]
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (scripts/bootstrap.sh test installs it)")
-    server = RedisServer(tmp_path)
-    yield server
-    server.close()
-
-
 @pytest.mark.timeout(60)
-def test_every_metric_of_the_dashboard_is_on_metrics(run_gateway, redis, tmp_path) -> None:
+def test_every_metric_of_the_dashboard_is_on_metrics(run_gateway, redis_server, tmp_path) -> None:
     names = metric_names(load())
     assert len(names) >= 15, names
     gw = run_gateway(
         toml_table("admin", port=0)
-        + toml_table("cluster", redis=redis.url, node="n1", prefix="grafana")
+        + toml_table("cluster", redis=redis_server.url, node="n1", prefix="grafana")
         + toml_table("history", store="redis")
         + toml_table("limits", max_message_bytes=64)
         + toml_listener("tcp")

@@ -7,36 +7,25 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.conftest import (
     JSON_SUBPROTOCOL,
     TIMEOUT,
     GatewayProcess,
     Line,
+    RedisServer,
     admin_get,
     metric,
     toml_listener,
     toml_table,
     websocket,
 )
-from tests.test_cluster_integration import RedisServer
 
 
-@pytest.fixture
-def redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)  # scripts/bootstrap.sh test installs redis-server
-    yield server
-    server.close()
-
-
-def node(run_gateway: Any, redis: RedisServer, name: str) -> GatewayProcess:
+def node(run_gateway: Any, redis_server: RedisServer, name: str) -> GatewayProcess:
     gw: GatewayProcess = run_gateway(
-        toml_table("cluster", redis=redis.url, node=name, prefix="hist")
+        toml_table("cluster", redis=redis_server.url, node=name, prefix="hist")
         + toml_table("history", store="redis")
         + toml_table("channels.main", history=2000)
         + toml_table('channels."room.*"', history=5)
@@ -73,8 +62,8 @@ def json_line(line: Line) -> dict[str, Any]:
             return found
 
 
-def test_a_client_recovers_on_another_node_exactly_once_in_order(run_gateway, redis):
-    a, b, c = (node(run_gateway, redis, name) for name in ("gw-a", "gw-b", "gw-c"))
+def test_a_client_recovers_on_another_node_exactly_once_in_order(run_gateway, redis_server):
+    a, b, c = (node(run_gateway, redis_server, name) for name in ("gw-a", "gw-b", "gw-c"))
     with websocket(a, subprotocols=[JSON_SUBPROTOCOL]) as client:
         welcome = event(client)
         assert (welcome["type"], welcome["offset"]) == ("welcome", 0)
@@ -114,8 +103,10 @@ def test_a_client_recovers_on_another_node_exactly_once_in_order(run_gateway, re
     publisher.close()
 
 
-def test_a_subscribe_with_since_on_another_node_and_live_messages_without_a_gap(run_gateway, redis):
-    a, b = node(run_gateway, redis, "gw-a"), node(run_gateway, redis, "gw-b")
+def test_a_subscribe_with_since_on_another_node_and_live_messages_without_a_gap(
+    run_gateway, redis_server
+):
+    a, b = node(run_gateway, redis_server, "gw-a"), node(run_gateway, redis_server, "gw-b")
     first = Line(a.ports["json"])
     assert json_line(first)["type"] == "welcome"
     first.send(b'{"type":"subscribe","channel":"room.1","id":1}\n')
@@ -167,14 +158,14 @@ def test_a_subscribe_with_since_on_another_node_and_live_messages_without_a_gap(
         line.close()
 
 
-def test_redis_down_during_a_recovery(run_gateway, redis):
-    a, b = node(run_gateway, redis, "gw-a"), node(run_gateway, redis, "gw-b")
+def test_redis_down_during_a_recovery(run_gateway, redis_server):
+    a, b = node(run_gateway, redis_server, "gw-a"), node(run_gateway, redis_server, "gw-b")
     publisher = Line(a.ports["tcp"])
     with websocket(b, subprotocols=[JSON_SUBPROTOCOL]) as client:
         epoch = event(client)["epoch"]
         publisher.send(b"one\ntwo\n")
         assert [m["offset"] for m in messages(client, 2)] == [1, 2]
-    redis.kill()
+    redis_server.kill()
     a.wait_for("backplane down")
     b.wait_for("backplane down")
     assert admin_get(a, "/healthz") == (
@@ -192,7 +183,7 @@ def test_redis_down_during_a_recovery(run_gateway, redis):
         live = messages(client, 1)[0]
         assert (live["text"], "offset" in live) == ("three", False)
     # Redis is back (empty: no persistence): a new epoch, so the old one recovers nothing.
-    redis.start()
+    redis_server.start()
     a.wait_count("backplane up", 2)
     b.wait_count("backplane up", 2)
     with websocket(
@@ -209,8 +200,8 @@ def test_redis_down_during_a_recovery(run_gateway, redis):
     publisher.close()
 
 
-def test_a_channel_that_stops_keeping_history_gets_a_new_epoch_in_redis(run_gateway, redis):
-    a, b = node(run_gateway, redis, "gw-a"), node(run_gateway, redis, "gw-b")
+def test_a_channel_that_stops_keeping_history_gets_a_new_epoch_in_redis(run_gateway, redis_server):
+    a, b = node(run_gateway, redis_server, "gw-a"), node(run_gateway, redis_server, "gw-b")
     with websocket(b, subprotocols=[JSON_SUBPROTOCOL]) as client:
         epoch = event(client)["epoch"]
     publisher = Line(a.ports["tcp"])  # a peer on main at gw-a
@@ -235,15 +226,15 @@ def test_a_channel_that_stops_keeping_history_gets_a_new_epoch_in_redis(run_gate
     publisher.close()
 
 
-def test_redis_killed_mid_flood_loses_nothing_locally(run_gateway, redis):
-    a = node(run_gateway, redis, "gw-a")
+def test_redis_killed_mid_flood_loses_nothing_locally(run_gateway, redis_server):
+    a = node(run_gateway, redis_server, "gw-a")
     subscriber = Line(a.ports["json"])
     assert json_line(subscriber)["type"] == "welcome"  # on main, and subscribed now
     publisher = Line(a.ports["tcp"])
     publisher.send(b"n0\n")
     got = [json_line(subscriber)]  # the publisher is on main (its join came first)
     publisher.send(b"".join(b"n%d\n" % i for i in range(1, 5000)))
-    redis.kill()  # with batches on their way to Redis, or numbered and not yet back
+    redis_server.kill()  # with batches on their way to Redis, or numbered and not yet back
     publisher.send(b"".join(b"n%d\n" % i for i in range(5000, 6000)))
     got += [json_line(subscriber) for _ in range(5999)]
     assert [m["text"] for m in got] == [f"n{i}" for i in range(6000)]
@@ -255,8 +246,8 @@ def test_redis_killed_mid_flood_loses_nothing_locally(run_gateway, redis):
     publisher.close()
 
 
-def test_history_ttl_in_redis(run_gateway, redis):
-    a, b = node(run_gateway, redis, "gw-a"), node(run_gateway, redis, "gw-b")
+def test_history_ttl_in_redis(run_gateway, redis_server):
+    a, b = node(run_gateway, redis_server, "gw-a"), node(run_gateway, redis_server, "gw-b")
     sender, watcher = Line(a.ports["json"]), Line(a.ports["json"])
     json_line(sender)
     json_line(watcher)

@@ -17,6 +17,7 @@ from tests.conftest import (
     JSON_SUBPROTOCOL,
     TIMEOUT,
     Datagram,
+    GatewayProcess,
     Line,
     close_code,
     dev_ca,
@@ -257,19 +258,25 @@ def numbered(start: int, stop: int) -> bytes:
 STEP = 2000  # messages per publisher send: 200 KB, more than the subscriber's socket takes
 
 
-def test_a_flood_written_through_keeps_pings_pongs_and_the_close_handshake(run_gateway):
-    """Fan-out bytes go straight to an idle ws socket; Autobahn's own frames (pongs, its
-    pings, the close handshake) still arrive whole, in their place, and the close ends it."""
-    gw = run_gateway(toml_listener("tcp") + toml_listener("ws", ping_interval=1))
+def flood_pair(gw: GatewayProcess) -> tuple[socket.socket, socket.socket, ServerFrames]:
+    """A raw ws client with a small receive buffer (so that the gateway's sends are often
+    partial), attached, and a tcp publisher to flood it."""
     port = gw.ports["ws"]
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # partial sends, often
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
     sock.settimeout(TIMEOUT)
     sock.connect(("127.0.0.1", port))
     websocket_upgrade(sock, host=f"127.0.0.1:{port}")
     gw.wait_for("ws-1 connected")
     publisher = socket.create_connection(("127.0.0.1", gw.ports["tcp"]), timeout=TIMEOUT)
-    frames = ServerFrames(sock)
+    return sock, publisher, ServerFrames(sock)
+
+
+def test_a_flood_written_through_keeps_pings_pongs_and_the_close_handshake(run_gateway):
+    """Fan-out bytes go straight to an idle ws socket; Autobahn's own frames (pongs, its
+    pings, the close handshake) still arrive whole, in their place, and the close ends it."""
+    gw = run_gateway(toml_listener("tcp") + toml_listener("ws", ping_interval=1))
+    sock, publisher, frames = flood_pair(gw)
     expected = pongs = pings = step = 0
     while pings < 1 or step < 5:  # at least one of the gateway's pings (1 s), under the flood
         assert step < 2000, "no ping from the gateway"
@@ -312,15 +319,7 @@ def test_a_close_the_gateway_starts_under_a_flood_is_the_last_frame(run_gateway)
     """A protocol error mid-flood (invalid UTF-8): the gateway's close (1007) comes after
     whole frames only, nothing follows it, and the connection ends once the client answers."""
     gw = run_gateway(toml_listener("tcp") + toml_listener("ws"))
-    port = gw.ports["ws"]
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
-    sock.settimeout(TIMEOUT)
-    sock.connect(("127.0.0.1", port))
-    websocket_upgrade(sock, host=f"127.0.0.1:{port}")
-    gw.wait_for("ws-1 connected")
-    publisher = socket.create_connection(("127.0.0.1", gw.ports["tcp"]), timeout=TIMEOUT)
-    frames = ServerFrames(sock)
+    sock, publisher, frames = flood_pair(gw)
     publisher.sendall(numbered(0, STEP))
     assert frames.next() == (0x1, numbered(0, 1)[:-1])
     sock.sendall(masked_frame(0x81, b"bad \xff\xfe text"))

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,16 +22,6 @@ from gateway.ops.supervisor import Supervisor
 from gateway.ops.workers import READY_FD, WorkerSpec, pick_ports, worker_config
 from gateway.transports.listening import shared_socket
 from tests.conftest import TIMEOUT, Datagram, GatewayProcess, Line
-from tests.test_cluster_integration import REDIS_SERVER, RedisServer
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path):
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server is not installed (scripts/bootstrap.sh test installs it)")
-    server = RedisServer(tmp_path)
-    yield server
-    server.close()
 
 
 def config_text(redis_url: str, workers: int = 2, port: int = 0) -> str:

@@ -50,6 +50,13 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
     idle = "1000" if quick else "10000"
     rounds = 1 if quick else 3
     churn_tcp, churn_ws, churn_seconds = (100, 30, "2") if quick else (1000, 300, "30")
+
+    def churning(sub: str, tcp: str, ws: str) -> list[str]:
+        """1,000 msgs/s to 100 subscribers at ``sub`` while clients churn at ``tcp``, ``ws``."""
+        steady = ["--sub", sub, "-n", "100", "--rate", "1000", "--warmup", "1"]
+        churn = ["--churn", f"{churn_tcp}@{tcp}", "--churn", f"{churn_ws}@{ws}"]
+        return [*steady, "--duration", churn_seconds, *churn]
+
     spread = {
         "tcp": 6000,
         "tls": 2000,
@@ -305,38 +312,12 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
             f"Churn: {churn_tcp} TCP and {churn_ws} WebSocket clients a second connect, get the "
             f"welcome and leave, for {churn_seconds} s, during 1,000 msgs/s to 100 TCP subscribers",
             {
-                "gateway": [
-                    "--sub",
+                "gateway": churning(
                     gw_tcp,
-                    "-n",
-                    "100",
-                    "--rate",
-                    "1000",
-                    "--warmup",
-                    "1",
-                    "--duration",
-                    churn_seconds,
-                    "--churn",
-                    f"{churn_tcp}@tcp://127.0.0.1:{ports.gw_churn}",
-                    "--churn",
-                    f"{churn_ws}@ws://127.0.0.1:{ports.gw_ws}/ws",
-                ],
-                "nats": [
-                    "--sub",
-                    nats,
-                    "-n",
-                    "100",
-                    "--rate",
-                    "1000",
-                    "--warmup",
-                    "1",
-                    "--duration",
-                    churn_seconds,
-                    "--churn",
-                    f"{churn_tcp}@{nats}",
-                    "--churn",
-                    f"{churn_ws}@nats+ws://127.0.0.1:{ports.nats_ws}/",
-                ],
+                    f"tcp://127.0.0.1:{ports.gw_churn}",
+                    f"ws://127.0.0.1:{ports.gw_ws}/ws",
+                ),
+                "nats": churning(nats, nats, f"nats+ws://127.0.0.1:{ports.nats_ws}/"),
             },
             1,
             fresh=True,  # memory from a fresh start
