@@ -398,3 +398,50 @@ def test_the_dtls_subscribers_clock_runs_timers_on_the_bench_loop():
     assert fired["moved"] - start >= SECOND // 20  # not at its first time
     assert clock.getDelayedCalls() == [] and not moved.active()
     loop.close()
+
+
+def test_a_supervisors_pid_counts_its_workers_and_memory_is_read_per_transport(
+    run_gateway, redis_server
+):
+    from tests.test_workers import start_workers
+
+    gw = start_workers(run_gateway, redis_server)
+    result = bench(
+        *urls(gw),
+        "-n",
+        "30",
+        "--rate",
+        "20",
+        "--warmup",
+        "0.2",
+        "--duration",
+        "1",
+        "--by-transport",
+        "--settle",
+        "0.2",
+        "--pid",
+        str(gw.proc.pid),
+    )
+    assert result["lost"] == 0
+    assert {name: t["connected"] for name, t in result["transports"].items()} == {
+        "tcp": 10,
+        "ws": 10,
+        "udp": 10,
+    }
+    server = result["server"]
+    assert set(server["rss_per_peer_by_transport"]) == {"tcp", "ws", "udp"}
+    with open(f"/proc/{gw.proc.pid}/status") as f:
+        supervisor = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+    # The supervisor and its two workers, each a whole Python process.
+    assert server["rss_bytes"] > 2.5 * supervisor
+
+
+def test_by_transport_needs_the_servers_pid():
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", "--sub", "tcp://127.0.0.1:1", "--by-transport"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2 and "--by-transport" in done.stderr and "--pid" in done.stderr

@@ -68,7 +68,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--settle", type=float, default=2.0, help="idle: seconds to wait before reading memory"
     )
-    parser.add_argument("--pid", type=int, help="the server's PID: report its CPU and memory")
+    parser.add_argument(
+        "--pid",
+        type=int,
+        help="the server's PID: report its CPU and memory (with every process under it, e.g. "
+        "the workers of a supervisor)",
+    )
+    parser.add_argument(
+        "--by-transport",
+        action="store_true",
+        help="connect the subscribers one transport (URL scheme) after another, --settle "
+        "seconds apart, and report the server's memory per peer of each (needs --pid)",
+    )
     parser.add_argument(
         "--cpu",
         default="auto",
@@ -183,6 +194,7 @@ class Options:
         self.idle = args.idle
         self.settle = args.settle
         self.pid = args.pid
+        self.by_transport = args.by_transport
         self.cpu = _cpu(args.cpu)
         self.ca = args.ca
         self.subject = args.subject
@@ -218,6 +230,8 @@ class Options:
         self._check_channels()
         if self.sources and not all(_loopback4(t.host) for t in self.subs):
             raise BenchError("--sources needs IPv4 loopback targets (127.x.y.z)")
+        if self.by_transport and self.pid is None:
+            raise BenchError("--by-transport reads the server's memory: give its --pid")
         if self.pid is not None and not Path(f"/proc/{self.pid}").exists():
             raise BenchError(f"--pid {self.pid}: no such process")
 
@@ -286,6 +300,7 @@ class Options:
             "warmup": self.warmup,
             "window": self.window,
             "procs": self.procs,
+            "by_transport": self.by_transport,
             "sources": self.sources,
             "cpu": self.cpu,
             "sample": "all" if self.parse_all else "chunk",

@@ -85,5 +85,9 @@ def describe(result: dict[str, Any]) -> str:
         if server.get("rss_per_peer_bytes") is not None:
             text += f" ({server['rss_per_peer_bytes'] / 1024:.2f} KiB per peer above baseline)"
         lines.append(text)
+        by_transport = server.get("rss_per_peer_by_transport")
+        if by_transport:
+            each = ", ".join(f"{name} {per / 1024:.1f}" for name, per in by_transport.items())
+            lines.append(f"  memory     KiB per peer: {each}")
     lines.append(f"  client     CPU {result['client']['cpu_percent']:.0f}%")
     return "\n".join(lines)

@@ -7,7 +7,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from gateway.bench.churn import collect, spawn
@@ -15,10 +15,11 @@ from gateway.bench.client import Client
 from gateway.bench.clock import SECOND, now_ns
 from gateway.bench.groups import RemoteGroup, SubscriberGroup
 from gateway.bench.loop import Loop, Ticker
-from gateway.bench.options import Options
+from gateway.bench.options import Options, Placement
 from gateway.bench.publisher import BLOCK, Publisher
-from gateway.bench.report import percentiles, si
+from gateway.bench.report import si
 from gateway.bench.server import ServerProbe
+from gateway.bench.summary import summarize
 from gateway.bench.target import BenchError
 from gateway.bench.wire import PROBE
 
@@ -46,6 +47,8 @@ class Bench:
         self.wildcards = bool(options.wildcards)
         self._unpumped = False
         self.churn_result: dict[str, Any] | None = None
+        self.memory: dict[str, dict[str, int]] = {}
+        """--by-transport: each transport's peers, and what the server's RSS grew by."""
 
     def run(self) -> dict[str, Any]:
         options = self.options
@@ -68,24 +71,30 @@ class Bench:
             results = [group.result() for group in self.groups]
         finally:
             self._close()
-        return self._report(results, baseline_rss, connect_seconds)
+        return summarize(self, results, baseline_rss, connect_seconds)
 
     # Phases
 
     def _connect(self) -> None:
+        """Connect the subscribers (with --by-transport, one transport after another and the
+        server's memory read after each), then the publishers."""
         options = self.options
-        plan = options.plan()
-        procs = min(options.procs, len(plan))
-        if procs == 1:
-            self.groups = [SubscriberGroup(self.loop, plan, options)]
-        else:
-            self.groups = [RemoteGroup(self.loop, plan[i::procs], options) for i in range(procs)]
-        for group in self.groups:
-            group.start()
         deadline = now_ns() + int(options.connect_timeout * SECOND)
-        self._status("connecting subscribers")
-        if not self.loop.run_until(lambda: all(g.connected() for g in self.groups), deadline):
-            raise BenchError(f"subscribers not connected within {options.connect_timeout:g} s")
+        plan = options.plan()
+        parts: dict[str, list[Placement]] = {"": plan}
+        if options.by_transport:
+            parts = {}
+            for placement in plan:
+                parts.setdefault(placement[0].scheme, []).append(placement)
+        for transport, part in parts.items():
+            before = self.server.rss_bytes() if self.server is not None else 0
+            self._connect_part(part, transport or "subscribers", deadline)
+            if options.by_transport and self.server is not None:
+                self.loop.run_until(lambda: False, now_ns() + int(options.settle * SECOND))
+                self.memory[transport] = {
+                    "peers": len(part),
+                    "rss_bytes": self.server.rss_bytes() - before,
+                }
         self.publishers = [self._publisher(number) for number in range(options.publishers)]
         for publisher in self.publishers:
             publisher.start()
@@ -96,6 +105,23 @@ class Bench:
         failed = [p.error for p in self.publishers if p.error]
         if failed:
             raise BenchError(f"publisher failed: {failed[0]}")
+
+    def _connect_part(self, part: list[Placement], what: str, deadline: int) -> None:
+        """Connect these subscribers (over --procs processes) and wait until they are."""
+        options = self.options
+        procs = min(options.procs, len(part))
+        if procs == 1:
+            groups: list[SubscriberGroup | RemoteGroup] = [
+                SubscriberGroup(self.loop, part, options)
+            ]
+        else:
+            groups = [RemoteGroup(self.loop, part[i::procs], options) for i in range(procs)]
+        self.groups.extend(groups)
+        for group in groups:
+            group.start()
+        self._status(f"connecting {what}")
+        if not self.loop.run_until(lambda: all(g.connected() for g in groups), deadline):
+            raise BenchError(f"subscribers not connected within {options.connect_timeout:g} s")
 
     def _publisher(self, number: int) -> Publisher:
         options = self.options
@@ -307,101 +333,3 @@ class Bench:
         if self.progress:
             sys.stdout.write("\r" + " " * 78 + "\r")
             sys.stdout.flush()
-
-    # Report
-
-    def _report(
-        self, results: list[dict[str, Any]], baseline_rss: int | None, connect_seconds: float
-    ) -> dict[str, Any]:
-        options = self.options
-        merged: dict[str, dict[str, Any]] = {}
-        for group_result in results:
-            for transport, part in group_result["transports"].items():
-                latencies = part["latencies"]
-                if isinstance(latencies, bytes):
-                    from array import array
-
-                    values = array("q")
-                    values.frombytes(latencies)
-                    latencies = values
-                into = merged.setdefault(transport, {"latencies": [], "errors": []})
-                for key, value in part.items():
-                    if key == "latencies":
-                        into["latencies"].append(latencies)
-                    elif key == "errors":
-                        into["errors"].extend(value)
-                    else:
-                        into[key] = into.get(key, 0) + value
-        start, end = self.marks.get("start"), self.marks.get("end")
-        window = (end["time"] - start["time"]) / SECOND if start and end else 0.0
-        transports: dict[str, Any] = {}
-        all_latencies: list[Iterable[int]] = []
-        delivered = 0
-        for transport, part in sorted(merged.items()):
-            in_window = part["window_end"] - part["window_start"]
-            delivered += in_window
-            all_latencies.extend(part["latencies"])
-            transports[transport] = {
-                "subscribers": part["subscribers"],
-                "connected": part["connected"],
-                "failed": part["failed"],
-                "disconnected": part["disconnected"],
-                "delivered_per_second": in_window / window if window else 0.0,
-                "received": part["received"],
-                "lost": part["lost"],
-                "duplicated": part["duplicated"],
-                "misordered": part["misordered"],
-                "foreign": part["foreign"],
-                "expected": part["expected"],
-                "latency_ms": percentiles(part["latencies"]),
-                "errors": sorted(set(part["errors"]))[:5],
-            }
-        lost = sum(t["lost"] for t in transports.values())
-        expected = sum(part["expected"] for part in merged.values())
-        result: dict[str, Any] = {
-            "tool": "gateway bench",
-            "options": options.summary(),
-            "connect_seconds": round(connect_seconds, 3),
-            "window_seconds": round(window, 4),
-            "published": self.published,
-            "published_by_channel": self.published_by if options.channels <= 100 else None,
-            "published_per_second": (end["published"] - start["published"]) / window
-            if start and end and window
-            else 0.0,
-            "delivered_per_second": delivered / window if window else 0.0,
-            "expected": expected,
-            "lost": lost,
-            "loss_ratio": lost / expected if expected else 0.0,
-            "latency_ms": percentiles(all_latencies),
-            "transports": transports,
-        }
-        client_cpu = (end["cpu"] - start["cpu"]) if start and end else 0
-        client_cpu += sum(r.get("cpu_ns", 0) for r in results if len(self.groups) > 1)
-        result["client"] = {
-            "cpu_percent": 100.0 * client_cpu / (window * SECOND) if window else 0.0,
-            "processes": len(self.groups) + (1 if len(self.groups) > 1 else 0),
-        }
-        if self.server is not None:
-            server: dict[str, Any] = {"pid": self.server.pid, "rss_baseline_bytes": baseline_rss}
-            if start and end and window:
-                cpu = end["server_cpu"] - start["server_cpu"]
-                server["cpu_percent"] = 100.0 * cpu / (window * SECOND)
-                server["cpu_ns_per_delivery"] = cpu / delivered if delivered else None
-                server["rss_bytes"] = end["server_rss"]
-            idle = self.marks.get("idle")
-            if idle is not None:
-                peers = sum(t["connected"] for t in transports.values())
-                server["rss_bytes"] = idle["server_rss"]
-                assert baseline_rss is not None
-                server["rss_per_peer_bytes"] = (
-                    (idle["server_rss"] - baseline_rss) / peers if peers else None
-                )
-            result["server"] = server
-        if self.churn_result is not None:
-            churned = dict(self.churn_result)
-            if start is not None and "server_rss" in start:
-                churned["rss_start_bytes"] = start["server_rss"]
-            result["churn"] = churned
-        failed = sum(t["failed"] for t in transports.values())
-        result["ok"] = failed == 0 and all(t["disconnected"] == 0 for t in transports.values())
-        return result

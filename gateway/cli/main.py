@@ -154,13 +154,15 @@ def _run(
     supervise: Path | None = None,
     prepare: Callable[[Config], Config] | None = None,
 ) -> NoReturn:
+    from twisted.internet import reactor
     from twisted.internet.task import react
 
     from gateway.ops.logs import observer
 
     settings = config.gateway
     globalLogBeginner.beginLoggingTo(
-        [observer(sys.stdout, settings.log_level, settings.log_format)], redirectStandardIO=False
+        [observer(sys.stdout, settings.log_level, settings.log_format, reactor)],
+        redirectStandardIO=False,
     )
     if supervise is not None:
         from gateway.ops.supervisor import supervise as run_workers

@@ -180,6 +180,11 @@ def measured_lines() -> list[str]:
         "  are one round each on a fresh server (three rounds of the memory runs agreed within",
         "  1%); memory is the server's RSS after the peers settled, minus its RSS before the",
         "  first connection, divided by the peers.",
+        "- peers50k runs `gateway-workers`: `workers = 2` with a Redis backplane (a",
+        "  `redis-server` the suite starts, also on CPU 0), both workers pinned to CPU 0 with",
+        "  the supervisor; server CPU and memory are those of the supervisor and its workers.",
+        "  Its peers connect one transport after another (`gateway bench --by-transport`), the",
+        "  server's RSS read `--settle` seconds after each: memory per peer by transport.",
         "- Messages are 100-byte payloads carrying publisher, sequence number and send time.",
         "  Flood is closed-loop: the publisher stays at most 2,000 messages ahead of the slowest",
         "  stream subscriber, so no server hits a slow-consumer limit. Latency in flood runs is",
@@ -266,9 +271,11 @@ def figure_lines(table: dict[str, dict[str, Any]]) -> list[str]:
             )
             if len(f.get("transports", {})) > 1:
                 for transport, t in f["transports"].items():
+                    per = t.get("rss_per_peer_bytes")
+                    memory = f"{per / 1024:.1f} KiB/peer" if per is not None else ""
                     lines.append(
                         f"| | ↳ {transport} ({format_count(t['connected'])} peers) | {format_rate(t['delivered_per_second'])} | "
-                        f"{format_count(t['lost'])} | p99 {format_ms(t['p99_ms'])} | | | | |"
+                        f"{format_count(t['lost'])} | p99 {format_ms(t['p99_ms'])} | | | | {memory} |"
                     )
     return lines
 

@@ -150,6 +150,7 @@ def figures(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 ("p99_ms", "latency_ms.p99"),
             )
         }
+        transports[name]["rss_per_peer_bytes"] = median_of(runs, _memory_of(name))
     out["transports"] = transports
     return out
 
@@ -160,5 +161,14 @@ def _transport_figure(name: str, path: str) -> Callable[[dict[str, Any]], Any]:
         for part in path.split("."):
             value = value[part]
         return value
+
+    return pick
+
+
+def _memory_of(name: str) -> Callable[[dict[str, Any]], Any]:
+    """The server's memory per peer of one transport (``--by-transport``)."""
+
+    def pick(run: dict[str, Any]) -> Any:
+        return run["server"]["rss_per_peer_by_transport"][name]
 
     return pick

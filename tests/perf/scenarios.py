@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,15 +58,11 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
         churn = ["--churn", f"{churn_tcp}@{tcp}", "--churn", f"{churn_ws}@{ws}"]
         return [*steady, "--duration", churn_seconds, *churn]
 
-    spread = {
-        "tcp": 6000,
-        "tls": 2000,
-        "ws": 6000,
-        "wss": 1000,
-        "udp": 5000,
-    }
+    spread = {"tcp": 6000, "tls": 2000, "ws": 6000, "wss": 1000, "udp": 5000}
+    spread50k = {"tcp": 15000, "tls": 5000, "ws": 12000, "wss": 3000, "udp": 15000}
     if quick:
         spread = {k: v // 10 for k, v in spread.items()}
+        spread50k = {k: v // 10 for k, v in spread50k.items()}
     urls = {
         "tcp": gw_tcp,
         "tls": f"tls://127.0.0.1:{ports.gw_tls}",
@@ -73,9 +70,14 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
         "wss": f"wss://127.0.0.1:{ports.gw_wss}/ws",
         "udp": f"udp://127.0.0.1:{ports.gw_udp}",
     }
-    # Round-robin spread with the listed weights: repeat each URL by its share of 1000.
-    total = sum(spread.values())
-    weighted = [url for name, url in urls.items() for _ in range(spread[name] * 20 // total)]
+    workers = {
+        "tcp": f"tcp://127.0.0.1:{ports.wk_tcp}",
+        "tls": f"tls://127.0.0.1:{ports.wk_tls}",
+        "ws": f"ws://127.0.0.1:{ports.wk_ws}/ws",
+        "wss": f"wss://127.0.0.1:{ports.wk_wss}/ws",
+        "udp": f"udp://127.0.0.1:{ports.wk_udp}",
+    }
+    total, total50k = sum(spread.values()), sum(spread50k.values())
     tcp100 = ["--sub", gw_tcp, "-n", "100", *flood]
     gw_json = f"tcp://127.0.0.1:{ports.gw_json}"
     channels = "100" if quick else "1000"
@@ -351,33 +353,61 @@ def scenarios(ports: Ports, workdir: Path, quick: bool) -> list[Scenario]:
         ),
         Scenario(
             "peers20k",
-            f"{total:,} peers at once (tcp {spread['tcp']}, tls {spread['tls']}, ws {spread['ws']}, "
-            f"wss {spread['wss']}, udp {spread['udp']}), 2 msgs/s broadcast to all",
-            {
-                "gateway": [
-                    *[arg for url in weighted for arg in ("--sub", url)],
-                    "--pub",
-                    gw_tcp,
-                    "--ca",
-                    ca,
-                    "-n",
-                    str(total),
-                    "--rate",
-                    "2",
-                    "--warmup",
-                    "1",
-                    "--duration",
-                    "3",
-                    "--procs",
-                    "4",
-                    "--sources",
-                    "8",
-                    "--connect-timeout",
-                    "120",
-                ]
-            },
+            f"{total:,} peers at once ({described(spread)}), 2 msgs/s broadcast to all",
+            {"gateway": many_peers(urls, spread, gw_tcp, ca)},
             1,
             fresh=True,
             timeout=300,
         ),
+        Scenario(
+            "peers50k",
+            f"{total50k:,} peers at once on `workers = 2` with a Redis backplane "
+            f"({described(spread50k)}; connected one transport after another, the server's "
+            "memory read after each), 2 msgs/s broadcast to all",
+            {
+                "gateway": [
+                    *many_peers(workers, spread50k, workers["tcp"], ca),
+                    "--by-transport",
+                ]
+            },
+            1,
+            fresh=True,
+            timeout=600,
+            gateway="gateway-workers",
+        ),
+    ]
+
+
+def described(spread: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in spread.items())
+
+
+def many_peers(urls: dict[str, str], spread: dict[str, int], pub: str, ca: str) -> list[str]:
+    """Bench arguments for ``sum(spread)`` subscribers over ``urls``, by the counts of
+    ``spread``, a broadcast to all at 2 msgs/s from ``pub`` (TLS trusting ``ca``), from 4
+    processes and 8 source addresses (each process and the server within their descriptor
+    limits)."""
+    # Round-robin over the URLs, each repeated by its share: exact counts.
+    unit = math.gcd(*spread.values())
+    weighted = [url for name, url in urls.items() for _ in range(spread[name] // unit)]
+    return [
+        *[arg for url in weighted for arg in ("--sub", url)],
+        "--pub",
+        pub,
+        "--ca",
+        ca,
+        "-n",
+        str(sum(spread.values())),
+        "--rate",
+        "2",
+        "--warmup",
+        "1",
+        "--duration",
+        "3",
+        "--procs",
+        "4",
+        "--sources",
+        "8",
+        "--connect-timeout",
+        "300",
     ]

@@ -40,8 +40,11 @@ class Server:
     cwd: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    needs: Server | None = None  # started before this one, stopped after it (redis-server)
 
     def start(self, workdir: Path) -> None:
+        if self.needs is not None:
+            self.needs.start(workdir)
         self.log = workdir / f"{self.name}.log"
         out = self.log.open("wb")
         self.proc = subprocess.Popen(
@@ -78,6 +81,8 @@ class Server:
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None
+        if self.needs is not None:
+            self.needs.stop()
 
 
 class Ports:
@@ -105,6 +110,13 @@ class Ports:
         self.tls_ceiling = free_port()
         self.wss_ceiling = free_port()
         self.tls_ceiling_pub = free_port()
+        self.redis = free_port()
+        # The workers' gateway (workers = 2 sharing each port, a Redis backplane).
+        self.wk_tcp = free_port()
+        self.wk_tls = free_port()
+        self.wk_udp = free_port(socket.SOCK_DGRAM)
+        self.wk_ws = free_port()
+        self.wk_wss = free_port()
 
 
 def gateway_config(ports: Ports) -> str:
@@ -204,9 +216,63 @@ channel = "hist"
 """
 
 
+def workers_config(ports: Ports) -> str:
+    return f"""# gateway bench configuration: 2 workers on every port, a Redis backplane, room for
+# 50,000 peers (each worker's own limits).
+[gateway]
+name = "bench"
+workers = 2
+
+[cluster]
+redis = "redis://127.0.0.1:{ports.redis}"
+node = "bench"
+
+[limits]
+max_connections = 30000
+
+[[listeners]]
+name = "tcp"
+type = "tcp"
+port = {ports.wk_tcp}
+
+[[listeners]]
+name = "tls"
+type = "tls"
+port = {ports.wk_tls}
+cert = "certs/server.pem"
+key = "certs/server.key"
+generate_dev_cert = true
+
+[[listeners]]
+name = "udp"
+type = "udp"
+port = {ports.wk_udp}
+max_peers = 30000
+
+[[listeners]]
+name = "ws"
+type = "ws"
+port = {ports.wk_ws}
+
+[[listeners]]
+name = "wss"
+type = "wss"
+port = {ports.wk_wss}
+cert = "certs/server.pem"
+key = "certs/server.key"
+generate_dev_cert = true
+"""
+
+
 def servers(ports: Ports, workdir: Path) -> dict[str, Server]:
     (workdir / "gateway.toml").write_text(gateway_config(ports))
     (workdir / "gateway-sqlite.toml").write_text(sqlite_config(ports))
+    (workdir / "gateway-workers.toml").write_text(workers_config(ports))
+    redis = Server(
+        "redis",
+        ["redis-server", "--port", str(ports.redis), "--bind", "127.0.0.1", "--save", ""],
+        r"Ready to accept connections",
+    )
     (workdir / "nats.conf").write_text(
         f'listen: "127.0.0.1:{ports.nats}"\n'
         f'websocket {{\n  listen: "127.0.0.1:{ports.nats_ws}"\n  no_tls: true\n}}\n'
@@ -227,6 +293,13 @@ def servers(ports: Ports, workdir: Path) -> dict[str, Server]:
                 PYTHON,
             ],
             r"gateway 'bench' .* running",
+        ),
+        # The supervisor logs its workers' lines: ready once both reach Redis.
+        "gateway-workers": Server(
+            "gateway-workers",
+            [PYTHON, "-m", "gateway", "--config", str(workdir / "gateway-workers.toml")],
+            r"(?s)backplane up: .*backplane up: ",
+            needs=redis,
         ),
         "nats": Server(
             "nats",

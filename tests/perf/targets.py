@@ -140,21 +140,33 @@ def checks(table: dict[str, dict[str, Any]]) -> list[Check]:
                 None if per is None else per <= limit,
             )
         )
-    connected = get("peers20k", "gateway", "connected")
-    lost = get("peers20k", "gateway", "lost_max")
-    wanted = sum(
-        t.get("connected") or 0
-        for t in table.get("peers20k", {}).get("gateway", {}).get("transports", {}).values()
-    )
-    out.append(
-        Check(
-            "peers20k",
-            "20,000 peers at once, broadcast reaches all",
-            f"{format_count(connected)} connected, lost {lost}",
-            "-",
-            None if connected is None else connected >= 20000 and lost == 0 and wanted >= 20000,
+    for key, wanted, label in (
+        ("peers20k", 20000, "20,000 peers at once, broadcast reaches all"),
+        (
+            "peers50k",
+            50000,
+            "50,000 peers at once (workers = 2, Redis), broadcast reaches all; memory per "
+            "peer by transport",
+        ),
+    ):
+        connected = get(key, "gateway", "connected")
+        lost = get(key, "gateway", "lost_max")
+        transports = table.get(key, {}).get("gateway", {}).get("transports", {})
+        memory = ", ".join(
+            f"{name} {t['rss_per_peer_bytes'] / 1024:.1f}"
+            for name, t in transports.items()
+            if t.get("rss_per_peer_bytes") is not None
         )
-    )
+        out.append(
+            Check(
+                key,
+                label,
+                f"{format_count(connected)} connected, lost {lost}"
+                + (f"; KiB per peer: {memory}" if memory else ""),
+                "-",
+                None if connected is None else connected >= wanted and lost == 0,
+            )
+        )
     throughput("ch1000", REFERENCE, 0.7, "tcp100 deliveries/s (same run)")
     throughput("u32", REFERENCE, 0.9, "tcp100 deliveries/s (same run, lines subscribers)")
     throughput("hist", REFERENCE, 0.85, "tcp100 deliveries/s (same run, no history)")
