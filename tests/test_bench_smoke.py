@@ -112,6 +112,28 @@ def test_flood_delivers_everything_to_stream_subscribers(gateway):
     assert 0 < latency["p50"] <= latency["p99"] <= latency["p999"]
 
 
+@pytest.mark.parametrize("block", ["1", "256"])
+def test_a_flood_in_other_blocks_arrives_whole_and_in_order(gateway, block):
+    result = bench(*urls(gateway)[:4], "-n", "4", "--block", block, "--duration", "0.5")
+    assert result["options"]["block"] == int(block)
+    assert result["published"] % int(block) == 0 and result["published"] >= 2 * int(block)
+    for transport in ("tcp", "ws"):
+        figures = result["transports"][transport]
+        assert figures["lost"] == figures["misordered"] == figures["duplicated"] == 0
+        assert figures["received"] >= result["published"] * 2  # 2 subscribers each
+
+
+def test_a_block_that_does_not_divide_256_is_a_usage_error():
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "bench", "--sub", "tcp://127.0.0.1:1", "--block", "100"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2 and "--block must be one of" in done.stderr
+
+
 def test_idle_reports_memory_per_peer(gateway):
     result = bench(
         *urls(gateway)[:2],

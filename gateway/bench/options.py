@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.bench.churn import parse_churn
+from gateway.bench.publisher import BLOCK
 from gateway.bench.target import BenchError, Target
 from gateway.bench.wire import HEADER_SIZE
 
@@ -16,6 +17,9 @@ CONNECTS_IN_FLIGHT = 32
 """Connections started but not finished at once, over all processes (listen backlogs are small)."""
 WILDCARD = -1
 """The channel number of a --wildcard subscriber: it is on every channel."""
+
+BLOCKS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+"""Block sizes a publisher can make (they divide 256: see ``publisher._block_templates``)."""
 
 Placement = tuple[Target, str | None, int]
 """Where one subscriber connects: its target, source address (or None) and channel number."""
@@ -61,6 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=2000,
         help="flood: most messages a publisher is ahead of the slowest stream subscriber of its "
         "channel (default 2000)",
+    )
+    parser.add_argument(
+        "--block",
+        type=int,
+        default=BLOCK,
+        help=f"flood: messages per write of a publisher, one of {', '.join(map(str, BLOCKS))} "
+        f"(default {BLOCK})",
     )
     parser.add_argument(
         "--idle", action="store_true", help="no load: connect, probe, measure memory"
@@ -191,6 +202,7 @@ class Options:
         self.duration = args.duration
         self.warmup = args.warmup
         self.window = args.window
+        self.block = args.block
         self.idle = args.idle
         self.settle = args.settle
         self.pid = args.pid
@@ -225,6 +237,10 @@ class Options:
             raise BenchError("--rate, --duration and --warmup must be positive")
         if self.procs < 1:
             raise BenchError("--procs must be at least 1")
+        if self.block not in BLOCKS or self.block >= self.window:
+            raise BenchError(
+                f"--block must be one of {', '.join(map(str, BLOCKS))}, below --window"
+            )
         if self.procs > 1 and self.rate == 0 and not self.idle:
             raise BenchError("flood mode runs in one process (it watches every subscriber)")
         self._check_channels()
@@ -299,6 +315,7 @@ class Options:
             "duration": self.duration,
             "warmup": self.warmup,
             "window": self.window,
+            "block": self.block,
             "procs": self.procs,
             "by_transport": self.by_transport,
             "sources": self.sources,

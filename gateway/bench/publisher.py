@@ -17,7 +17,8 @@ if TYPE_CHECKING:
     from gateway.bench.target import Target
 
 BLOCK = 64
-"""Messages per write of a flooding stream publisher (divides 256: see ``_block_templates``)."""
+"""Messages per write of a flooding stream publisher by default (``--block``; a block size
+divides 256: see ``_block_templates``)."""
 
 
 class Publisher(Client):
@@ -33,8 +34,10 @@ class Publisher(Client):
         channel: int = 0,
         publish_to: str | None = None,
         leave: str | None = None,
+        block: int = BLOCK,
     ) -> None:
         super().__init__(loop, target)
+        self.block = block
         self.number = number
         self.channel = channel
         self.leave = leave
@@ -58,7 +61,7 @@ class Publisher(Client):
             suffix = b'"}\n'
         self.prefix = prefix
         self.suffix = suffix
-        self._templates = _block_templates(prefix, suffix, number, size)
+        self._templates = _block_templates(prefix, suffix, number, size, block)
         self.drain = bytearray(65536)
         self.drain_view = memoryview(self.drain)
 
@@ -145,25 +148,28 @@ class Publisher(Client):
             self.send(self.frame(data))
 
     def publish_block(self) -> int:
-        """Flood: write a block of ``BLOCK`` messages; returns how many."""
+        """Flood: write a block of ``self.block`` messages; returns how many."""
         sequence = self.sequence
+        block = self.block
         if self.datagram or self.websocket:
-            for _ in range(BLOCK):
+            for _ in range(block):
                 self.publish_one()
-            return BLOCK
-        template = self._templates[(sequence & 0xFF) // BLOCK]
+            return block
+        template = self._templates[(sequence & 0xFF) // block]
         fields = {
             b"b": b"%010x" % ((sequence >> 8) & 0xFFFFFFFFFF),
             b"t": b"%016x" % now_ns(),
         }
-        self.sequence = sequence + BLOCK
-        self.sent += BLOCK
+        self.sequence = sequence + block
+        self.sent += block
         self.send(template % fields)
-        return BLOCK
+        return block
 
 
-def _block_templates(prefix: bytes, suffix: bytes, number: int, size: int) -> list[bytes]:
-    """Format strings for ``BLOCK`` consecutive messages, by the block's place in 256.
+def _block_templates(
+    prefix: bytes, suffix: bytes, number: int, size: int, block: int
+) -> list[bytes]:
+    """Format strings for ``block`` consecutive messages, by the block's place in 256.
 
     The sequence's last two hex digits are literal in the template and the rest
     is one field, so a whole block is made by one ``%`` operation.
@@ -171,10 +177,10 @@ def _block_templates(prefix: bytes, suffix: bytes, number: int, size: int) -> li
     prefix = prefix.replace(b"%", b"%%")
     pad = b"." * (size - HEADER_SIZE)
     templates = []
-    for first in range(0, 256, BLOCK):
+    for first in range(0, 256, block):
         parts = [
             prefix + b"D%04x%%(b)s%02x%%(t)s" % (number, low) + pad + suffix
-            for low in range(first, first + BLOCK)
+            for low in range(first, first + block)
         ]
         templates.append(b"".join(parts))
     return templates

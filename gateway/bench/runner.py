@@ -16,7 +16,7 @@ from gateway.bench.clock import SECOND, now_ns
 from gateway.bench.groups import RemoteGroup, SubscriberGroup
 from gateway.bench.loop import Loop, Ticker
 from gateway.bench.options import Options, Placement
-from gateway.bench.publisher import BLOCK, Publisher
+from gateway.bench.publisher import Publisher
 from gateway.bench.report import si
 from gateway.bench.server import ServerProbe
 from gateway.bench.summary import summarize
@@ -136,6 +136,7 @@ class Bench:
             channel,
             options.name(publish_to, channel) if publish_to is not None else None,
             options.unsubscribe,
+            options.block,
         )
 
     def _sync(self) -> None:
@@ -233,7 +234,7 @@ class Bench:
     def _window_open(self, channel: int) -> bool:
         """Whether a publisher of ``channel`` may send a block: no subscriber of the channel
         (nor a wildcard one, against all that was published) is too far behind."""
-        limit = self.options.window - BLOCK
+        limit = self.options.window - self.options.block
         if not self._within(
             lambda g, fresh: g.lowest(channel, fresh), self.published_by[channel], limit
         ):
