@@ -1,4 +1,5 @@
-"""Log output in memory: lines of one reactor turn written together, warnings at once."""
+"""Log output in memory: lines of one reactor turn written together, warnings at once, and
+messages formatted as Twisted formats them."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import io
 import json
 import threading
 
+import pytest
 from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import Logger, LogPublisher
+from twisted.logger import Logger, LogPublisher, eventAsText
+from twisted.python.failure import Failure
 
-from gateway.ops.logs import HOLD_BYTES, observer
+from gateway.ops.logs import HOLD_BYTES, message, observer
 
 
 class CountingStream(io.StringIO):
@@ -104,3 +107,50 @@ def test_json_lines_are_held_the_same_way():
     records = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [r["message"] for r in records] == ["peer tcp-1 connected", "peer tcp-1 left"]
     assert stream.writes == 1
+
+
+class Named:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def upper(self) -> str:
+        return self.name.upper()
+
+
+def failure_event() -> dict[str, object]:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        return {"log_format": "failed: {what}", "what": "x", "log_failure": Failure()}
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {
+            "log_format": "{peer} connected from {address} ({count} peers)",
+            "peer": "tcp-1",
+            "address": "127.0.0.1:5",
+            "count": 3,
+        },
+        {
+            "log_format": "reason {reason!r}, {size:,} bytes, {{braces}}",
+            "reason": "a'b",
+            "size": 123456,
+        },
+        {"log_format": "attribute {thing.name}", "thing": Named("n")},
+        {"log_format": "called {thing.upper()}", "thing": Named("n")},
+        {"log_format": "missing {nothing}"},
+        {"log_format": "bad {"},
+        {"log_text": "legacy text"},
+        {"log_format": b"bytes {x}", "x": 1},
+        failure_event(),
+    ],
+)
+def test_messages_read_as_twisted_formats_them(event):
+    expected = eventAsText(event, includeTimestamp=False, includeSystem=False)
+    got = message(event)
+    if "Unable to format" in expected:
+        assert "Unable to format" in got
+    else:
+        assert got == expected

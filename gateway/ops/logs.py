@@ -69,6 +69,23 @@ class LineOutput:
             self.stream.flush()
 
 
+def message(event: dict[str, Any]) -> str:
+    """The event's text, as ``eventAsText`` makes it (without time and system).
+
+    Most events are a format of plain ``{field}`` names with no failure attached: those
+    are formatted by ``str.format_map`` straight from the event, a fraction of the cost of
+    Twisted's general formatter (which also calls ``{method()}`` fields and appends a
+    failure's traceback); everything else goes to it.
+    """
+    text = event.get("log_format")
+    if isinstance(text, str) and "log_failure" not in event and "()" not in text:
+        try:
+            return text.format_map(event)
+        except Exception:
+            pass  # a missing field, a bad format: Twisted says so in its own words
+    return eventAsText(event, includeTimestamp=False, includeSystem=False)
+
+
 @implementer(ILogObserver)
 class TextLogObserver:
     """``2026-11-28T23:40:12+0000 [info] message``, one line per event."""
@@ -80,7 +97,7 @@ class TextLogObserver:
 
     def __call__(self, event: dict[str, Any]) -> None:
         level = event.get("log_level", LogLevel.info)
-        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        text = message(event)
         stamp = event.get("log_time")
         second = int(stamp) if stamp is not None else None
         if second is None or second != self._second:
@@ -124,7 +141,7 @@ class JsonLogObserver:
             "time": formatTime(event.get("log_time"), timeFormat="%Y-%m-%dT%H:%M:%S.%f%z"),
             "level": level.name,
             "namespace": event.get("log_namespace", ""),
-            "message": eventAsText(event, includeTimestamp=False, includeSystem=False),
+            "message": message(event),
         }
         for key, value in event.items():
             if not key.startswith("log_") and key not in record and _plain(value):
