@@ -17,6 +17,7 @@ from tests.conftest import (
     read_until_closed,
     stalled_reader,
     tls_connect,
+    tls_context,
     toml_listener,
     toml_table,
     websocket_upgrade,
@@ -39,16 +40,16 @@ def rss_kib(pid: int) -> int:
 class FastReader(threading.Thread):
     """Reads everything, checks per-sender order, and tells how far it got."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int = 0, sock: socket.socket | None = None) -> None:
         super().__init__(daemon=True)
-        self.line = Line(port)
+        self.sock = sock if sock is not None else Line(port).sock
         self.received = 0
         self.error: str | None = None
         self.progress = threading.Condition()
 
     def run(self) -> None:
         expected = 0
-        sock = self.line.sock
+        sock = self.sock
         rest = b""
         try:
             while expected < TOTAL // LINE:
@@ -148,6 +149,34 @@ def test_stalled_reader_costs_bounded_memory_and_honest_readers_lose_nothing(run
         while not tail.endswith(b"\n"):
             tail += stalled.recv(LINE)
         assert tail.startswith(b"%012d" % 10**9)
+    stalled.close()
+    publisher.close()
+
+
+def test_a_stalled_tls_reader_is_cut_and_an_honest_one_gets_everything_in_order(run_gateway):
+    """TLS records go straight to an idle socket: one that stops reading still pauses its
+    peer's output (so the slow-consumer policy sees it) and costs bounded memory."""
+    gw = run_gateway(
+        toml_table(
+            "limits", max_message_bytes=4096, max_pending_bytes=MiB, slow_consumer="disconnect"
+        )
+        + toml_listener("tcp")
+        + toml_listener("tls", certs="certs", generate_dev_cert=True)
+    )
+    publisher = socket.create_connection(("127.0.0.1", gw.ports["tcp"]), timeout=TIMEOUT)
+    reader = FastReader(sock=tls_connect(gw))
+    stalled = tls_context(gw).wrap_socket(
+        stalled_reader(gw.ports["tls"]), server_hostname="localhost"
+    )  # and it never reads after its handshake
+    gw.wait_count(r"tls-\d+ connected", 2)
+    baseline = rss_kib(gw.proc.pid)
+    reader.start()
+    peak = flood(gw, publisher, reader, gw.proc.pid)
+    reader.join(TIMEOUT)
+    assert reader.error is None
+    growth_mib = (peak - baseline) / 1024
+    assert growth_mib < 4, f"RSS grew {growth_mib:.1f} MiB over {baseline / 1024:.1f} MiB"
+    gw.wait_for("tls-2 is not reading: over 1048576 bytes pending; disconnecting")
     stalled.close()
     publisher.close()
 

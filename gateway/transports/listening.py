@@ -20,12 +20,13 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from gateway.config.listeners import LISTEN_BACKLOG, ListenerConfig, StreamListenerConfig
 from gateway.config.settings import Limits
 from gateway.tls.files import TlsFileError, TlsSettings
 from gateway.tls.server import ServerTls
+from gateway.tls.through import ThroughTLSProtocol
 from gateway.transports.address import host_port
 from gateway.transports.runtime import ListenerRuntime
 
@@ -96,8 +97,9 @@ class ListenerService(Service):
             # Outside the site, never between TLS and the site (Autobahn needs that).
             factory = TLSMemoryBIOFactory(server_tls, False, factory, reactor)
             # Without Twisted's small-write aggregation (its default protocol copies every
-            # write and holds small ones a loop turn): peers get one write per batch.
-            factory.protocol = TLSMemoryBIOProtocol
+            # write and holds small ones a loop turn): peers get one write per batch, sent
+            # at once while the socket is idle.
+            factory.protocol = ThroughTLSProtocol
             factory.noisy = False
         self.factory = factory
         if self.reuse_port:
