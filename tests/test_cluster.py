@@ -132,6 +132,9 @@ class FakeRedis:
         self.pumps: list[IOPump] = []
         self.refusing = False
         self.stalled = False
+        # Seconds a subscribed connection's PONG takes: behind publications that a node too
+        # busy to read them all in time has not read yet.
+        self.pong_delay = 0.0
         self.published: list[tuple[bytes, bytes]] = []
 
     def endpoint(self) -> FakeEndpoint:
@@ -193,7 +196,11 @@ class RedisConnection(Protocol):
         if not self.authenticated:
             return b"-NOAUTH Authentication required.\r\n"
         if name == b"PING":
-            return _array(_bulk(b"pong"), _bulk(b"")) if self.subscribed else b"+PONG\r\n"
+            pong = _array(_bulk(b"pong"), _bulk(b"")) if self.subscribed else b"+PONG\r\n"
+            if self.redis.pong_delay and self.subscribed:
+                self.redis.clock.callLater(self.redis.pong_delay, self.transport.write, pong)  # type: ignore[union-attr]
+                return b""
+            return pong
         if name in (b"SUBSCRIBE", b"PSUBSCRIBE", b"UNSUBSCRIBE", b"PUNSUBSCRIBE"):
             names = self.patterns if name.startswith(b"P") else self.channels
             if name.endswith(b"UNSUBSCRIBE"):
@@ -480,6 +487,29 @@ def test_a_stalled_redis_is_detected_by_ping_and_never_blocks(redis, clock):
     clock.advance(1)
     redis.settle()
     assert a.backplane.is_up
+
+
+def test_a_node_too_busy_to_read_its_pong_in_time_keeps_a_redis_that_talks(redis, clock):
+    a, b = Node(redis, "a", health_interval=1.0, timeout=2.0), Node(redis, "b")
+    up(redis, a, b)
+    remote, sender = Peer(a.bus, "r"), Peer(b.bus, "s")
+    redis.settle()
+    redis.pong_delay = 5.0  # the PONGs come late, while publications keep arriving
+    for i in range(24):
+        sender.send(b"m%d" % i)
+        clock.advance(0.5)
+        redis.settle()
+        assert a.backplane.is_up, f"taken for down after {(i + 1) / 2} s"
+    assert remote.payloads() == [b"m%d" % i for i in range(24)]
+    assert a.backplane.outages == 0
+    sender.send(b"last")  # and a Redis that says nothing at all is still found out
+    redis.settle()
+    redis.stalled = True
+    clock.advance(10)
+    redis.settle()
+    clock.advance(3)
+    redis.settle()
+    assert not a.backplane.is_up
 
 
 def test_a_link_that_keeps_dropping_backs_off(redis, clock):

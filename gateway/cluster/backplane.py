@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import txredisapi
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
@@ -396,22 +396,4 @@ class Backplane(Service):
             )
 
     def _check(self, link: Link) -> None:
-        """PING both connections; no answer in time ends the link."""
-        if link.checking or link.ended.called:
-            return
-        assert link.publisher is not None and link.subscriber is not None
-        link.checking = True
-        try:
-            pings = [link.publisher.ping(), link.subscriber.ping()]
-        except txredisapi.ConnectionError:
-            link.end("connection lost")
-            return
-        answered: Deferred[Any] = gatherResults(pings, consumeErrors=True)
-        answered.addTimeout(self.timeout, self.reactor)
-
-        def done(result: object) -> None:
-            link.checking = False
-            if isinstance(result, Failure):
-                link.end(f"Redis did not answer PING within {self.timeout:g} s")
-
-        answered.addBoth(done)
+        link.check(self.reactor, self.timeout)

@@ -8,9 +8,14 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import txredisapi
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IAddress, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IAddress,
+    IDelayedCall,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
 from twisted.python.failure import Failure
@@ -64,9 +69,16 @@ def parse_redis_url(url: str) -> RedisAddress:
 class Publisher(txredisapi.RedisProtocol):  # type: ignore[misc]
     """The connection that publishes; reports its loss to its link."""
 
+    heard = 0
+    """Reads from Redis so far (replies, in order): it is alive while this moves."""
+
     def __init__(self, lost: Callable[[Failure], None]) -> None:
         super().__init__(charset=None, convertNumbers=False)
         self._lost = lost
+
+    def dataReceived(self, data: bytes) -> None:
+        self.heard += 1
+        super().dataReceived(data)
 
     def connectionLost(self, why: Failure) -> None:
         super().connectionLost(why)
@@ -84,6 +96,13 @@ class Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
         super().__init__(charset=None, convertNumbers=False)
         self._received = received
         self._lost = lost
+
+    heard = 0
+    """Reads from Redis so far (replies and publications, in order)."""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.heard += 1
+        super().dataReceived(data)
 
     def messageReceived(self, pattern: bytes | None, channel: bytes, message: bytes) -> None:
         self._received(channel, message, pattern)
@@ -128,6 +147,53 @@ class Link:
 
     def lost(self, why: Failure) -> None:
         self.end(f"connection lost ({why.getErrorMessage()})")
+
+    def check(self, reactor: IReactorTime, timeout: float) -> None:
+        """PING both connections; end the link if one has not answered within ``timeout``
+        seconds and nothing else came from it meanwhile.
+
+        Redis answers in order, so a PONG waits behind the replies and publications sent
+        before it: a node too busy to read them all in time (a broadcast to tens of
+        thousands of peers) still hears its connection talk, and that connection is alive;
+        it gets another ``timeout``. A stalled Redis sends nothing at all.
+        """
+        if self.checking or self.ended.called:
+            return
+        assert self.publisher is not None and self.subscriber is not None
+        connections: tuple[Publisher | Subscriber, ...] = (self.publisher, self.subscriber)
+        try:
+            pings: list[Deferred[Any]] = [c.ping() for c in connections]
+        except txredisapi.ConnectionError:
+            self.end("connection lost")
+            return
+        self.checking = True
+        heard = [c.heard for c in connections]
+        timer: list[IDelayedCall] = []
+
+        def verdict() -> None:
+            waiting = [i for i, ping in enumerate(pings) if not ping.called]
+            if not waiting or self.ended.called:
+                return
+            if not all(connections[i].heard != heard[i] for i in waiting):
+                self.end(f"Redis did not answer PING within {timeout:g} s")
+                return
+            heard[:] = [c.heard for c in connections]
+            timer[:] = [reactor.callLater(timeout, expired)]
+
+        def expired() -> None:
+            # The replies already waiting in the sockets are read first (one poll).
+            timer[:] = [reactor.callLater(0, verdict)]
+
+        def done(result: object) -> None:
+            self.checking = False
+            for call in timer:
+                if call.active():
+                    call.cancel()
+            if isinstance(result, Failure):
+                self.end(f"Redis did not answer PING within {timeout:g} s")
+
+        timer.append(reactor.callLater(timeout, expired))
+        gatherResults(pings, consumeErrors=True).addBoth(done)
 
 
 def describe_failure(failure: Failure | BaseException) -> str:
