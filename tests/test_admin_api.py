@@ -13,15 +13,8 @@ from typing import Any
 import pytest
 
 from gateway.auth.credentials import new_token, token_digest
-from tests.conftest import (
-    GATEWAY,
-    TIMEOUT,
-    GatewayProcess,
-    Line,
-    toml_listener,
-    toml_table,
-    websocket,
-)
+from tests.conftest import GATEWAY, TIMEOUT, GatewayProcess, Line, websocket
+from tests.toml import toml_listener, toml_table
 
 TOKEN = new_token()
 

@@ -19,8 +19,9 @@ import tests.test_browser as browser_tests
 from gateway import __version__
 from gateway.auth.credentials import token_digest
 from gateway.ops.live import MAX_EVENT_STREAMS
-from tests.conftest import TIMEOUT, GatewayProcess, Line, RedisServer, toml_listener, toml_table
+from tests.conftest import TIMEOUT, GatewayProcess, Line, RedisServer
 from tests.test_admin_api import TOKEN, call, config
+from tests.toml import toml_listener, toml_table
 
 chromium = browser_tests.chromium
 CSP = (

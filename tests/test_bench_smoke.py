@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import make_certs, toml_listener
+from tests.conftest import make_certs
+from tests.toml import toml_listener
 
 CONFIG = """
 [[listeners]]

@@ -12,14 +12,8 @@ import struct
 import subprocess
 from pathlib import Path
 
-from tests.conftest import (
-    TIMEOUT,
-    Line,
-    make_certs,
-    toml_listener,
-    toml_table,
-    websocket,
-)
+from tests.conftest import TIMEOUT, Line, make_certs, websocket
+from tests.toml import toml_listener, toml_table
 
 SOCAT = shutil.which("socat") or "socat"
 

@@ -30,11 +30,10 @@ from tests.conftest import (
     Line,
     free_port,
     make_certs,
-    toml_listener,
-    toml_table,
     websocket,
     ws_url,
 )
+from tests.toml import toml_listener, toml_table
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

@@ -25,10 +25,9 @@ from tests.conftest import (
     admin_get,
     metric,
     tls_connect,
-    toml_listener,
-    toml_table,
     websocket,
 )
+from tests.toml import toml_listener, toml_table
 
 
 def node_toml(redis: RedisServer, node: str, extra: str = "") -> str:

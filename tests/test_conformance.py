@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import GatewayProcess, toml_listener, toml_table, ws_url
+from tests.conftest import GatewayProcess, ws_url
+from tests.toml import toml_listener, toml_table
 
 KOSOKU = Path(sys.executable).parent / "kosoku"
 EXCLUDED = ("9.*", "12.*", "13.*")

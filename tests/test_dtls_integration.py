@@ -18,10 +18,9 @@ from tests.conftest import (
     Line,
     gateway_client,
     make_certs,
-    toml_listener,
-    toml_table,
     websocket,
 )
+from tests.toml import toml_listener, toml_table
 
 OPENSSL = shutil.which("openssl") or "openssl"
 

@@ -18,11 +18,10 @@ from tests.conftest import (
     stalled_reader,
     tls_connect,
     tls_context,
-    toml_listener,
-    toml_table,
     websocket_upgrade,
 )
 from tests.test_websocket_integration import ServerFrames, numbered
+from tests.toml import toml_listener, toml_table
 
 MiB = 1024 * 1024
 LINE = 1000  # bytes per message, newline included
@@ -82,11 +81,14 @@ class FastReader(threading.Thread):
         assert ok and self.error is None, self.error or f"stuck at {self.received}"
 
 
-def flood(
-    gw: GatewayProcess, publisher: socket.socket, reader: FastReader, stalled_pid: int
-) -> int:
-    """Send 100 MiB in order, paced by the honest reader; returns the peak RSS seen (KiB)."""
-    peak = rss_kib(stalled_pid)
+def flood_past_a_stalled_reader(
+    gw: GatewayProcess, publisher: socket.socket, reader: FastReader
+) -> None:
+    """Send 100 MiB in order, paced by the honest ``reader``, which must get all of it; the
+    gateway's RSS must stay within 4 MiB of where it was (peaks sampled on the way)."""
+    pid = gw.proc.pid
+    baseline = peak = rss_kib(pid)
+    reader.start()
     count = TOTAL // LINE
     step = 512  # messages per send (about 0.5 MiB)
     for start in range(0, count, step):
@@ -98,9 +100,17 @@ def flood(
         )
         reader.wait_until(start)  # stay at most one step ahead of the honest reader
         if start % (step * 16) == 0:
-            peak = max(peak, rss_kib(stalled_pid))
+            peak = max(peak, rss_kib(pid))
     reader.wait_until(count)
-    return max(peak, rss_kib(stalled_pid))
+    peak = max(peak, rss_kib(pid))
+    reader.join(TIMEOUT)
+    assert reader.error is None
+    growth_mib = (peak - baseline) / 1024
+    # 100 MiB went through; the stalled reader may cost its socket buffer, the
+    # transport's 64 KiB and max_pending_bytes, nothing more (allocator slack aside).
+    assert growth_mib < 4, (
+        f"RSS grew {growth_mib:.1f} MiB over a {baseline / 1024:.1f} MiB baseline"
+    )
 
 
 @pytest.mark.parametrize("policy", ["disconnect", "drop"])
@@ -114,17 +124,7 @@ def test_stalled_reader_costs_bounded_memory_and_honest_readers_lose_nothing(run
     reader = FastReader(port)
     stalled = stalled_reader(port)  # and it never reads
     gw.wait_for("tcp-3 connected")
-    baseline = rss_kib(gw.proc.pid)
-    reader.start()
-    peak = flood(gw, publisher, reader, gw.proc.pid)
-    reader.join(TIMEOUT)
-    assert reader.error is None
-    growth_mib = (peak - baseline) / 1024
-    # 100 MiB went through; the stalled reader may cost its socket buffer, the
-    # transport's 64 KiB and max_pending_bytes, nothing more (allocator slack aside).
-    assert growth_mib < 4, (
-        f"RSS grew {growth_mib:.1f} MiB over a {baseline / 1024:.1f} MiB baseline"
-    )
+    flood_past_a_stalled_reader(gw, publisher, reader)
     if policy == "disconnect":
         gw.wait_for("tcp-3 is not reading: over 1048576 bytes pending; disconnecting")
         stalled.settimeout(TIMEOUT)
@@ -169,13 +169,7 @@ def test_a_stalled_tls_reader_is_cut_and_an_honest_one_gets_everything_in_order(
         stalled_reader(gw.ports["tls"]), server_hostname="localhost"
     )  # and it never reads after its handshake
     gw.wait_count(r"tls-\d+ connected", 2)
-    baseline = rss_kib(gw.proc.pid)
-    reader.start()
-    peak = flood(gw, publisher, reader, gw.proc.pid)
-    reader.join(TIMEOUT)
-    assert reader.error is None
-    growth_mib = (peak - baseline) / 1024
-    assert growth_mib < 4, f"RSS grew {growth_mib:.1f} MiB over {baseline / 1024:.1f} MiB"
+    flood_past_a_stalled_reader(gw, publisher, reader)
     gw.wait_for("tls-2 is not reading: over 1048576 bytes pending; disconnecting")
     stalled.close()
     publisher.close()

@@ -20,14 +20,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import (
-    TIMEOUT,
-    Datagram,
-    Line,
-    admin_get,
-    toml_listener,
-    toml_table,
-)
+from tests.conftest import TIMEOUT, Datagram, Line, admin_get
+from tests.toml import toml_listener, toml_table
 
 DASHBOARD = Path(__file__).parent.parent / "docs" / "grafana" / "gateway.json"
 DATASOURCE = {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}

@@ -17,10 +17,9 @@ from tests.conftest import (
     RedisServer,
     admin_get,
     metric,
-    toml_listener,
-    toml_table,
     websocket,
 )
+from tests.toml import toml_listener, toml_table
 
 
 def node(run_gateway: Any, redis_server: RedisServer, name: str) -> GatewayProcess:

@@ -20,10 +20,9 @@ from tests.conftest import (
     Line,
     admin_get,
     metric,
-    toml_listener,
-    toml_table,
     websocket,
 )
+from tests.toml import toml_listener, toml_table
 
 CONFIG = (
     toml_table("channels.main", history=100)

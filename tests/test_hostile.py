@@ -43,11 +43,10 @@ from tests.conftest import (
     read_until_closed,
     start_gateway,
     tls_context,
-    toml_listener,
-    toml_table,
     websocket,
     websocket_upgrade,
 )
+from tests.toml import toml_listener, toml_table
 
 MAX_MESSAGE = 1000
 

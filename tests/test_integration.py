@@ -20,9 +20,8 @@ from tests.conftest import (
     Line,
     free_port,
     gateway_client,
-    toml_listener,
-    toml_table,
 )
+from tests.toml import toml_listener, toml_table
 
 WELCOME = "hello {peer}, you are number {count} on {name}"
 TCP_UDP = (

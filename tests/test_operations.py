@@ -21,10 +21,9 @@ from tests.conftest import (
     metric,
     read_until_closed,
     stalled_reader,
-    toml_listener,
-    toml_table,
     websocket,
 )
+from tests.toml import toml_listener, toml_table
 
 BASE = (
     toml_table("gateway", name="ops")

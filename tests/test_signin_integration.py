@@ -22,10 +22,9 @@ from tests.conftest import (
     Line,
     gateway_client,
     make_certs,
-    toml_listener,
-    toml_table,
     websocket,
 )
+from tests.toml import toml_listener, toml_table
 
 OPENSSL = shutil.which("openssl") or "openssl"
 PASSWORD = "a long passphrase, spaces and all"

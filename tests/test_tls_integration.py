@@ -17,18 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.tls.pki import issue_certificate, make_ca, pem, pem_key
-from tests.conftest import (
-    GATEWAY,
-    TIMEOUT,
-    Datagram,
-    GatewayProcess,
-    Interactive,
-    Line,
-    TomlValue,
-    make_certs,
-    toml_listener,
-    toml_table,
-)
+from tests.conftest import GATEWAY, TIMEOUT, Datagram, GatewayProcess, Interactive, Line, make_certs
+from tests.toml import TomlValue, toml_listener, toml_table
 
 OPENSSL = shutil.which("openssl") or "openssl"
 

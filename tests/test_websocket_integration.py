@@ -25,12 +25,11 @@ from tests.conftest import (
     masked_frame,
     read_until_closed,
     tls_connect,
-    toml_listener,
-    toml_table,
     websocket,
     websocket_upgrade,
     ws_url,
 )
+from tests.toml import toml_listener, toml_table
 
 
 def config(certs: Path) -> str:

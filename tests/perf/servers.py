@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.toml import toml_listener, toml_table
+
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 SERVER_CPU = 0
@@ -119,149 +121,54 @@ class Ports:
         self.wk_wss = free_port()
 
 
+def secure(name: str, port: int, **settings: int) -> str:
+    """A TLS listener (tls, dtls, wss) on the dev certificate of the working folder, made
+    if missing."""
+    return toml_listener(name, port=port, certs="certs", generate_dev_cert=True, **settings)
+
+
 def gateway_config(ports: Ports) -> str:
-    return f"""# gateway bench configuration: defaults, but room for 20,000 peers.
-[gateway]
-name = "bench"
-
-[limits]
-max_connections = 30000
-
-[channels.hist]
-history = 1000
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = {ports.gw_tcp}
-
-[[listeners]]
-name = "json"
-type = "tcp"
-port = {ports.gw_json}
-format = "json"
-
-[[listeners]]
-name = "churn"
-type = "tcp"
-port = {ports.gw_churn}
-welcome = "welcome {{peer}}"
-
-[[listeners]]
-name = "u32"
-type = "tcp"
-port = {ports.gw_u32}
-framing = "u32"
-
-[[listeners]]
-name = "hist"
-type = "tcp"
-port = {ports.gw_hist}
-channel = "hist"
-
-[[listeners]]
-name = "tls"
-type = "tls"
-port = {ports.gw_tls}
-cert = "certs/server.pem"
-key = "certs/server.key"
-generate_dev_cert = true
-
-[[listeners]]
-name = "udp"
-type = "udp"
-port = {ports.gw_udp}
-max_peers = 20000
-
-[[listeners]]
-name = "dtls"
-type = "dtls"
-port = {ports.gw_dtls}
-cert = "certs/server.pem"
-key = "certs/server.key"
-generate_dev_cert = true
-max_peers = 20000
-
-[[listeners]]
-name = "ws"
-type = "ws"
-port = {ports.gw_ws}
-
-[[listeners]]
-name = "wss"
-type = "wss"
-port = {ports.gw_wss}
-cert = "certs/server.pem"
-key = "certs/server.key"
-generate_dev_cert = true
-"""
+    return (
+        "# gateway bench configuration: defaults, but room for 20,000 peers.\n"
+        + toml_table("gateway", name="bench")
+        + toml_table("limits", max_connections=30000)
+        + toml_table("channels.hist", history=1000)
+        + toml_listener("tcp", port=ports.gw_tcp)
+        + toml_listener("json", "tcp", port=ports.gw_json, format="json")
+        + toml_listener("churn", "tcp", port=ports.gw_churn, welcome="welcome {peer}")
+        + toml_listener("u32", "tcp", port=ports.gw_u32, framing="u32")
+        + toml_listener("hist", "tcp", port=ports.gw_hist, channel="hist")
+        + secure("tls", ports.gw_tls)
+        + toml_listener("udp", port=ports.gw_udp, max_peers=20000)
+        + secure("dtls", ports.gw_dtls, max_peers=20000)
+        + toml_listener("ws", port=ports.gw_ws)
+        + secure("wss", ports.gw_wss)
+    )
 
 
 def sqlite_config(ports: Ports) -> str:
-    return f"""# gateway bench configuration: one channel keeping history in the sqlite store.
-[gateway]
-name = "bench"
-
-[history]
-store = "sqlite:history.db"
-
-[channels.hist]
-history = 1000
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = {ports.gw_sqlite}
-channel = "hist"
-"""
+    return (
+        "# gateway bench configuration: one channel keeping history in the sqlite store.\n"
+        + toml_table("gateway", name="bench")
+        + toml_table("history", store="sqlite:history.db")
+        + toml_table("channels.hist", history=1000)
+        + toml_listener("tcp", port=ports.gw_sqlite, channel="hist")
+    )
 
 
 def workers_config(ports: Ports) -> str:
-    return f"""# gateway bench configuration: 2 workers on every port, a Redis backplane, room for
-# 50,000 peers (each worker's own limits).
-[gateway]
-name = "bench"
-workers = 2
-
-[cluster]
-redis = "redis://127.0.0.1:{ports.redis}"
-node = "bench"
-
-[limits]
-max_connections = 30000
-
-[[listeners]]
-name = "tcp"
-type = "tcp"
-port = {ports.wk_tcp}
-
-[[listeners]]
-name = "tls"
-type = "tls"
-port = {ports.wk_tls}
-cert = "certs/server.pem"
-key = "certs/server.key"
-generate_dev_cert = true
-
-[[listeners]]
-name = "udp"
-type = "udp"
-port = {ports.wk_udp}
-max_peers = 30000
-
-[[listeners]]
-name = "ws"
-type = "ws"
-port = {ports.wk_ws}
-
-[[listeners]]
-name = "wss"
-type = "wss"
-port = {ports.wk_wss}
-cert = "certs/server.pem"
-key = "certs/server.key"
-generate_dev_cert = true
-"""
+    return (
+        "# gateway bench configuration: 2 workers on every port, a Redis backplane, room for\n"
+        "# 50,000 peers (each worker's own limits).\n"
+        + toml_table("gateway", name="bench", workers=2)
+        + toml_table("cluster", redis=f"redis://127.0.0.1:{ports.redis}", node="bench")
+        + toml_table("limits", max_connections=30000)
+        + toml_listener("tcp", port=ports.wk_tcp)
+        + secure("tls", ports.wk_tls)
+        + toml_listener("udp", port=ports.wk_udp, max_peers=30000)
+        + toml_listener("ws", port=ports.wk_ws)
+        + secure("wss", ports.wk_wss)
+    )
 
 
 def servers(ports: Ports, workdir: Path) -> dict[str, Server]:
