@@ -10,10 +10,16 @@ asks a pull producer for more each time its buffer empties), and pauses the TLS
 layer's producer, as the transport itself would, while more than the transport's
 buffer size waits there. TLS is the only writer of its TCP transport, so bytes
 never overtake each other.
+
+Twisted's TLS layer encrypts at most 16 KiB per ``SSL_write`` and hands each
+record on at once: a 64 KiB batch would cost four ``send`` calls.
+``ThroughTLSProtocol.write`` gathers the records one ``write`` makes and sends them
+together, in one ``send`` (it is the syscalls, not the copy, that cost).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IPullProducer, IPushProducer
@@ -32,11 +38,12 @@ class SocketThrough:
 
     def __init__(self, transport: Connection) -> None:
         self.transport = transport
-        self.send = transport.getHandle().send
+        self.send: Callable[[bytes], int] = transport.getHandle().send
         self.idle: bool | None = True  # None: closing, everything through the transport
         self.queued = 0
         self.paused = False
         self.producer: IPushProducer | None = None
+        self.gathered: list[bytes] | None = None  # a list while one TLS write runs
         directlyProvides(self, providedBy(transport))
         transport.registerProducer(_Drained(self), False)
 
@@ -44,6 +51,9 @@ class SocketThrough:
         return getattr(self.transport, name)
 
     def write(self, data: bytes) -> None:
+        if self.gathered is not None:
+            self.gathered.append(data)
+            return
         if self.idle:
             try:
                 sent = self.send(data)
@@ -61,6 +71,18 @@ class SocketThrough:
 
     def writeSequence(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
+
+    def gather(self) -> bool:
+        """Hold what is written until ``send_gathered`` (False: already holding)."""
+        if self.gathered is not None:
+            return False
+        self.gathered = []
+        return True
+
+    def send_gathered(self) -> None:
+        gathered, self.gathered = self.gathered, None
+        if gathered:
+            self.write(gathered[0] if len(gathered) == 1 else b"".join(gathered))
 
     def loseConnection(self) -> None:
         """Twisted closes a transport only once no producer is registered: stop hearing
@@ -124,9 +146,22 @@ class _Drained:
 
 
 class ThroughTLSProtocol(TLSMemoryBIOProtocol):
-    """``TLSMemoryBIOProtocol`` over a ``SocketThrough`` when under a real TCP connection."""
+    """``TLSMemoryBIOProtocol`` over a ``SocketThrough`` when under a real TCP connection;
+    the records of one ``write`` leave together."""
+
+    through: SocketThrough | None = None
 
     def makeConnection(self, transport: Any) -> None:
         if isinstance(transport, Connection):
-            transport = SocketThrough(transport)
+            transport = self.through = SocketThrough(transport)
         super().makeConnection(transport)  # type: ignore[no-untyped-call]
+
+    def write(self, data: bytes) -> None:
+        through = self.through
+        if through is None or not through.gather():
+            super().write(data)  # type: ignore[no-untyped-call]
+            return
+        try:
+            super().write(data)  # type: ignore[no-untyped-call]
+        finally:
+            through.send_gathered()
