@@ -53,7 +53,8 @@ class Producer:
 class Pair:
     """A handshaken TLS connection over ``socket.socketpair()``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, early: bytes = b"") -> None:
+        """``early``: what the application writes before the handshake is done."""
         ca, ca_key = make_ca("Test CA")
         cert, key = issue_certificate(ca, ca_key, "localhost", ("localhost",))
         (directory / "ca.pem").write_bytes(pem(ca))
@@ -72,6 +73,8 @@ class Pair:
         self.connection = Connection(self.server_sock, self.tls, MemoryReactor())
         self.connection.connected = True  # as Twisted's TCP server sets it, once accepted
         self.tls.makeConnection(self.connection)
+        if early:
+            self.tls.write(early)
         assert self.tls.through is not None
         self.through: SocketThrough = self.tls.through
         self.sends: list[int] = []
@@ -94,7 +97,7 @@ class Pair:
                 self.to_server()
                 self.from_server()
         self.to_server()  # the client's Finished
-        self.read()  # session tickets
+        self.early = self.read()  # and session tickets
         self.sends.clear()
 
     def to_server(self) -> None:
@@ -191,3 +194,23 @@ def test_what_was_written_before_a_close_arrives_before_the_close(pair: Pair) ->
     pair.drain()
     assert pair.read() == batch
     assert pair.closed
+
+
+def test_what_was_written_before_the_handshake_comes_first(tmp_path: Path) -> None:
+    """A welcome written as the connection is made waits in Twisted's TLS layer until the
+    handshake is done; what is written next must not overtake it."""
+    pair = Pair(tmp_path, early=b"welcome\n")
+    assert pair.early == b"welcome\n"
+    pair.tls.write(b"next\n")
+    assert pair.read() == b"next\n"
+
+
+def test_the_twisted_state_the_fast_path_reads_is_still_there(pair: Pair) -> None:
+    """``ThroughTLSProtocol.write`` reads three of Twisted's own attributes to know that
+    the handshake is done and nothing waits: a Twisted that renamed them fails here."""
+    tls = pair.tls
+    assert tls._handshakeDone is True
+    assert tls._appSendBuffer == []
+    assert tls._lostTLSConnection is False
+    tls.loseConnection()
+    assert tls.disconnecting

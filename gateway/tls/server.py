@@ -86,6 +86,10 @@ def _select_protocol(
     return select
 
 
+SSL_MODE_ENABLE_PARTIAL_WRITE = 0x1
+"""OpenSSL's ``SSL_MODE_ENABLE_PARTIAL_WRITE`` (openssl/ssl.h; pyOpenSSL exports no name)."""
+
+
 def use_material(context: SSL.Context, material: Material, what: str) -> None:
     """Give ``context`` the certificate chain and key of ``material``, and name its client
     CAs to clients (so they can pick a certificate); raises ``TlsFileError`` saying
@@ -117,6 +121,9 @@ def _context(material: Material, settings: TlsSettings, alpn: Sequence[bytes]) -
     # which pyOpenSSL now deprecates.
     use_material(context, material, str(settings.cert))
     context.set_options(SSL.OP_NO_RENEGOTIATION)
+    # One SSL_write encrypts all it is given (pyOpenSSL turns partial writes on, which
+    # stops each call after one 16 KiB record): see gateway/tls/through.py.
+    context.clear_mode(SSL_MODE_ENABLE_PARTIAL_WRITE)
     context.set_alpn_select_callback(_select_protocol(alpn))
     return context
 

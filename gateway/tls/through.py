@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.internet.interfaces import IPullProducer, IPushProducer
 from twisted.internet.tcp import Connection
 from twisted.protocols.tls import TLSMemoryBIOProtocol
@@ -147,7 +148,18 @@ class _Drained:
 
 class ThroughTLSProtocol(TLSMemoryBIOProtocol):
     """``TLSMemoryBIOProtocol`` over a ``SocketThrough`` when under a real TCP connection;
-    the records of one ``write`` leave together."""
+    the records of one ``write`` leave together.
+
+    Once the handshake is done and nothing waits in the TLS layer, a write is encrypted
+    whole by one ``SSL_write`` (the listeners' contexts have partial writes off, so
+    OpenSSL makes all of its records in one call) and its ciphertext read from the
+    memory BIO at once: Twisted's own ``write`` makes an ``SSL_write`` and a BIO read
+    per 16 KiB. Anything else (the handshake, pending writes, a closing connection, an
+    OpenSSL error) takes Twisted's path, which knows how to handle it. The state this
+    looks at is Twisted's (``_handshakeDone``, ``_appSendBuffer``,
+    ``_lostTLSConnection``); ``tests/test_tls_through.py`` checks those names are still
+    Twisted's, so an upgrade that renames them fails a test rather than this quietly.
+    """
 
     through: SocketThrough | None = None
 
@@ -162,6 +174,41 @@ class ThroughTLSProtocol(TLSMemoryBIOProtocol):
             super().write(data)  # type: ignore[no-untyped-call]
             return
         try:
-            super().write(data)  # type: ignore[no-untyped-call]
+            if not (
+                self._handshakeDone
+                and not self._appSendBuffer
+                and not self.disconnecting
+                and not self._lostTLSConnection
+                and self._encrypt(data, through)
+            ):
+                super().write(data)  # type: ignore[no-untyped-call]
         finally:
             through.send_gathered()
+
+    def _encrypt(self, data: bytes, through: SocketThrough) -> bool:
+        """Encrypt ``data`` and hand its records to ``through``; False: OpenSSL took
+        none of it (Twisted's path will see why)."""
+        tls: SSL.Connection = self.getHandle()  # type: ignore[no-untyped-call]
+        sent = 0
+        try:
+            sent = tls.send(data)
+            if sent < len(data):  # partial writes on (not a listener's context)
+                view = memoryview(data)
+                while sent < len(data):
+                    sent += tls.send(view[sent:])
+        except SSL.Error:
+            if not sent:
+                return False
+            # The records made so far wait in the BIO; Twisted's path adds the rest after them.
+            super().write(data[sent:])  # type: ignore[no-untyped-call]
+        # A memory BIO hands out all it holds up to the size asked for: a shorter
+        # read means it is empty.
+        size = len(data) + (len(data) >> 6) + 1024  # room for every record's overhead
+        while True:
+            try:
+                chunk = tls.bio_read(size)
+            except SSL.WantReadError:
+                return True
+            through.write(chunk)
+            if len(chunk) < size:
+                return True
