@@ -177,7 +177,7 @@ class WriteThrough(Backlog):
 
     streaming = False
 
-    __slots__ = ("idle", "queued", "registered", "send", "shared")
+    __slots__ = ("idle", "queued", "registered", "shared", "socket")
 
     def __init__(
         self,
@@ -187,7 +187,7 @@ class WriteThrough(Backlog):
         transport: Any,
     ) -> None:
         super().__init__(backpressure, limits, owner, transport)
-        self.send = transport.getHandle().send
+        self.socket = transport.getHandle()  # not its bound send: 72 bytes a peer
         self.idle = True
         self.queued = 0
         # Twisted's own transports ask a pull producer for data as they register it,
@@ -199,7 +199,7 @@ class WriteThrough(Backlog):
         """Send ``wire`` now if nothing is queued, else queue it (within the limits)."""
         if self.idle:
             try:
-                sent = self.send(wire)
+                sent = self.socket.send(wire)
             except OSError:
                 sent = 0  # full (EAGAIN), or broken: the transport will find out and close
             if sent == len(wire):
