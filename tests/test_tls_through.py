@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from gateway.config import TlsSettings
 from gateway.tls.pki import issue_certificate, make_ca, pem, pem_key
-from gateway.tls.server import ServerTls
+from gateway.tls.server import SSL_MODE_ENABLE_PARTIAL_WRITE, ServerTls
 from gateway.tls.through import SocketThrough, ThroughTLSProtocol
 
 
@@ -53,8 +53,9 @@ class Producer:
 class Pair:
     """A handshaken TLS connection over ``socket.socketpair()``."""
 
-    def __init__(self, directory: Path, early: bytes = b"") -> None:
-        """``early``: what the application writes before the handshake is done."""
+    def __init__(self, directory: Path, early: bytes = b"", partial: bool = False) -> None:
+        """``early``: what the application writes before the handshake is done;
+        ``partial``: partial writes on, as pyOpenSSL leaves a context it makes."""
         ca, ca_key = make_ca("Test CA")
         cert, key = issue_certificate(ca, ca_key, "localhost", ("localhost",))
         (directory / "ca.pem").write_bytes(pem(ca))
@@ -64,9 +65,10 @@ class Pair:
         self.server_sock, self.client_sock = socket.socketpair()
         self.client_sock.setblocking(False)
         self.app = Sink()
-        factory = TLSMemoryBIOFactory(
-            ServerTls(settings), False, Factory.forProtocol(lambda: self.app)
-        )
+        server_tls = ServerTls(settings)
+        if partial:
+            server_tls._context.set_mode(SSL_MODE_ENABLE_PARTIAL_WRITE)
+        factory = TLSMemoryBIOFactory(server_tls, False, Factory.forProtocol(lambda: self.app))
         factory.protocol = ThroughTLSProtocol
         self.tls = factory.buildProtocol(None)
         assert isinstance(self.tls, ThroughTLSProtocol)
@@ -163,6 +165,15 @@ def test_the_records_of_one_write_leave_in_one_send(pair: Pair) -> None:
     pair.tls.writeSequence([b"one\n", b"two\n"])
     assert len(pair.sends) == 2
     assert pair.read() == b"one\ntwo\n"
+
+
+def test_a_context_with_partial_writes_still_gets_a_write_whole(tmp_path: Path) -> None:
+    """With partial writes on, each SSL_write takes one record: the rest must follow."""
+    pair = Pair(tmp_path, partial=True)
+    batch = numbered(600)
+    pair.tls.write(batch)
+    assert len(pair.sends) == 1
+    assert pair.read() == batch
 
 
 def test_what_a_full_socket_does_not_take_waits_in_order_and_pauses_past_the_buffer(
