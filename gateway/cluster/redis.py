@@ -66,15 +66,14 @@ def parse_redis_url(url: str) -> RedisAddress:
 # The connections
 
 
-class Publisher(txredisapi.RedisProtocol):  # type: ignore[misc]
-    """The connection that publishes; reports its loss to its link."""
+class _Connection(txredisapi.RedisProtocol):  # type: ignore[misc]
+    """What both connections share: they count their reads and report their loss."""
 
     heard = 0
-    """Reads from Redis so far (replies, in order): it is alive while this moves."""
+    """Reads from Redis so far (replies, and publications, in order): the connection is
+    alive while this moves."""
 
-    def __init__(self, lost: Callable[[Failure], None]) -> None:
-        super().__init__(charset=None, convertNumbers=False)
-        self._lost = lost
+    _lost: Callable[[Failure], None]
 
     def dataReceived(self, data: bytes) -> None:
         self.heard += 1
@@ -85,7 +84,15 @@ class Publisher(txredisapi.RedisProtocol):  # type: ignore[misc]
         self._lost(why)
 
 
-class Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+class Publisher(_Connection):
+    """The connection that publishes; reports its loss to its link."""
+
+    def __init__(self, lost: Callable[[Failure], None]) -> None:
+        super().__init__(charset=None, convertNumbers=False)
+        self._lost = lost
+
+
+class Subscriber(_Connection, txredisapi.SubscriberProtocol):  # type: ignore[misc]
     """The subscribed connection; hands each publication to ``received``."""
 
     def __init__(
@@ -97,19 +104,8 @@ class Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
         self._received = received
         self._lost = lost
 
-    heard = 0
-    """Reads from Redis so far (replies and publications, in order)."""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.heard += 1
-        super().dataReceived(data)
-
     def messageReceived(self, pattern: bytes | None, channel: bytes, message: bytes) -> None:
         self._received(channel, message, pattern)
-
-    def connectionLost(self, why: Failure) -> None:
-        super().connectionLost(why)
-        self._lost(why)
 
 
 class OneConnection(Factory):
@@ -160,7 +156,7 @@ class Link:
         if self.checking or self.ended.called:
             return
         assert self.publisher is not None and self.subscriber is not None
-        connections: tuple[Publisher | Subscriber, ...] = (self.publisher, self.subscriber)
+        connections: tuple[_Connection, ...] = (self.publisher, self.subscriber)
         try:
             pings: list[Deferred[Any]] = [c.ping() for c in connections]
         except txredisapi.ConnectionError:
@@ -174,7 +170,7 @@ class Link:
             waiting = [i for i, ping in enumerate(pings) if not ping.called]
             if not waiting or self.ended.called:
                 return
-            if not all(connections[i].heard != heard[i] for i in waiting):
+            if any(connections[i].heard == heard[i] for i in waiting):
                 self.end(f"Redis did not answer PING within {timeout:g} s")
                 return
             heard[:] = [c.heard for c in connections]
