@@ -86,14 +86,15 @@ class Bench:
             parts = {}
             for placement in plan:
                 parts.setdefault(placement[0].scheme, []).append(placement)
+        measured = self.server if options.by_transport else None  # --by-transport needs --pid
         for transport, part in parts.items():
-            before = self.server.rss_bytes() if self.server is not None else 0
+            before = measured.rss_bytes() if measured is not None else 0
             self._connect_part(part, transport or "subscribers", deadline)
-            if options.by_transport and self.server is not None:
+            if measured is not None:
                 self.loop.run_until(lambda: False, now_ns() + int(options.settle * SECOND))
                 self.memory[transport] = {
                     "peers": len(part),
-                    "rss_bytes": self.server.rss_bytes() - before,
+                    "rss_bytes": measured.rss_bytes() - before,
                 }
         self.publishers = [self._publisher(number) for number in range(options.publishers)]
         for publisher in self.publishers:
