@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from twisted.internet.interfaces import IPushProducer
@@ -116,11 +117,12 @@ class Pair:
             except BlockingIOError:
                 break
             if not chunk:
-                self.incoming.write_eof()
                 break
             chunks.append(chunk)
         data = b"".join(chunks)
         self.incoming.write(data)
+        if chunks and not chunk:  # the server closed the TCP connection after that
+            self.incoming.write_eof()
         return data
 
     def read(self) -> bytes:
@@ -146,11 +148,23 @@ class Pair:
 
 
 @pytest.fixture
-def pair(tmp_path: Path) -> Iterator[Pair]:
-    made = Pair(tmp_path)
-    yield made
-    made.server_sock.close()
-    made.client_sock.close()
+def make_pair(tmp_path: Path) -> Iterator[Callable[..., Pair]]:
+    """Pairs made with ``Pair``'s options; their sockets are closed after the test."""
+    made: list[Pair] = []
+
+    def make(**options: Any) -> Pair:
+        made.append(Pair(tmp_path, **options))
+        return made[-1]
+
+    yield make
+    for each in made:
+        each.server_sock.close()
+        each.client_sock.close()
+
+
+@pytest.fixture
+def pair(make_pair: Callable[..., Pair]) -> Pair:
+    return make_pair()
 
 
 def numbered(count: int) -> bytes:
@@ -167,9 +181,11 @@ def test_the_records_of_one_write_leave_in_one_send(pair: Pair) -> None:
     assert pair.read() == b"one\ntwo\n"
 
 
-def test_a_context_with_partial_writes_still_gets_a_write_whole(tmp_path: Path) -> None:
+def test_a_context_with_partial_writes_still_gets_a_write_whole(
+    make_pair: Callable[..., Pair],
+) -> None:
     """With partial writes on, each SSL_write takes one record: the rest must follow."""
-    pair = Pair(tmp_path, partial=True)
+    pair = make_pair(partial=True)
     batch = numbered(600)
     pair.tls.write(batch)
     assert len(pair.sends) == 1
@@ -207,10 +223,12 @@ def test_what_was_written_before_a_close_arrives_before_the_close(pair: Pair) ->
     assert pair.closed
 
 
-def test_what_was_written_before_the_handshake_comes_first(tmp_path: Path) -> None:
+def test_what_was_written_before_the_handshake_comes_first(
+    make_pair: Callable[..., Pair],
+) -> None:
     """A welcome written as the connection is made waits in Twisted's TLS layer until the
     handshake is done; what is written next must not overtake it."""
-    pair = Pair(tmp_path, early=b"welcome\n")
+    pair = make_pair(early=b"welcome\n")
     assert pair.early == b"welcome\n"
     pair.tls.write(b"next\n")
     assert pair.read() == b"next\n"
