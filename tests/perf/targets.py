@@ -152,6 +152,7 @@ def checks(table: dict[str, dict[str, Any]]) -> list[Check]:
         connected = get(key, "gateway", "connected")
         lost = get(key, "gateway", "lost_max")
         transports = table.get(key, {}).get("gateway", {}).get("transports", {})
+        by_transport = sum(t.get("connected") or 0 for t in transports.values())
         memory = ", ".join(
             f"{name} {t['rss_per_peer_bytes'] / 1024:.1f}"
             for name, t in transports.items()
@@ -164,7 +165,9 @@ def checks(table: dict[str, dict[str, Any]]) -> list[Check]:
                 f"{format_count(connected)} connected, lost {lost}"
                 + (f"; KiB per peer: {memory}" if memory else ""),
                 "-",
-                None if connected is None else connected >= wanted and lost == 0,
+                None
+                if connected is None
+                else connected >= wanted and lost == 0 and by_transport >= wanted,
             )
         )
     throughput("ch1000", REFERENCE, 0.7, "tcp100 deliveries/s (same run)")
